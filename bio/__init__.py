@@ -1,0 +1,21 @@
+"""Geneformer single-cell classification and pre-training with AdaRankGrad (issue 5).
+
+Public API:
+    tokenize_anndata          rank-value encode an AnnData into a Geneformer-compatible datasets.Dataset
+    load_dictionaries         Geneformer token / median / gene-name dictionaries (restricted unpickler)
+    CellClassificationDataModule, GeneformerClassifier          fine-tuning (LightningDataModule / Module)
+    MaskedGeneDataModule, GeneformerPretrainer                  masked-gene pre-training
+Command line: ``python -m bio tokenize|pretrain|fit|validate|test|demo``.
+"""
+
+from .dictionaries import GeneDictionaries, load_dictionaries
+from .tokenizer import TokenizationReport, tokenize_anndata, tokenize_anndata_with_report, tokenize_h5ad
+
+__all__ = [
+    "GeneDictionaries",
+    "load_dictionaries",
+    "TokenizationReport",
+    "tokenize_anndata",
+    "tokenize_anndata_with_report",
+    "tokenize_h5ad",
+]
