@@ -1,0 +1,171 @@
+"""The paper's algorithms as pure functions on tensors (no optimizer state, no Lightning).
+
+Notation: a weight gradient ``G`` of shape ``(m, n)`` is projected on its *smaller* side, as GaLore does.
+``side == "left"`` (``m <= n``): ``P`` is ``(m, r)`` and the projected gradient is ``Pᵀ G`` of shape ``(r, n)``.
+``side == "right"`` (``m > n``): ``P`` is ``(n, r)`` and the projected gradient is ``G P`` of shape ``(m, r)``.
+
+- :func:`range_finder` — Algorithm 1: randomized range finder (Halko, Martinsson & Tropp 2011) with power
+  iterations, returning an orthonormal basis of the dominant subspace and approximate singular values.
+  Never a full SVD of the gradient: the only SVD is of a ``(k, l)`` sketch with ``k = rank + oversample``.
+- :func:`select_rank` — Algorithm 2: smallest rank that keeps a fraction ``energy`` of ``‖G‖²_F``.
+- :func:`moment_transform` — Algorithm 3, block 2: carry Adam's moments into a new subspace.
+- :func:`project` / :func:`project_back` — the projection and its adjoint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Side = Literal["left", "right"]
+
+__all__ = [
+    "Side",
+    "projection_side",
+    "subspace_seed",
+    "range_finder",
+    "select_rank",
+    "low_rank_basis",
+    "moment_transform",
+    "project",
+    "project_back",
+]
+
+
+def projection_side(shape: torch.Size | tuple[int, ...]) -> Side:
+    """Which side of a 2-D weight is projected: the smaller one (``"left"`` when rows <= columns)."""
+    m, n = shape
+    return "left" if m <= n else "right"
+
+
+def _oriented(grad: Tensor, side: Side) -> Tensor:
+    """The matrix ``A`` whose column space is sought: ``G`` for the left side, ``Gᵀ`` (a view) for the right."""
+    return grad if side == "left" else grad.mT
+
+
+def subspace_seed(seed: int, index: int, refresh: int) -> int:
+    """A 63-bit seed mixed from the user seed, the parameter's index and its refresh count (splitmix64).
+
+    Every data-parallel rank derives the same random test matrix from the same all-reduced gradient,
+    so subspaces agree across ranks without any communication.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + refresh * 0x94D049BB133111EB) % (1 << 64)
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) % (1 << 64)
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) % (1 << 64)
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+def _orthonormalize(x: Tensor) -> Tensor:
+    q, _ = torch.linalg.qr(x, mode="reduced")
+    return q
+
+
+@torch.no_grad()
+def range_finder(
+    grad: Tensor,
+    side: Side,
+    sketch_size: int,
+    power_iters: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Randomized range finder (the paper's Algorithm 1).
+
+    Sketches the projected side of ``grad`` with a Gaussian test matrix of ``sketch_size`` columns,
+    runs ``power_iters`` power iterations with re-orthonormalisation (QR after every product, for
+    numerical stability), then takes a small SVD of the ``(k, l)`` matrix ``QᵀA``.
+
+    Args:
+        grad: 2-D float tensor ``(m, n)`` (fp32 recommended).
+        side: which side is projected (see :func:`projection_side`).
+        sketch_size: number of sketch columns ``k`` (target rank + oversampling); clipped to ``min(m, n)``.
+        power_iters: power iterations ``q``; each costs two products with ``grad``.
+        generator: RNG for the test matrix (on ``grad``'s device).
+
+    Returns:
+        ``(U, S)``: ``U`` of shape ``(s, k)`` with orthonormal columns, approximate leading singular vectors
+        of the projected side (``s = min(m, n)``), and ``S`` the ``k`` approximate singular values,
+        descending. ``‖U[:, :r]ᵀ A‖²_F == Σ S[:r]²`` holds exactly (up to rounding).
+    """
+    a = _oriented(grad, side)  # (s, l), s <= l
+    s, l = a.shape
+    k = max(1, min(sketch_size, s))
+    omega = torch.randn(l, k, generator=generator, device=a.device, dtype=a.dtype)
+    y = a @ omega
+    for _ in range(power_iters):
+        q = _orthonormalize(y)
+        z = _orthonormalize(a.mT @ q)
+        y = a @ z
+    q = _orthonormalize(y)  # (s, k)
+    b = q.mT @ a  # (k, l) small sketch
+    ub, sv, _ = torch.linalg.svd(b, full_matrices=False)
+    return q @ ub, sv
+
+
+def select_rank(singular_values: Tensor, total_energy: float, energy: float, min_rank: int, max_rank: int) -> int:
+    """Adaptive rank (the paper's Algorithm 2).
+
+    The smallest ``r`` in ``[min_rank, max_rank]`` with ``Σ_{i<=r} σ_i² >= energy · ‖G‖²_F``; ``max_rank``
+    when even that cannot reach ``energy``. ``total_energy`` is the exact ``‖G‖²_F``.
+    """
+    if not total_energy > 0.0:
+        return min_rank
+    kept = torch.cumsum(singular_values.double().square(), 0) / total_energy
+    reached = (kept >= energy * (1.0 - 1e-12)).nonzero()
+    r = int(reached[0, 0]) + 1 if reached.numel() else max_rank
+    return max(min_rank, min(r, max_rank, singular_values.numel()))
+
+
+@torch.no_grad()
+def low_rank_basis(
+    grad: Tensor,
+    side: Side,
+    *,
+    energy: float,
+    min_rank: int,
+    max_rank: int,
+    oversample: int,
+    power_iters: int,
+    generator: torch.Generator | None,
+    total_energy: float | None = None,
+) -> tuple[Tensor, float]:
+    """Range finder + rank selection: an orthonormal ``(s, r)`` basis and the energy share it keeps."""
+    if total_energy is None:
+        total_energy = float(grad.square().sum())
+    u, sv = range_finder(grad, side, max_rank + oversample, power_iters, generator)
+    r = select_rank(sv, total_energy, energy, min_rank, max_rank)
+    kept = float(sv[:r].double().square().sum()) / total_energy if total_energy > 0 else 1.0
+    return u[:, :r].contiguous(), kept
+
+
+@torch.no_grad()
+def moment_transform(
+    p_old: Tensor, p_new: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, side: Side
+) -> tuple[Tensor, Tensor]:
+    """Carry Adam's moments from subspace ``P_old`` to ``P_new`` (ranks may differ).
+
+    With ``R = P_newᵀ P_old`` (``r_new × r_old``): ``M ← R M`` and ``V ← (R∘R) V`` (element-wise square, so
+    ``V`` stays non-negative). ``R M`` is the exact coordinates, in the new basis, of the first moment's
+    component that lies in the new subspace; ``(R∘R) V`` is the second moment of those coordinates if the
+    old coordinates were uncorrelated (the diagonal approximation Adam already makes). When the subspace
+    does not change (``P_new = P_old``), ``R = I`` and both moments are returned unchanged.
+    For ``side == "right"`` the moments are stored transposed (``(m, r)``), so the products are on the right.
+    """
+    rot = p_new.mT @ p_old  # (r_new, r_old)
+    if side == "left":
+        return rot @ exp_avg, rot.square() @ exp_avg_sq
+    return exp_avg @ rot.mT, exp_avg_sq @ rot.square().mT
+
+
+def project(grad: Tensor, basis: Tensor, side: Side) -> Tensor:
+    """Projected gradient: ``Pᵀ G`` (left, ``(r, n)``) or ``G P`` (right, ``(m, r)``)."""
+    return basis.mT @ grad if side == "left" else grad @ basis
+
+
+def project_back(low_rank: Tensor, basis: Tensor, side: Side) -> Tensor:
+    """Adjoint of :func:`project`: ``P N`` (left) or ``N Pᵀ`` (right), back in the weight's shape."""
+    return basis @ low_rank if side == "left" else low_rank @ basis.mT

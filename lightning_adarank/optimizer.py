@@ -1,0 +1,473 @@
+"""``AdaRankGrad``: AdamW whose moments live in an adaptive-rank subspace of each weight's gradient.
+
+Pure PyTorch: importing this module does not import Lightning.
+
+Per projected matrix ``W`` (2-D, ``min(W.shape) > max_rank``, in a group with ``low_rank=True``) one step is
+
+1. **subspace refresh** (when one is pending): :func:`~lightning_adarank.linalg.low_rank_basis` runs the
+   randomized range finder on the current gradient and picks the smallest rank that keeps ``energy`` of
+   ``‖G‖²_F``; the moments are carried into the new basis by
+   :func:`~lightning_adarank.linalg.moment_transform` (unless ``transform_moments=False``);
+2. **projection** ``R = PᵀG`` (or ``G P``), AdamW moments and bias correction on ``R`` (torch's fused or
+   foreach Adam kernel, applied to a zero "virtual parameter" so that it returns ``-m̂/(√v̂+ε)``);
+3. **update** ``W ← W·(1 − lr·wd) + lr·scale·P(−m̂/(√v̂+ε))`` — decoupled weight decay on the full weight;
+4. **refresh test** for the next step (see :class:`AdaRankGrad`).
+
+Every other parameter gets exact AdamW through torch's own functional kernel (fused where the device has
+it, else foreach), so it matches :class:`torch.optim.AdamW` bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw as _adamw_kernel
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+from .linalg import (
+    low_rank_basis,
+    moment_transform,
+    project,
+    projection_side,
+    subspace_seed,
+)
+
+__all__ = ["AdaRankGrad", "SubspaceInfo"]
+
+_EMA = 0.9  # smoothing of the refresh statistics (about ten steps of memory)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class SubspaceInfo:
+    """What the optimizer currently holds for one projected matrix (read-only snapshot)."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    max_rank: int
+    refreshes: int
+    energy_kept: float
+    """Share of ``‖G‖²_F`` kept by the subspace when it was chosen."""
+
+    def state_numel(self) -> int:
+        """Elements of optimizer state for this matrix: projection + two moments."""
+        s, l = min(self.shape), max(self.shape)
+        return self.rank * (s + 2 * l)
+
+    def galore_numel(self) -> int:
+        """Elements a fixed-rank GaLore at ``max_rank`` holds for the same matrix."""
+        s, l = min(self.shape), max(self.shape)
+        return self.max_rank * (s + 2 * l)
+
+
+def _is_named(items: list) -> bool:
+    return bool(items) and isinstance(items[0], tuple) and len(items[0]) == 2 and isinstance(items[0][0], str)
+
+
+def _normalize_params(params: Any) -> list[dict]:
+    """Tensors, named tensors or group dicts (whose params may be named) → groups with ``param_names``."""
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a Tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("AdaRankGrad got an empty parameter list")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    out = []
+    for gi, group in enumerate(groups):
+        group = dict(group)
+        ps = group["params"]
+        ps = [ps] if isinstance(ps, Tensor) else list(ps)
+        if _is_named(ps):
+            group["param_names"] = [n for n, _ in ps]
+            ps = [p for _, p in ps]
+        group["params"] = ps
+        out.append(group)
+    return out
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open=False, high_open=False) -> None:
+    lo_ok = value > low if low_open else value >= low
+    hi_ok = value < high if high_open else value <= high
+    if not (lo_ok and hi_ok) or math.isnan(value):
+        lb = "(" if low_open else "["
+        rb = ")" if high_open else "]"
+        raise ValueError(f"AdaRankGrad: {name}={value!r} must be in {lb}{low}, {high}{rb}")
+
+
+def _validate_group(group: dict) -> None:
+    for key in ("lr", "eps", "weight_decay", "scale", "tol"):
+        if not isinstance(group[key], (int, float)) or isinstance(group[key], bool):
+            raise TypeError(f"AdaRankGrad: {key} must be a number, got {type(group[key]).__name__}")
+    _check_range("lr", group["lr"], 0.0, math.inf)
+    _check_range("eps", group["eps"], 0.0, math.inf)
+    _check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"AdaRankGrad: betas must be a pair of floats, got {betas!r}")
+    for i, b in enumerate(betas):
+        _check_range(f"betas[{i}]", float(b), 0.0, 1.0, high_open=True)
+    _check_range("energy", group["energy"], 0.0, 1.0, low_open=True)
+    _check_range("tol", group["tol"], 0.0, 1.0, low_open=True, high_open=True)
+    for key in ("max_rank", "min_rank", "min_gap", "max_gap", "oversample", "power_iters"):
+        if not isinstance(group[key], int) or isinstance(group[key], bool):
+            raise TypeError(f"AdaRankGrad: {key} must be an int, got {group[key]!r}")
+    if group["min_rank"] < 1:
+        raise ValueError(f"AdaRankGrad: min_rank={group['min_rank']} must be >= 1")
+    if group["max_rank"] < group["min_rank"]:
+        raise ValueError(f"AdaRankGrad: max_rank={group['max_rank']} must be >= min_rank={group['min_rank']}")
+    if group["min_gap"] < 1 or group["max_gap"] < group["min_gap"]:
+        raise ValueError(
+            f"AdaRankGrad: need 1 <= min_gap <= max_gap, got min_gap={group['min_gap']}, max_gap={group['max_gap']}"
+        )
+    if group["oversample"] < 0 or group["power_iters"] < 0:
+        raise ValueError("AdaRankGrad: oversample and power_iters must be >= 0")
+    if not group["scale"] > 0:
+        raise ValueError(f"AdaRankGrad: scale={group['scale']} must be > 0")
+    for p in group["params"]:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"AdaRankGrad: params must be tensors, got {type(p).__name__}")
+        if p.is_complex():
+            raise TypeError("AdaRankGrad does not support complex parameters (view them as real with torch.view_as_real)")
+        if not p.is_floating_point():
+            raise TypeError(f"AdaRankGrad: parameter of dtype {p.dtype} is not floating point")
+
+
+class AdaRankGrad(torch.optim.Optimizer):
+    r"""AdamW with adaptive-rank gradient projection (AdaRankGrad, arXiv 2410.17881).
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs (e.g. ``model.named_parameters()``) or param-group dicts
+            (see :func:`lightning_adarank.param_groups`). A group may set ``low_rank=False`` to get plain
+            AdamW, or override any setting below.
+        lr, betas, eps, weight_decay: as :class:`torch.optim.AdamW` (weight decay is decoupled and applied to
+            the full weight of projected matrices too).
+        max_rank: largest rank of a projection; matrices with ``min(shape) <= max_rank`` are not projected.
+        min_rank: smallest rank of a projection.
+        energy: the fraction η of ``‖G‖²_F`` a subspace must keep (adaptive rank; Algorithm 2).
+        scale: α, multiplies the projected update (GaLore's ``scale``).
+        min_gap, max_gap: a matrix's subspace is refreshed no more often than every ``min_gap`` steps and at
+            least every ``max_gap`` steps.
+        tol: refresh threshold, in (0, 1). Between ``min_gap`` and ``max_gap`` a matrix gets a new subspace
+            when either smoothed ratio falls to ``tol`` of its value at the last refresh:
+
+            * ``‖PᵀG‖`` — the projected gradient has *converged*: the directions of this subspace are spent
+              (the paper's criterion, Algorithm 3, block 3);
+            * ``‖PᵀG‖² / ‖G‖²`` — the share of the gradient the subspace captures: the gradient has *moved
+              out* of the subspace.
+
+            Both are ratios of a quantity to itself at refresh time, so the test is scale-free: it does not
+            depend on the loss scale, the learning rate, the layer's size or the gradient's units. They are
+            smoothed with an exponential moving average (β = 0.9) so that mini-batch noise alone does not
+            trigger a refresh. The test is made at the end of a step and the refresh happens at the next one,
+            on that step's gradient.
+        oversample: extra sketch columns in the range finder (``k = max_rank + oversample``).
+        power_iters: power iterations in the range finder.
+        transform_moments: carry Adam's moments into a new subspace (``M ← R M``, ``V ← (R∘R) V`` with
+            ``R = P_newᵀ P_old``). ``False`` reuses them unchanged, as GaLore does (moments are reset to zero
+            when the rank changes, since the old ones no longer fit).
+        seed: the random test matrices depend only on ``(seed, parameter index, refresh count)``, so data-
+            parallel ranks agree without communication and a resumed run is bit-identical.
+        fused: use torch's fused Adam kernel (default: where the device supports it), else foreach.
+
+    Non-finite gradients: the step of a parameter whose gradient holds ``inf``/``nan`` is **skipped** (its
+    weight and state are left untouched) with a warning, so one bad batch cannot corrupt the moments or the
+    subspace. fp16/bf16 parameters keep fp32 optimizer state and fp32 math.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_rank: int = 8,
+        min_rank: int = 1,
+        energy: float = 0.9,
+        scale: float = 1.0,
+        min_gap: int = 20,
+        max_gap: int = 500,
+        tol: float = 0.5,
+        oversample: int = 4,
+        power_iters: int = 1,
+        transform_moments: bool = True,
+        seed: int = 0,
+        fused: bool | None = None,
+    ) -> None:
+        if not isinstance(seed, int):
+            raise TypeError(f"AdaRankGrad: seed must be an int, got {seed!r}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_rank=max_rank, min_rank=min_rank,
+            energy=energy, scale=scale, min_gap=min_gap, max_gap=max_gap, tol=tol, oversample=oversample,
+            power_iters=power_iters, transform_moments=transform_moments, low_rank=True,
+        )
+        self.seed = seed
+        self.fused = fused
+        self._index: dict[int, int] = {}
+        self._group_by_id: dict[int, dict] = {}
+        super().__init__(_normalize_params(params), defaults)
+
+    # ------------------------------------------------------------------ groups and bookkeeping
+    def add_param_group(self, param_group: dict) -> None:
+        if not hasattr(self, "_index"):
+            self._index, self._group_by_id = {}, {}
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        if "param_names" in group and len(group["param_names"]) != len(group["params"]):
+            raise ValueError("AdaRankGrad: param_names and params of a group differ in length")
+        for p in group["params"]:
+            self._index.setdefault(id(p), len(self._index))
+            self._group_by_id[id(p)] = group
+
+    def is_projected(self, p: Tensor, group: dict) -> bool:
+        """Whether ``p`` gets a low-rank projection under ``group``'s settings."""
+        return bool(group["low_rank"]) and p.dim() == 2 and min(p.shape) > group["max_rank"]
+
+    def _names(self) -> Iterable[tuple[str, Tensor, dict]]:
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                yield (names[pi] if names else f"group{gi}.param{pi}"), p, group
+
+    def subspaces(self) -> dict[str, SubspaceInfo]:
+        """Snapshot of every projected matrix that has a subspace, keyed by parameter name."""
+        out = {}
+        for name, p, group in self._names():
+            st = self.state.get(p)
+            if st and "basis" in st:
+                out[name] = SubspaceInfo(
+                    name=name, shape=tuple(p.shape), rank=int(st["rank"]), max_rank=int(group["max_rank"]),
+                    refreshes=int(st["refreshes"]), energy_kept=float(st["energy_kept"]),
+                )
+        return out
+
+    def ranks(self) -> dict[str, int]:
+        """Current rank of every projected matrix, keyed by parameter name (``group{g}.param{i}`` if unnamed).
+
+        Matrices appear after their first step (their subspace is chosen from their first gradient).
+        """
+        return {name: info.rank for name, info in self.subspaces().items()}
+
+    def state_bytes(self) -> int:
+        """Bytes of all optimizer state tensors (moments, projections, step counters)."""
+        return sum(
+            v.numel() * v.element_size() for st in self.state.values() for v in st.values() if isinstance(v, Tensor)
+        )
+
+    def _use_fused(self, device: torch.device) -> bool:
+        if self.fused is not None:
+            return self.fused
+        return device.type in _get_fused_kernels_supported_devices()
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        """One optimization step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self.step_params(params, group, [p.grad for p in params])
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, grad: Tensor | None = None) -> None:
+        """Update one parameter on its own (used by the layer-wise mode); ``grad`` defaults to ``p.grad``."""
+        group = self._group_of(p)
+        grad = p.grad if grad is None else grad
+        if grad is not None:
+            self.step_params([p], group, [grad])
+
+    def _group_of(self, p: Tensor) -> dict:
+        try:
+            return self._group_by_id[id(p)]
+        except KeyError:
+            raise KeyError("parameter is not managed by this optimizer") from None
+
+    @torch.no_grad()
+    def step_params(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
+        """Update ``params`` (all from ``group``) with ``grads``. The functional core of :meth:`step`."""
+        for p, g in zip(params, grads):
+            if g.is_sparse:
+                raise TypeError("AdaRankGrad does not support sparse gradients (use nn.Embedding(sparse=False))")
+        sq_norms = self._grad_sq_norms(grads)
+        keep = [i for i, s in enumerate(sq_norms) if math.isfinite(s)]
+        if len(keep) < len(params):
+            warnings.warn(
+                f"AdaRankGrad: skipped the step of {len(params) - len(keep)} parameter(s) with non-finite gradients",
+                RuntimeWarning, stacklevel=3,
+            )
+            params, grads, sq_norms = [params[i] for i in keep], [grads[i] for i in keep], [sq_norms[i] for i in keep]
+        dense = [i for i, p in enumerate(params) if not self.is_projected(p, group)]
+        low = [i for i, p in enumerate(params) if self.is_projected(p, group)]
+        if dense:
+            self._adamw_dense([params[i] for i in dense], [grads[i] for i in dense], group)
+        if low:
+            lowrank = [self.project_grad(params[i], grads[i], group, sq_norms[i]) for i in low]
+            self.update_projected([params[i] for i in low], lowrank, group, [sq_norms[i] for i in low])
+
+    @staticmethod
+    def _grad_sq_norms(grads: list[Tensor]) -> list[float]:
+        """``‖G‖²`` of every gradient in fp32, with one host synchronisation for the whole list."""
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        return torch.stack([n.to(grads[0].device) for n in norms]).square().tolist()
+
+    def _step_tensor(self, p: Tensor, fused: bool) -> Tensor:
+        return torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+
+    def _adamw(self, params, grads, exp_avgs, exp_avg_sqs, steps, group, *, lr, weight_decay) -> None:
+        fused = self._use_fused(params[0].device) and all(p.dtype in _FUSED_DTYPES for p in params)
+        for i, s in enumerate(steps):  # keep step counters where the chosen kernel wants them
+            want = params[i].device if fused else torch.device("cpu")
+            if s.device != want:
+                steps[i] = s.to(want)
+        beta1, beta2 = group["betas"]
+        _adamw_kernel(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            foreach=not fused, fused=fused or None, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=False,
+        )
+        return steps
+
+    def _adamw_dense(self, params: list[Tensor], grads: list[Tensor], group: dict) -> None:
+        """Exact AdamW (torch's kernel) for parameters that are not projected; fp32 math for fp16/bf16."""
+        fused = self._use_fused(params[0].device)
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st["step"] = self._step_tensor(p, fused)
+                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+        low_prec = [p.dtype in (torch.float16, torch.bfloat16) for p in params]
+        work = [p.float() if lp else p for p, lp in zip(params, low_prec)]
+        wgrads = [g.float() if lp else g for g, lp in zip(grads, low_prec)]
+        steps = self._adamw(
+            work, wgrads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            [st["step"] for st in states], group, lr=group["lr"], weight_decay=group["weight_decay"],
+        )
+        for p, w, st, s, lp in zip(params, work, states, steps, low_prec):
+            st["step"] = s
+            if lp:
+                p.copy_(w)
+
+    # ------------------------------------------------------------------ projected parameters
+    def project_grad(self, p: Tensor, grad: Tensor, group: dict, grad_sq_norm: float | None = None) -> Tensor:
+        """Refresh ``p``'s subspace if one is pending (from this gradient), then return the projected gradient.
+
+        This is the first half of a projected step; :meth:`update_projected` is the second. The layer-wise
+        mode calls them separately to accumulate projected gradients over micro-batches.
+        """
+        st = self.state[p]
+        g = grad.float()
+        if not st:
+            st["step"] = self._step_tensor(p, self._use_fused(p.device))
+            st["refreshes"] = 0
+            st["pending"] = True
+        if st["pending"]:
+            self._refresh(p, g, group, st, grad_sq_norm)
+        return project(g, st["basis"], projection_side(p.shape))
+
+    def _refresh(self, p: Tensor, g: Tensor, group: dict, st: dict, grad_sq_norm: float | None) -> None:
+        """Subspace refresh: range finder + rank selection on ``g``, then the moment transform."""
+        side = projection_side(p.shape)
+        gen = torch.Generator(device=g.device)
+        gen.manual_seed(subspace_seed(self.seed, self._index[id(p)], st["refreshes"]))
+        basis, kept = low_rank_basis(
+            g, side, energy=group["energy"], min_rank=group["min_rank"], max_rank=group["max_rank"],
+            oversample=group["oversample"], power_iters=group["power_iters"], generator=gen,
+            total_energy=grad_sq_norm,
+        )
+        old = st.get("basis")
+        if old is None:
+            shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
+            st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+        elif group["transform_moments"]:
+            st["exp_avg"], st["exp_avg_sq"] = moment_transform(old, basis, st["exp_avg"], st["exp_avg_sq"], side)
+        elif old.shape != basis.shape:
+            shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
+            st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+        st["basis"] = basis
+        st["rank"] = basis.shape[1]
+        st["energy_kept"] = kept
+        st["refreshes"] += 1
+        st["pending"] = False
+        st["since_refresh"] = 0
+        st["ref_norm"] = -1.0  # set from the first projected gradient in this subspace
+
+    def update_projected(
+        self, params: list[Tensor], lowrank: list[Tensor], group: dict, grad_sq_norms: list[float]
+    ) -> None:
+        """AdamW on projected gradients, back-projection into the weights, and the refresh test.
+
+        ``lowrank[i]`` is ``params[i]``'s projected gradient in its current subspace and ``grad_sq_norms[i]``
+        the ``‖G‖²`` it came from (used by the captured-share criterion).
+        """
+        states = [self.state[p] for p in params]
+        directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
+        steps = self._adamw(
+            directions, lowrank, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            [st["step"] for st in states], group, lr=1.0, weight_decay=0.0,
+        )
+        lr, wd, alpha = group["lr"], group["weight_decay"], group["lr"] * group["scale"]
+        for p, st, s, d in zip(params, states, steps, directions):
+            st["step"] = s
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            basis = st["basis"]
+            if p.dtype == torch.float32:
+                if p.shape[0] <= p.shape[1]:
+                    p.addmm_(basis, d, alpha=alpha)
+                else:
+                    p.addmm_(d, basis.mT, alpha=alpha)
+            else:
+                delta = basis @ d if p.shape[0] <= p.shape[1] else d @ basis.mT
+                p.add_(delta.mul_(alpha).to(p.dtype))
+        proj_norms = torch.stack(torch._foreach_norm(lowrank, 2)).tolist()
+        for st, pn, gsq in zip(states, proj_norms, grad_sq_norms):
+            self._refresh_test(st, group, pn, pn * pn / gsq if gsq > 0 else 1.0)
+
+    @staticmethod
+    def _refresh_test(st: dict, group: dict, proj_norm: float, share: float) -> None:
+        """Adaptive subspace refresh (Algorithm 3, block 3): flag a refresh for the next step."""
+        if st["ref_norm"] < 0:
+            st["ref_norm"], st["ref_share"] = proj_norm, share
+            st["ema_norm"], st["ema_share"] = proj_norm, share
+        else:
+            st["ema_norm"] = _EMA * st["ema_norm"] + (1 - _EMA) * proj_norm
+            st["ema_share"] = _EMA * st["ema_share"] + (1 - _EMA) * share
+        st["since_refresh"] += 1
+        gap = st["since_refresh"]
+        if gap >= group["max_gap"]:
+            st["pending"] = True
+        elif gap >= group["min_gap"]:
+            tol = group["tol"]
+            st["pending"] = st["ema_norm"] <= tol * st["ref_norm"] or st["ema_share"] <= tol * st["ref_share"]
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; tensors keep their saved dtype (torch would cast fp32 moments to a bf16 param's dtype)."""
+        super().load_state_dict(state_dict)
+        self._group_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for sid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(sid)
+            if saved is None:
+                continue
+            st = self.state[p]
+            for k, v in saved.items():
+                if isinstance(v, Tensor):
+                    st[k] = v.to(device=p.device if k != "step" or v.device.type != "cpu" else "cpu", copy=True)
