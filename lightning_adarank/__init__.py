@@ -19,6 +19,16 @@ _LAZY = {
     "build_optimizer": "baselines",
     "apply_lora": "baselines",
     "optimizer_state_bytes": "baselines",
+    # Lightning / Fabric integration (importing any of these imports Lightning and registers the
+    # "adarank", "adarank_ddp", ... strategy names)
+    "AdaRankGradStrategy": "strategy",
+    "EffectiveRankMonitor": "callbacks",
+    "MemoryMonitor": "callbacks",
+    "RankHistory": "callbacks",
+    "rank_metrics": "callbacks",
+    "memory_metrics": "callbacks",
+    "FabricRankMonitor": "fabric",
+    "plot_rank_history": "plotting",
 }
 
 __all__ = ["AdaRankGrad", "SubspaceInfo", "param_groups", "target_parameter_names", *_LAZY]
