@@ -1,0 +1,372 @@
+"""Optimizer cost on real model shapes: step time (normal, refresh, amortized), state bytes, peak memory.
+
+Compares, in one process and on the same gradients: ``torch.optim.AdamW(fused=True)``, peft LoRA (rank r,
+fused AdamW on the adapters and the classifier head), ``galore_torch.GaLoreAdamW`` (rank r, SVD refresh), and
+``AdaRankGrad`` (``max_rank=r``) with the embeddings left to AdamW (GaLore's recipe) and with them projected.
+
+    python benchmarks/optimizer_cost.py --quick          # BERT-base, r=8, few repeats (a few minutes, 2 cores)
+    python benchmarks/optimizer_cost.py                  # every model, r in 4 8 16 (+128 for LLaMA)
+    python benchmarks/optimizer_cost.py --device cuda    # GPU mode (CUDA events, max_memory_allocated)
+
+Method (also written into the output header):
+
+* models are built from configs (random init, fp32, no downloads); gradients come from ONE real
+  forward/backward on random token ids (batch ``--batch`` × ``--seq``), then ``opt.step()`` alone is timed
+  on those gradients, re-used for every step and every optimizer;
+* normal step: warm-up steps excluded, median of ``--repeats``; refresh step: AdaRankGrad with every
+  projected matrix ``pending``; GaLore with its step counter set to a multiple of ``update_proj_gap`` (when
+  ``GaLoreProjector.project`` recomputes the SVD); the optimizer's first step (state allocation + first
+  subspace) is the refresh warm-up;
+* amortized = (normal·(gap−1) + refresh)/gap at gap 200 (GaLore's default ``update_proj_gap``) and at
+  gap 20 (AdaRankGrad's ``min_gap``: the most often it can refresh, its worst case);
+* state bytes: every tensor in ``optimizer.state`` (GaLore's projector matrices included) after the first
+  real step, so AdaRankGrad's adaptive rank is chosen from a real gradient;
+* peak memory of a whole training step (forward + backward + step, two steps so that one refresh and one
+  normal step are included): each optimizer in a fresh subprocess; peak RSS on CPU (includes the Python/torch
+  runtime, see the "fwd+bwd only" row), ``torch.cuda.max_memory_allocated`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import tempfile
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import common as C  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+GENEFORMER_CONFIG = C.REPO.parent / "shared" / "data" / "geneformer" / "configs" / "gf-12L-30M-i2048_config.json"
+ALL_MODELS = ("bert-base", "roberta-base", "geneformer-12L-30M", "llama-60m", "llama-130m")
+LLAMA_EXTRA_RANK = 128
+
+
+# ----------------------------------------------------------------------------- models from configs
+def build_model(name: str):
+    """``(model, kind, vocab_size, head)``: kind ``"cls"`` (sequence classification) or ``"lm"`` (causal LM);
+    ``head`` is the module LoRA keeps fully trainable (``modules_to_save``), or None."""
+    from transformers import (  # noqa: PLC0415
+        BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if name == "bert-base":
+        cfg = BertConfig(num_labels=2)
+        return BertForSequenceClassification(cfg), "cls", cfg.vocab_size, "classifier"
+    if name == "roberta-base":
+        cfg = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=2)
+        return RobertaForSequenceClassification(cfg), "cls", cfg.vocab_size, "classifier"
+    if name == "geneformer-12L-30M":
+        cfg = BertConfig.from_json_file(str(GENEFORMER_CONFIG))
+        cfg.num_labels = 2
+        return BertForSequenceClassification(cfg), "cls", cfg.vocab_size, "classifier"
+    if name in ("llama-60m", "llama-130m"):  # GaLore's configs/llama_60m.json, llama_130m.json
+        h, i, n, heads = (512, 1376, 8, 8) if name == "llama-60m" else (768, 2048, 12, 12)
+        cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
+                          vocab_size=32000, max_position_embeddings=1024, rms_norm_eps=1e-6)
+        return LlamaForCausalLM(cfg), "lm", cfg.vocab_size, None
+    if name == "tiny-bert":  # smoke tests only
+        cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=64, num_labels=2)
+        return BertForSequenceClassification(cfg), "cls", cfg.vocab_size, "classifier"
+    raise ValueError(f"unknown model {name!r}")
+
+
+def make_batch(kind: str, vocab: int, batch: int, seq: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out["labels"] = ids.clone() if kind == "lm" else torch.randint(0, 2, (batch,), generator=g)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def forward_backward(model, batch: dict) -> None:
+    model(**batch).loss.backward()
+
+
+# ----------------------------------------------------------------------------- optimizers
+@dataclass
+class Variant:
+    key: str  # "adamw" | "lora" | "galore" | "adarank" | "adarank_emb"
+    rank: int | None = None
+
+    @property
+    def label(self) -> str:
+        return {
+            "adamw": "AdamW (fused)",
+            "lora": f"LoRA r={self.rank} (fused AdamW)",
+            "galore": f"GaLore r={self.rank}",
+            "adarank": f"AdaRankGrad r≤{self.rank}",
+            "adarank_emb": f"AdaRankGrad r≤{self.rank} +emb",
+            "none": "fwd+bwd only (no optimizer)",
+        }[self.key]
+
+
+def variants(ranks: list[int]) -> list[Variant]:
+    out = [Variant("adamw")]
+    for r in ranks:
+        out += [Variant("lora", r), Variant("galore", r), Variant("adarank", r), Variant("adarank_emb", r)]
+    return out
+
+
+def make_optimizer(model, v: Variant):
+    """The optimizer for ``v`` (``model`` is already LoRA-wrapped for ``"lora"``)."""
+    from lightning_adarank import build_optimizer  # noqa: PLC0415
+
+    lr = 1e-4
+    if v.key in ("adamw", "lora"):  # fused for both: the fastest stock AdamW, on CPU and CUDA
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
+    if v.key == "galore":  # GaLore's recipe: embeddings stay with (its own) AdamW, gap 200
+        return build_optimizer(model, "galore", lr=lr, rank=v.rank, galore_update_proj_gap=200)
+    return build_optimizer(model, "adarankgrad", lr=lr, rank=v.rank, include_embeddings=v.key == "adarank_emb")
+
+
+def lora_model(model, rank: int, head: str | None):
+    from lightning_adarank import apply_lora  # noqa: PLC0415
+
+    return apply_lora(copy.deepcopy(model), rank, modules_to_save=[head] if head else None)
+
+
+def arm(opt, v: Variant, refresh: bool) -> None:
+    """Make the next step a refresh step (or surely not one)."""
+    for st in opt.state.values():
+        if v.key.startswith("adarank") and "basis" in st:
+            st["pending"] = refresh
+        elif v.key == "galore" and "projector" in st:
+            gap = st["projector"].update_proj_gap
+            st["step"] = gap if refresh else 1  # GaLoreProjector.project refreshes when step % gap == 0
+
+
+def rank_summary(opt) -> str:
+    ranks = list(opt.ranks().values())
+    if not ranks:
+        return ""
+    return f"{sum(ranks) / len(ranks):.1f} ({min(ranks)}–{max(ranks)})"
+
+
+# ----------------------------------------------------------------------------- measurements
+@dataclass
+class Row:
+    v: Variant
+    trainable: int = 0
+    state: int | None = None
+    first: float | None = None
+    normal: float | None = None
+    refresh: float | None = None
+    ranks: str = ""
+    peak: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def time_variant(model, v: Variant, device, args) -> Row:
+    from lightning_adarank import optimizer_state_bytes  # noqa: PLC0415
+
+    opt = make_optimizer(model, v)
+    row = Row(v, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    row.first = C.time_ms(opt.step, device, repeats=1, warmup=0)[0]
+    row.state = optimizer_state_bytes(opt)
+    if v.key.startswith("adarank"):
+        row.ranks = rank_summary(opt)
+    row.normal = C.median(C.time_ms(opt.step, device, repeats=args.repeats, warmup=args.warmup,
+                                    before=lambda: arm(opt, v, False)))
+    if v.key in ("galore", "adarank", "adarank_emb"):
+        row.refresh = C.median(C.time_ms(opt.step, device, repeats=args.refresh_repeats, warmup=args.refresh_warmup,
+                                         before=lambda: arm(opt, v, True)))
+    del opt
+    gc.collect()
+    return row
+
+
+def measure_model(name: str, ranks: list[int], device, args) -> list[Row]:
+    model, kind, vocab, head = build_model(name)
+    model.to(device).train()
+    batch = make_batch(kind, vocab, args.batch, args.seq, device)
+    forward_backward(model, batch)  # the gradients every full-model optimizer steps on
+    rows = []
+    for v in variants(ranks):
+        print(f"  [{name}] timing {v.label} ...", file=sys.stderr, flush=True)
+        if v.key == "lora":
+            lm = lora_model(model, v.rank, head)
+            forward_backward(lm, batch)
+            rows.append(time_variant(lm, v, device, args))
+            del lm
+            gc.collect()
+        else:
+            rows.append(time_variant(model, v, device, args))
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def child_peak(spec: dict) -> None:
+    """Fresh process: build, (wrap), optimizer, ``steps`` whole training steps; report peak memory."""
+    device = torch.device(spec["device"])
+    C.set_threads(spec["threads"])
+    model, kind, vocab, head = build_model(spec["model"])
+    v = Variant(spec["opt"], spec["rank"])
+    if v.key == "lora":
+        model = lora_model(model, v.rank, head)
+    model.to(device).train()
+    batch = make_batch(kind, vocab, spec["batch"], spec["seq"], device)
+    opt = None if v.key == "none" else make_optimizer(model, v)
+    C.reset_peak(device)
+    for _ in range(spec["steps"]):
+        forward_backward(model, batch)
+        if opt is not None:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    C.emit_result({"peak": C.peak_bytes(device)})
+
+
+def measure_peaks(name: str, ranks: list[int], rows: list[Row], device, threads: int, args) -> int | None:
+    """Fill ``row.peak`` from fresh subprocesses; return the fwd+bwd-only peak."""
+    base = dict(model=name, device=str(device), threads=threads, batch=args.batch, seq=args.seq, steps=2)
+    script = str(Path(__file__).resolve())
+    none = C.run_child([script, "--child", json.dumps({**base, "opt": "none", "rank": None})])["peak"]
+    for row in rows:
+        print(f"  [{name}] peak memory {row.v.label} ...", file=sys.stderr, flush=True)
+        spec = {**base, "opt": row.v.key, "rank": row.v.rank}
+        row.peak = C.run_child([script, "--child", json.dumps(spec)])["peak"]
+    return none
+
+
+# ----------------------------------------------------------------------------- tables
+def model_table(name: str, rows: list[Row], none_peak: int | None, gaps=(200, 20)) -> str:
+    heads = ["optimizer", "trainable params", "state MiB", "normal step ms", "refresh step ms",
+             *[f"amortized ms (gap {g})" for g in gaps], "first step ms", "ranks mean (min–max)",
+             "peak train-step MiB", "peak − fwd/bwd-only MiB"]
+    out = []
+    if none_peak is not None:
+        out.append([Variant("none").label, "—", "—", "—", "—", *["—" for _ in gaps], "—", "", C.mib(none_peak), "0.0"])
+    for r in rows:
+        amort = [C.ms(C.amortized(r.normal, r.refresh if r.refresh is not None else r.normal, g)) for g in gaps]
+        out.append([
+            r.v.label, f"{r.trainable / 1e6:.1f}M", C.mib(r.state), C.ms(r.normal), C.ms(r.refresh), *amort,
+            C.ms(r.first), r.ranks, C.mib(r.peak),
+            C.mib(r.peak - none_peak) if (r.peak is not None and none_peak is not None) else "—",
+        ])
+    return f"### {name}\n\n" + C.markdown_table(heads, out)
+
+
+def ratio_table(name: str, rows: list[Row]) -> str:
+    """AdaRankGrad / peer for every rank (below 1×: AdaRankGrad is faster or smaller)."""
+    by = {(r.v.key, r.v.rank): r for r in rows}
+    adamw = by[("adamw", None)]
+    heads = ["AdaRankGrad variant", "peer", "normal step", "refresh step", "amortized (gap 200)", "state bytes",
+             "peak train-step"]
+    out = []
+    for (key, rank), a in by.items():
+        if not key.startswith("adarank"):
+            continue
+        for peer in (adamw, by.get(("galore", rank)), by.get(("lora", rank))):
+            if peer is None:
+                continue
+            pa = C.amortized(peer.normal, peer.refresh or peer.normal, 200)
+            out.append([
+                a.v.label, peer.v.label, C.ratio(a.normal, peer.normal),
+                C.ratio(a.refresh, peer.refresh) if peer.refresh is not None else "—",
+                C.ratio(C.amortized(a.normal, a.refresh, 200), pa), C.ratio(a.state, peer.state),
+                C.ratio(a.peak, peer.peak),
+            ])
+    return f"#### {name}: ratios AdaRankGrad / peer (below 1× = AdaRankGrad faster or smaller)\n\n" + \
+        C.markdown_table(heads, out)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="BERT-base, r=8, few repeats (a few minutes on 2 cores)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, seconds (tests only)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--models", nargs="+", default=None, help=f"subset of {', '.join(ALL_MODELS)}")
+    p.add_argument("--ranks", nargs="+", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="timed normal steps (median)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed normal steps first")
+    p.add_argument("--refresh-repeats", type=int, default=None, help="timed refresh steps (median)")
+    p.add_argument("--refresh-warmup", type=int, default=None,
+                   help="untimed refresh steps besides the first step (which is one)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--out-dir", default=None, help="where the .md goes (default benchmarks/results)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.models = a.models or ["tiny-bert"]
+        a.ranks = a.ranks or [4]
+        a.batch, a.seq, a.no_memory = 2, 16, True
+        a.out_dir = a.out_dir or str(Path(tempfile.gettempdir()) / "adarank_bench_smoke")
+    defaults = dict(repeats=3, warmup=1, refresh_repeats=1, refresh_warmup=0) if (a.quick or a.smoke) else \
+        dict(repeats=10, warmup=3, refresh_repeats=3, refresh_warmup=1)
+    for k, val in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, val)
+    if a.quick:
+        a.models = a.models or ["bert-base"]
+        a.ranks = a.ranks or [8]
+    a.models = a.models or list(ALL_MODELS)
+    a.extra_llama_rank = a.ranks is None  # r=128 for the LLaMA shapes in the default full run
+    a.ranks = a.ranks or [4, 8, 16]
+    return a
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_peak(json.loads(args.child))
+        return
+    device = C.pick_device(args.device)
+    threads = C.set_threads(args.threads)
+    notes = [
+        f"gradients: one real forward/backward on random token ids, batch {args.batch} × seq {args.seq}, fp32, "
+        "re-used for every timed step",
+        f"normal step: median of {args.repeats} after {args.warmup} warm-up; refresh step: median of "
+        f"{args.refresh_repeats} after the first step + {args.refresh_warmup} warm-up",
+        "amortized = (normal·(gap−1) + refresh)/gap; gap 200 = GaLore's default; gap 20 = AdaRankGrad's min_gap "
+        "(its most frequent refresh)",
+        "state = all tensors in optimizer.state after the first step; '+emb' = embeddings projected too "
+        "(include_embeddings=True); without it embeddings get AdamW, as in GaLore's recipe",
+        "every optimizer projects/adapts the same nn.Linear weights (all-linear; LoRA keeps the classifier "
+        "head fully trainable); GaLore: galore_torch.GaLoreAdamW (per-parameter Python loop, unfused Adam), "
+        "scale 0.25, gap 200",
+        "peak: whole training step (fwd+bwd+step, 2 steps) in a fresh process per row; "
+        + ("CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS (includes ~the Python/torch runtime)"),
+    ]
+    text = C.header("Optimizer cost on real model shapes", device, threads, notes)
+    print(text)
+    for name in args.models:
+        if name == "geneformer-12L-30M" and not GENEFORMER_CONFIG.exists():
+            msg = f"skipped {name}: {GENEFORMER_CONFIG} not found\n"
+            print(msg)
+            text += msg + "\n"
+            continue
+        ranks = list(args.ranks) + ([LLAMA_EXTRA_RANK] if name.startswith("llama") and args.extra_llama_rank else [])
+        rows = measure_model(name, ranks, device, args)
+        none_peak = None if args.no_memory else measure_peaks(name, ranks, rows, device, threads, args)
+        part = model_table(name, rows, none_peak) + "\n" + ratio_table(name, rows) + "\n"
+        print(part, flush=True)
+        text += part
+    path = C.save("optimizer_cost" + ("_quick" if args.quick else ""), device, text, args.out_dir)
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
