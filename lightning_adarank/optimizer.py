@@ -153,7 +153,7 @@ class AdaRankGrad(torch.optim.Optimizer):
         energy: the fraction η of ``‖G‖²_F`` a subspace must keep (adaptive rank; Algorithm 2).
         scale: α, multiplies the projected update (GaLore's ``scale``).
         min_gap, max_gap: a matrix's subspace is refreshed no more often than every ``min_gap`` steps and at
-            least every ``max_gap`` steps.
+            least every ``max_gap`` steps (200 by default: never staler than GaLore's fixed schedule).
         tol: refresh threshold, in (0, 1). Between ``min_gap`` and ``max_gap`` a matrix gets a new subspace
             when either smoothed ratio falls to ``tol`` of its value at the last refresh:
 
@@ -192,9 +192,9 @@ class AdaRankGrad(torch.optim.Optimizer):
         min_rank: int = 1,
         energy: float = 0.9,
         scale: float = 1.0,
-        min_gap: int = 20,
-        max_gap: int = 500,
-        tol: float = 0.5,
+        min_gap: int = 10,
+        max_gap: int = 200,
+        tol: float = 0.7,
         oversample: int = 4,
         power_iters: int = 1,
         transform_moments: bool = True,
