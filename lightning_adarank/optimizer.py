@@ -312,7 +312,7 @@ class AdaRankGrad(torch.optim.Optimizer):
         dense = [i for i, p in enumerate(params) if not self.is_projected(p, group)]
         low = [i for i, p in enumerate(params) if self.is_projected(p, group)]
         if dense:
-            self._adamw_dense([params[i] for i in dense], [grads[i] for i in dense], group)
+            self.update_dense([params[i] for i in dense], [grads[i] for i in dense], group)
         if low:
             lowrank = [self.project_grad(params[i], grads[i], group, sq_norms[i]) for i in low]
             self.update_projected([params[i] for i in low], lowrank, group, [sq_norms[i] for i in low])
@@ -340,7 +340,7 @@ class AdaRankGrad(torch.optim.Optimizer):
         )
         return steps
 
-    def _adamw_dense(self, params: list[Tensor], grads: list[Tensor], group: dict) -> None:
+    def update_dense(self, params: list[Tensor], grads: list[Tensor], group: dict) -> None:
         """Exact AdamW (torch's kernel) for parameters that are not projected; fp32 math for fp16/bf16."""
         fused = self._use_fused(params[0].device)
         states = [self.state[p] for p in params]
@@ -408,12 +408,18 @@ class AdaRankGrad(torch.optim.Optimizer):
         st["ref_norm"] = -1.0  # set from the first projected gradient in this subspace
 
     def update_projected(
-        self, params: list[Tensor], lowrank: list[Tensor], group: dict, grad_sq_norms: list[float]
+        self,
+        params: list[Tensor],
+        lowrank: list[Tensor],
+        group: dict,
+        grad_sq_norms: list[float] | None = None,
+        shares: list[float] | None = None,
     ) -> None:
         """AdamW on projected gradients, back-projection into the weights, and the refresh test.
 
-        ``lowrank[i]`` is ``params[i]``'s projected gradient in its current subspace and ``grad_sq_norms[i]``
-        the ``‖G‖²`` it came from (used by the captured-share criterion).
+        ``lowrank[i]`` is ``params[i]``'s projected gradient in its current subspace. The captured-share
+        criterion needs either ``grad_sq_norms[i]``, the ``‖G‖²`` it came from, or ``shares[i]``, the share
+        ``‖PᵀG‖²/‖G‖²`` measured by the caller (the layer-wise mode averages it over micro-batches).
         """
         states = [self.state[p] for p in params]
         directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
@@ -436,8 +442,10 @@ class AdaRankGrad(torch.optim.Optimizer):
                 delta = basis @ d if p.shape[0] <= p.shape[1] else d @ basis.mT
                 p.add_(delta.mul_(alpha).to(p.dtype))
         proj_norms = torch.stack(torch._foreach_norm(lowrank, 2)).tolist()
-        for st, pn, gsq in zip(states, proj_norms, grad_sq_norms):
-            self._refresh_test(st, group, pn, pn * pn / gsq if gsq > 0 else 1.0)
+        if shares is None:
+            shares = [pn * pn / gsq if gsq > 0 else 1.0 for pn, gsq in zip(proj_norms, grad_sq_norms)]
+        for st, pn, share in zip(states, proj_norms, shares):
+            self._refresh_test(st, group, pn, share)
 
     @staticmethod
     def _refresh_test(st: dict, group: dict, proj_norm: float, share: float) -> None:
