@@ -170,6 +170,20 @@ def test_mnli_matched_and_mismatched(minilm, tmp_path):
     assert isinstance(loaders, list) and len(loaders) == 2
     labels = [b["labels"].tolist() for b in loaders[1]]
     assert sum(labels, []) == [1, 2, 0]  # neutral, contradiction, entailment in hub label order
+    # the module logs one metric set per dev file, named after it (no dataloader_idx suffix)
+    import lightning as L
+    import torch
+
+    from nlp import GLUETransformer
+
+    model = GLUETransformer(minilm, task="mnli")
+    res = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        model, datamodule=dm, verbose=False)
+    keys = set(res[0]) | set(res[1])
+    assert {"val_matched/accuracy", "val_mismatched/accuracy"} <= keys
+    assert not any("dataloader_idx" in k for k in keys)
+    preds = torch.cat(L.Trainer(logger=False, enable_progress_bar=False).predict(model, loaders[0]))
+    assert res[0]["val_matched/accuracy"] == pytest.approx(float((preds == torch.tensor([1, 2, 0])).float().mean()))
 
 
 def test_bad_input_messages(tmp_path, minilm):
