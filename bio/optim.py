@@ -1,0 +1,82 @@
+"""Optimizer / schedule / monitor wiring shared by the classifier and the pre-trainer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+__all__ = ["make_optimizer", "monitor_callbacks", "OPTIMIZERS"]
+
+log = logging.getLogger(__name__)
+OPTIMIZERS = ("adarankgrad", "galore", "adamw", "lora")
+
+
+def make_optimizer(
+    module,
+    model: torch.nn.Module,
+    *,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    rank: int,
+    scale: float | None,
+    target_modules: Any,
+    include_embeddings: bool,
+    adarank: dict | None,
+    warmup_steps: int,
+    lr_schedule: str,
+):
+    """``configure_optimizers`` body: ``lightning_adarank.build_optimizer`` plus an optional linear
+    warmup/decay schedule (Geneformer's fine-tuning recipe) stepped every batch."""
+    from lightning_adarank import build_optimizer
+
+    extra = dict(adarank or {}) if optimizer == "adarankgrad" else {}
+    opt = build_optimizer(
+        model,
+        optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        rank=rank,
+        scale=scale,
+        target_modules=target_modules,
+        include_embeddings=include_embeddings if optimizer in ("adarankgrad", "galore") else False,
+        **extra,
+    )
+    if lr_schedule == "constant" and warmup_steps <= 0:
+        return opt
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    warm = min(warmup_steps, total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / max(1, warm)
+        if lr_schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def monitor_callbacks(optimizer: str, rank_monitor: bool, memory_monitor: bool) -> list:
+    """``EffectiveRankMonitor`` (AdaRankGrad only) and ``MemoryMonitor`` from lightning_adarank, when they
+    are available; a warning otherwise."""
+    callbacks = []
+    if rank_monitor and optimizer == "adarankgrad":
+        try:
+            from lightning_adarank import EffectiveRankMonitor
+
+            callbacks.append(EffectiveRankMonitor())
+        except (ImportError, AttributeError):
+            rank_zero_warn("lightning_adarank.EffectiveRankMonitor is not available; no rank plot")
+    if memory_monitor:
+        try:
+            from lightning_adarank import MemoryMonitor
+
+            callbacks.append(MemoryMonitor())
+        except (ImportError, AttributeError):
+            rank_zero_warn("lightning_adarank.MemoryMonitor is not available; no memory log")
+    return callbacks
