@@ -28,6 +28,8 @@ _LAZY = {
     "rank_metrics": "callbacks",
     "memory_metrics": "callbacks",
     "FabricRankMonitor": "fabric",
+    "layerwise_updater": "fabric",
+    "LayerwiseUpdater": "layerwise",
     "plot_rank_history": "plotting",
 }
 

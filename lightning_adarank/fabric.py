@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .callbacks.history import RankHistory, find_adarank, memory_metrics, rank_metrics
+from .layerwise import LayerwiseUpdater
 
-__all__ = ["FabricRankMonitor"]
+__all__ = ["FabricRankMonitor", "layerwise_updater"]
 
 
 class FabricRankMonitor:
@@ -98,3 +99,25 @@ class FabricRankMonitor:
         """Restore from :meth:`state_dict`."""
         self.step = int(state_dict["step"])
         self.history.load_state_dict(state_dict["history"])
+
+
+def layerwise_updater(model: Any, optimizer: Any, accumulate_grad_batches: int = 1) -> LayerwiseUpdater:
+    """A :class:`~lightning_adarank.layerwise.LayerwiseUpdater` for a model and optimizer set up by Fabric.
+
+    Unwraps Fabric's wrappers and attaches to the DDP module under ``strategy="ddp"`` (a communication hook)
+    or to the module itself. Train with ``updater.backward(loss, fabric.backward)`` instead of
+    ``fabric.backward(loss); optimizer.step()``: the parameters are updated inside backward. Do not use
+    ``fabric.no_backward_sync`` with it (every micro-batch must be all-reduced), nor gradient clipping::
+
+        model, optimizer = fabric.setup(model, AdaRankGrad(param_groups(model)))
+        updater = layerwise_updater(model, optimizer, accumulate_grad_batches=4)
+        for batch in loader:
+            if updater.backward(model(batch).loss / 4, fabric.backward):
+                monitor.update(optimizer)   # a completed optimizer step
+    """
+    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+    opt = getattr(optimizer, "optimizer", optimizer)  # Fabric's _FabricOptimizer
+    forward = getattr(model, "_forward_module", model)  # Fabric's _FabricModule
+    target = forward if isinstance(forward, DistributedDataParallel) else getattr(model, "_original_module", model)
+    return LayerwiseUpdater(opt, accumulate_grad_batches).attach(target)

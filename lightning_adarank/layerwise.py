@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -134,10 +134,13 @@ class LayerwiseUpdater:
                 p.grad = None
         return stepped
 
-    def backward(self, loss: Tensor, **kwargs) -> bool:
-        """``loss.backward()`` as one micro-batch of the window; True when it completed an optimizer step."""
+    def backward(self, loss: Tensor, backward_fn: Callable[[Tensor], Any] | None = None) -> bool:
+        """Backward of one micro-batch of the window; True when it completed an optimizer step.
+
+        ``backward_fn`` replaces ``loss.backward()``, e.g. ``fabric.backward``.
+        """
         self.begin_micro_batch(self._micro + 1 >= self.accumulate_grad_batches)
-        loss.backward(**kwargs)
+        (backward_fn or Tensor.backward)(loss)
         return self.end_micro_batch()
 
     # ------------------------------------------------------------------ gradient arrival

@@ -17,6 +17,7 @@ or touching any Lightning name of the package (``lightning_adarank.AdaRankGradSt
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
@@ -34,10 +35,12 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.strategies.single_xla import SingleDeviceXLAStrategy
 from lightning.pytorch.strategies.xla import XLAStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
 from .groups import target_parameter_names
+from .layerwise import LayerwiseUpdater
 from .optimizer import AdaRankGrad
 
 __all__ = ["AdaRankGradStrategy", "build_adarank_from", "rebind_lr_scheduler"]
@@ -182,6 +185,12 @@ class AdaRankGradStrategy:
         target_modules: which weights are projected (``"all-linear"``, a regex, or a list of module names; see
             :func:`~lightning_adarank.param_groups`).
         include_embeddings: also project ``nn.Embedding`` tables.
+        layerwise: update each parameter inside backward as soon as its gradient is ready and free the gradient
+            (see :mod:`lightning_adarank.layerwise`). Works with ``accumulate_grad_batches`` (low-rank
+            accumulation) and DDP (a communication hook steps each all-reduced bucket; every micro-batch is
+            all-reduced). Refused with ``gradient_clip_val`` (global-norm clipping needs all gradients before
+            any update), fp16 mixed precision (the GradScaler unscales all gradients at once) and manual
+            optimization.
         **optimizer_settings: any :class:`AdaRankGrad` argument (``lr``, ``betas``, ``eps``, ``weight_decay``,
             ``max_rank``, ``energy``, ``min_gap``, ``seed``, ...).
 
@@ -203,6 +212,7 @@ class AdaRankGradStrategy:
         base: Any = "auto",
         target_modules: Any = "all-linear",
         include_embeddings: bool = False,
+        layerwise: bool = False,
         **optimizer_settings: Any,
     ) -> None:
         unknown = set(optimizer_settings) - OPTIMIZER_SETTINGS
@@ -221,6 +231,8 @@ class AdaRankGradStrategy:
         self.adarank_target_modules = target_modules
         self.adarank_include_embeddings = include_embeddings
         self.adarank_settings = dict(optimizer_settings)
+        self.adarank_layerwise = bool(layerwise)
+        self._layerwise: LayerwiseUpdater | None = None
 
     def __reduce__(self):  # the concrete classes are made at run time: pickle them through their base
         return _rebuild_strategy, (self._adarank_base_cls,), self.__getstate__()
@@ -251,6 +263,60 @@ class AdaRankGradStrategy:
             rebind_lr_scheduler(config.scheduler, old, new, origin)
         self.optimizers = [new]
 
+    # ------------------------------------------------------------------ layer-wise mode
+    def setup(self, trainer: Any) -> None:
+        """The base strategy's setup (DDP wrapping, optimizers), then the layer-wise hooks when asked for."""
+        super().setup(trainer)  # type: ignore[misc]
+        if self.adarank_layerwise and trainer.state.fn == TrainerFn.FITTING:
+            self._layerwise = _attach_layerwise(self, trainer)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """In layer-wise mode, tell the updater whether this micro-batch completes the optimizer step."""
+        updater = self._layerwise
+        if updater is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+        updater.begin_micro_batch(not self.lightning_module.trainer.fit_loop._should_accumulate())
+        out = super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+        updater.end_micro_batch()
+        return out
+
+    def block_backward_sync(self) -> Any:
+        """Layer-wise DDP all-reduces every micro-batch (a refresh needs the same gradient on every rank)."""
+        if self._layerwise is not None:
+            return contextlib.nullcontext()
+        return super().block_backward_sync()  # type: ignore[misc]
+
+    def teardown(self) -> None:
+        if self._layerwise is not None:
+            self._layerwise.detach()
+            self._layerwise = None
+        super().teardown()  # type: ignore[misc]
+
+
+def _attach_layerwise(strategy: Any, trainer: Any) -> LayerwiseUpdater:
+    """Check that the run can be layer-wise and attach a :class:`LayerwiseUpdater` to the wrapped model."""
+    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+    if not strategy.lightning_module.automatic_optimization:
+        raise ValueError("AdaRankGradStrategy(layerwise=True) needs automatic optimization")
+    if trainer.gradient_clip_val:
+        raise ValueError(
+            "AdaRankGradStrategy(layerwise=True) cannot clip gradients by global norm (gradient_clip_val="
+            f"{trainer.gradient_clip_val}): each parameter is updated before the others' gradients exist."
+            " Remove gradient_clip_val or use layerwise=False."
+        )
+    if str(trainer.precision).startswith("16"):
+        raise ValueError("AdaRankGradStrategy(layerwise=True) does not support fp16 mixed precision (GradScaler);"
+                         " use precision='bf16-mixed' or '32-true'")
+    if len(strategy.optimizers) != 1 or not isinstance(strategy.optimizers[0], AdaRankGrad):
+        raise ValueError("AdaRankGradStrategy(layerwise=True) needs exactly one AdaRankGrad optimizer")
+    model = strategy.model
+    if isinstance(model, DistributedDataParallel) and getattr(strategy, "_ddp_comm_hook", None) is not None:
+        raise ValueError("AdaRankGradStrategy(layerwise=True) installs its own DDP communication hook;"
+                         " remove ddp_comm_hook from the base strategy")
+    updater = LayerwiseUpdater(strategy.optimizers[0], accumulate_grad_batches=trainer.accumulate_grad_batches)
+    return updater.attach(model if isinstance(model, DistributedDataParallel) else strategy.lightning_module)
+
 
 class _AutoStrategy(SingleDeviceStrategy):
     """``base="auto"``: single device until the Trainer hands over its devices; DDP when there are several.
@@ -278,7 +344,8 @@ class _AutoStrategy(SingleDeviceStrategy):
             return
         from lightning.fabric.utilities.imports import _IS_INTERACTIVE  # noqa: PLC0415
 
-        keep = {k: getattr(self, k) for k in ("adarank_target_modules", "adarank_include_embeddings", "adarank_settings")}
+        keep = {k: getattr(self, k) for k in ("adarank_target_modules", "adarank_include_embeddings", "adarank_settings",
+                                              "adarank_layerwise", "_layerwise")}
         env, acc, prec, io = self.cluster_environment, self._accelerator, self._precision_plugin, self._checkpoint_io
         self.__class__ = _subclass_for(DDPStrategy)
         DDPStrategy.__init__(

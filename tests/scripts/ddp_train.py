@@ -5,7 +5,8 @@
 MODE:
   ``trainer``: ``Trainer(strategy="adarank_ddp")`` on the module's AdamW (swapped for AdaRankGrad, defaults);
   ``plain``:   ``Trainer(strategy="ddp")`` on a module whose configure_optimizers returns AdaRankGrad;
-  ``fabric``:  ``Fabric(strategy="ddp")`` with ``fabric.setup(model, AdaRankGrad(...))`` and FabricRankMonitor.
+  ``fabric``:  ``Fabric(strategy="ddp")`` with ``fabric.setup(model, AdaRankGrad(...))`` and FabricRankMonitor;
+  ``layerwise``: ``AdaRankGradStrategy(base="ddp", layerwise=True)`` with ``accumulate_grad_batches=2``.
 Every rank trains on its own shard of each global batch (``PER_RANK`` samples, rank r takes the r-th slice)
 and writes its parameters and ranks to ``OUT_DIR/rank{r}.pt``.
 """
@@ -23,7 +24,7 @@ from torch import nn  # noqa: E402
 
 import lightning as L  # noqa: E402
 import lightning_adarank.strategy  # noqa: E402,F401  (registers "adarank_ddp")
-from lightning_adarank import AdaRankGrad, FabricRankMonitor, param_groups  # noqa: E402
+from lightning_adarank import AdaRankGrad, AdaRankGradStrategy, FabricRankMonitor, param_groups  # noqa: E402
 from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs  # noqa: E402
 
 PER_RANK = 8
@@ -41,12 +42,22 @@ def save(out, rank, named_params, ranks, extra=None):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["trainer", "plain", "fabric"])
+    ap.add_argument("mode", choices=["trainer", "plain", "fabric", "layerwise"])
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--devices", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.mode == "layerwise":  # layer-wise updates in backward, accumulation 2, DDP comm hook
+        module = ShardedModule()
+        trainer = L.Trainer(
+            strategy=AdaRankGradStrategy(base="ddp", layerwise=True), max_steps=args.steps, accumulate_grad_batches=2,
+            use_distributed_sampler=False, **trainer_kwargs(devices=args.devices),
+        )
+        trainer.fit(module)
+        save(args.out, trainer.global_rank, module.named_parameters(), trainer.optimizers[0].ranks(),
+             {"strategy": type(trainer.strategy).__name__})
+        return
     if args.mode in ("trainer", "plain"):
         module = ShardedModule(adarank=args.mode == "plain")
         trainer = L.Trainer(
