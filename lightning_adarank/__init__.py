@@ -7,6 +7,7 @@ imported lazily, so ``import lightning_adarank`` does not import Lightning.
 from __future__ import annotations
 
 import importlib
+import sys
 
 from .groups import param_groups, target_parameter_names
 from .optimizer import AdaRankGrad, SubspaceInfo
@@ -42,3 +43,7 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if "lightning.pytorch" in sys.modules:  # Lightning is loaded already: register "adarank", "adarank_ddp", ... now
+    importlib.import_module(".strategy", __name__)
