@@ -8,7 +8,8 @@ Small on purpose; every benchmark (optimizer cost, scaling, the task scripts) me
   on CUDA the time comes from ``torch.cuda.Event`` pairs with a synchronize, on CPU from ``perf_counter``.
   Report :func:`median` of the samples.
 * :func:`reset_peak` / :func:`peak_bytes` — CUDA ``max_memory_allocated``; on CPU the process's peak RSS
-  (``ru_maxrss``), which is monotone, hence :func:`run_child`: one fresh process per memory measurement.
+  (``VmHWM``, else ``ru_maxrss``), which is monotone, hence :func:`run_child`: one fresh process per memory
+  measurement.
 * :func:`header`, :func:`markdown_table`, :func:`save` — results as Markdown with the command, machine,
   torch version and date, written to ``benchmarks/results/<name>_<device>.md``.
 """
@@ -148,7 +149,16 @@ def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         sync(device)
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    # VmHWM belongs to this address space; ru_maxrss is NOT reset by execve on Linux, so a child started by a
+    # big parent would report the parent's RSS at fork time.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def current_bytes(device: torch.device) -> int:

@@ -35,6 +35,7 @@ import json
 import tempfile
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,12 +240,13 @@ def measure_peaks(name: str, ranks: list[int], rows: list[Row], device, threads:
     """Fill ``row.peak`` from fresh subprocesses; return the fwd+bwd-only peak."""
     base = dict(model=name, device=str(device), threads=threads, batch=args.batch, seq=args.seq, steps=2)
     script = str(Path(__file__).resolve())
-    none = C.run_child([script, "--child", json.dumps({**base, "opt": "none", "rank": None})])["peak"]
-    for row in rows:
-        print(f"  [{name}] peak memory {row.v.label} ...", file=sys.stderr, flush=True)
-        spec = {**base, "opt": row.v.key, "rank": row.v.rank}
-        row.peak = C.run_child([script, "--child", json.dumps(spec)])["peak"]
-    return none
+    specs = [{**base, "opt": "none", "rank": None}] + [{**base, "opt": r.v.key, "rank": r.v.rank} for r in rows]
+    print(f"  [{name}] peak memory: {len(specs)} fresh processes, {args.jobs} at a time ...", file=sys.stderr, flush=True)
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # peak memory is per process: parallel is safe
+        peaks = list(pool.map(lambda s: C.run_child([script, "--child", json.dumps(s)])["peak"], specs))
+    for row, peak in zip(rows, peaks[1:]):
+        row.peak = peak
+    return peaks[0]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -305,6 +307,8 @@ def parse_args(argv=None):
                    help="untimed refresh steps besides the first step (which is one)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="peak-memory subprocesses run at a time (each measures only itself; >1 needs the RAM)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--out-dir", default=None, help="where the .md goes (default benchmarks/results)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -364,6 +368,7 @@ def main(argv=None) -> None:
         part = model_table(name, rows, none_peak) + "\n" + ratio_table(name, rows) + "\n"
         print(part, flush=True)
         text += part
+        C.save("optimizer_cost" + ("_quick" if args.quick else ""), device, text, args.out_dir)  # partial results
     path = C.save("optimizer_cost" + ("_quick" if args.quick else ""), device, text, args.out_dir)
     print(f"written {path}")
 

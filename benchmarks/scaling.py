@@ -135,6 +135,7 @@ def plot(results: list[dict], rank: int, path: Path, title: str) -> None:
     ax.set_ylabel("ms (median)")
     ax.set_title(title, fontsize=9)
     ax.set_xticks(hs, [str(h) for h in hs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -153,6 +154,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--replot", default=None, metavar="RESULTS.md",
+                   help="only redraw the PNG beside a results file written by this script")
     a = p.parse_args(argv)
     if a.smoke:
         a.sizes = a.sizes or [32, 64, 128]
@@ -163,8 +166,30 @@ def parse_args(argv=None):
     return a
 
 
+def replot(md: Path) -> Path:
+    """Redraw ``<md>.png`` from the table in a results file (no measurement)."""
+    cols = {"ada_refresh": 2, "galore_refresh": 3, "ada_step": 5, "galore_step": 6, "adamw_step": 7}
+    results, rank, title = [], 8, md.stem
+    for line in md.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0].isdigit():
+            results.append({"h": int(cells[0]), **{k: float(cells[i].replace(",", "")) for k, i in cols.items()}})
+        elif line.startswith("- one (h × 4h) fp32 matrix, rank "):
+            rank = int(line.split("rank ")[1].split(";")[0])
+        elif line.startswith("- machine:"):
+            dev = line.split("device `")[1].split("`")[0]
+            thr = line.rsplit("= ", 1)[1]
+            title = f"AdaRankGrad vs GaLore, rank {rank}, {dev}, {thr} threads"
+    png = md.with_suffix(".png")
+    plot(results, rank, png, title)
+    return png
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        print(f"written {replot(Path(args.replot))}")
+        return
     device = C.pick_device(args.device)
     threads = C.set_threads(args.threads)
     notes = [

@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark scripts: each runs its tiny mode (``--smoke``) in a subprocess on CPU and
+prints Markdown tables with the expected rows and numeric columns. The numbers themselves are not checked."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NUM = re.compile(r"^-?[\d,]+(\.\d+)?×?$")
+
+pytest.importorskip("galore_torch")
+pytestmark = pytest.mark.slow  # ~20 s of CPU for both scripts (transformers import + a tiny BERT)
+
+
+def _run(script: str, tmp_path: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--device", "cpu", "--threads", "1",
+         "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _rows(text: str, first_header: str) -> list[list[str]]:
+    """Body rows of the Markdown table whose first header cell is ``first_header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_optimizer_cost_smoke(tmp_path):
+    out = _run("optimizer_cost.py", tmp_path)
+    assert "torch.get_num_threads() = 1" in out and "command: `python benchmarks/optimizer_cost.py --smoke" in out
+    rows = {r[0]: r for r in _rows(out, "optimizer")}
+    for label in ("AdamW (fused)", "LoRA r=4 (fused AdamW)", "GaLore r=4", "AdaRankGrad r≤4", "AdaRankGrad r≤4 +emb"):
+        row = rows[label]
+        assert all(NUM.match(row[i]) for i in (2, 3, 5, 6)), row  # state MiB, normal ms, amortized ms
+    for label in ("GaLore r=4", "AdaRankGrad r≤4", "AdaRankGrad r≤4 +emb"):
+        assert NUM.match(rows[label][4]), rows[label]  # refresh ms
+    ratios = _rows(out, "AdaRankGrad variant")
+    assert {(r[0], r[1]) for r in ratios} >= {("AdaRankGrad r≤4", "GaLore r=4"), ("AdaRankGrad r≤4", "AdamW (fused)")}
+    assert all(NUM.match(r[2]) for r in ratios)
+    assert (tmp_path / "optimizer_cost_cpu.md").read_text().count("| AdaRankGrad r≤4") >= 2
+
+
+def test_scaling_smoke(tmp_path):
+    out = _run("scaling.py", tmp_path)
+    rows = _rows(out, "h")
+    assert [r[0] for r in rows] == ["32", "64", "128"]
+    assert all(NUM.match(c) for r in rows for c in r[2:10]), rows
+    slopes = {r[0]: r for r in _rows(out, "series")}
+    assert NUM.match(slopes["GaLore refresh (full SVD)"][1])
+    assert (tmp_path / "scaling_cpu.png").stat().st_size > 1000
