@@ -9,9 +9,17 @@ Command line: ``python -m bio tokenize|pretrain|fit|validate|test|demo``.
 """
 
 from .dictionaries import GeneDictionaries, load_dictionaries
+from .data import CellClassificationDataModule, MaskedGeneDataModule, split_indices
+from .model import GeneformerClassifier
+from .pretrain import GeneformerPretrainer
 from .tokenizer import TokenizationReport, tokenize_anndata, tokenize_anndata_with_report, tokenize_h5ad
 
 __all__ = [
+    "CellClassificationDataModule",
+    "MaskedGeneDataModule",
+    "GeneformerClassifier",
+    "GeneformerPretrainer",
+    "split_indices",
     "GeneDictionaries",
     "load_dictionaries",
     "TokenizationReport",
