@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "run_demo", "small_config_overrides", "default_config_path"]
+__all__ = ["main", "run_demo", "average_logged", "small_config_overrides", "default_config_path"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,18 @@ def small_config_overrides(hidden: int = 128, layers: int = 2, max_length: int =
     }
 
 
+def average_logged(metrics_csv: str | Path, column: str) -> float | None:
+    """Mean of a column of a CSVLogger ``metrics.csv`` (e.g. ``adarank/avg_rank``); ``None`` if never logged."""
+    import csv
+
+    path = Path(metrics_csv)
+    if not path.exists():
+        return None
+    with open(path, newline="") as fh:
+        values = [float(r[column]) for r in csv.DictReader(fh) if r.get(column)]
+    return sum(values) / len(values) if values else None
+
+
 def run_demo(
     dictionary_dir: str | Path | None = None,
     output_dir: str | Path = "demo_runs/bio",
@@ -49,8 +61,8 @@ def run_demo(
     pretrain_epochs: int = 1,
     epochs: int = 3,
     batch_size: int = 16,
-    lr: float = 2e-3,
-    pretrain_lr: float = 2e-3,
+    lr: float = 1e-2,
+    pretrain_lr: float = 5e-3,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -107,7 +119,8 @@ def run_demo(
     rank_plot = None
     for cb in trainer.callbacks:
         if type(cb).__name__ == "EffectiveRankMonitor":
-            rank_plot = str(cb.plot_path) if cb.plot_path else None
+            path = cb.plot_path or Path(trainer.log_dir) / cb.plot_filename
+            rank_plot = str(path) if Path(path).exists() else None
     from lightning_adarank import optimizer_state_bytes
 
     summary = {
@@ -122,6 +135,7 @@ def run_demo(
         "majority_baseline": dm.majority_baseline("test"),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizers[0]),
         "rank_plot": rank_plot,
+        "avg_effective_rank": average_logged(Path(logger.log_dir) / "metrics.csv", "adarank/avg_rank"),
         "confusion_matrix_csv": str(Path(logger.log_dir) / f"confusion_test_epoch{model.current_epoch}.csv"),
         "metrics_csv": str(Path(logger.log_dir) / "metrics.csv"),
         "model_dir": str(export),
@@ -140,20 +154,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output-dir", default=str(REPO / "demo_runs" / "bio"))
     p.add_argument("--optimizer", default="adarankgrad", choices=["adarankgrad", "galore", "adamw"])
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64, help="genes per cell (top-ranked) fed to the model")
+    p.add_argument("--max-length", type=int, default=128, help="genes per cell (top-ranked) fed to the model")
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--pretrain-epochs", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--pretrain-epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-2, help="fine-tuning learning rate")
+    p.add_argument("--pretrain-lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1 is fastest for this tiny model on a shared 2-core machine)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     s = run_demo(a.dictionary_dir, a.output_dir, a.optimizer, a.rank, a.max_length, a.hidden, a.pretrain_epochs,
-                 a.epochs, a.batch_size, a.lr, a.lr, a.seed, not a.no_progress)
+                 a.epochs, a.batch_size, a.lr, a.pretrain_lr, a.seed, not a.no_progress)
     base = s["majority_baseline"]
     print("\n=== bio demo: Geneformer-architecture model on pbmc68k_reduced (bulk_labels) ===")
     print(f"cells {s['cells']}, classes {s['classes']}, splits {s['split_sizes']}, optimizer {s['optimizer']}")
@@ -163,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"test macro-F1 {s['test_macro_f1']:.3f}  accuracy {s['test_accuracy']:.3f}")
     print(f"majority-class baseline ({base['class']}): macro-F1 {base['macro_f1']:.3f}  accuracy {base['accuracy']:.3f}")
     print(f"optimizer state: {s['optimizer_state_bytes'] / 2**20:.2f} MiB")
+    if s["avg_effective_rank"] is not None:
+        print(f"average effective rank (parameter-weighted, max {a.rank}): {s['avg_effective_rank']:.2f}")
     print(f"rank plot: {s['rank_plot']}")
     print(f"confusion matrix: {s['confusion_matrix_csv']}")
     print(f"model: {s['model_dir']}   wall time {s['wall_s']} s")
