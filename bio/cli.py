@@ -83,6 +83,9 @@ def _tokenize_cli(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m bio``."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass the sub-command on
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

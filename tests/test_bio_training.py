@@ -132,3 +132,25 @@ def test_mlm_pretraining_lowers_loss_and_loads_into_classifier(cells, tmp_path):
     clf = GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "pre"), optimizer="adamw")
     emb = clf.model.bert.embeddings.word_embeddings.weight
     assert torch.equal(emb, model.model.bert.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.slow
+def test_cli_fit_links_labels_tests_and_exports(tmp_path):
+    import json
+
+    from bio.cli import main
+
+    main([
+        "fit", "--data.h5ad", "scanpy:pbmc68k_reduced", "--data.dictionary_dir", str(SHARED / "gc30M"),
+        "--data.label_column", "bulk_labels", "--data.group_column", "null", "--data.max_length", "32",
+        "--data.batch_size", "32", "--model.model_config", str(CONFIG),
+        "--model.config_overrides", json.dumps(SMALL), "--model.optimizer", "galore", "--model.lr", "1e-2",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.enable_progress_bar", "false",
+        "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
+    ])
+    run = tmp_path / "lightning_logs" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["label_names"]) == 10 and "test/f1_macro" in summary["test"]
+    exported = json.loads((run / "hf_model" / "config.json").read_text())
+    assert list(exported["id2label"].values()) == summary["label_names"]
+    assert (run / "config.yaml").exists()
