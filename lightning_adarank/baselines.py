@@ -38,7 +38,7 @@ def build_optimizer(
     Args:
         name: ``"adarankgrad"`` (:class:`AdaRankGrad` with ``max_rank=rank``), ``"galore"`` (galore-torch's
             ``GaLoreAdamW`` at fixed ``rank``, refresh every ``galore_update_proj_gap`` steps), ``"adamw"``
-            (``torch.optim.AdamW``), or ``"lora"`` (``torch.optim.AdamW`` over the trainable parameters: wrap
+            (``torch.optim.AdamW``, fused where the device allows), or ``"lora"`` (``torch.optim.AdamW`` over the trainable parameters: wrap
             the model with :func:`apply_lora` first).
         rank: AdaRankGrad's ``max_rank``, GaLore's rank (LoRA's rank is set in :func:`apply_lora`).
         scale: the projected update's scale α; ``None`` keeps each optimizer's default (AdaRankGrad 1.0,
@@ -55,7 +55,7 @@ def build_optimizer(
         params = [p for p in model.parameters() if p.requires_grad]
         if name == "lora" and not any(hasattr(m, "lora_A") for m in model.modules()):
             raise ValueError("optimizer 'lora' needs a model wrapped by apply_lora(model, rank) first")
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=_fusable(params))
     if name == "adarankgrad":
         if scale is not None:
             adarank_settings["scale"] = scale
@@ -72,6 +72,14 @@ def build_optimizer(
     for g in groups:
         g.pop("param_names")
     return GaLoreAdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, no_deprecation_warning=True)
+
+
+def _fusable(params: list[torch.Tensor]) -> bool | None:
+    """torch's fused AdamW where every parameter allows it (the fair baseline), else its default."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices  # noqa: PLC0415
+
+    ok = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point() for p in params)
+    return True if ok and params else None
 
 
 def apply_lora(

@@ -32,6 +32,7 @@ def target_parameter_names(
         w = getattr(module, "weight", None)
         if w is None or id(w) not in trainable or id(w) in seen or w.dim() != 2:
             continue
+        seen.add(id(w))  # a tied weight (e.g. an MLM decoder tied to the embeddings) is decided by its first owner
         if isinstance(module, nn.Embedding):
             chosen = include_embeddings
         elif target_modules == "all-linear":
@@ -40,7 +41,6 @@ def target_parameter_names(
             chosen = isinstance(module, nn.Linear) and _matches(mname, target_modules)
         if chosen:
             names.append(trainable[id(w)])
-            seen.add(id(w))
     return names
 
 

@@ -180,7 +180,7 @@ class LayerwiseUpdater:
             return
         if opt.is_projected(p, group):
             low = opt.project_grad(p, grad, group, gsq)  # a pending refresh uses this, the window's first
-            pn2 = float(low.square().sum())
+            pn2 = float(torch.linalg.vector_norm(low)) ** 2
             share = pn2 / gsq if gsq > 0 else 1.0
             if p in self._acc:
                 self._acc[p].add_(low)
@@ -201,6 +201,6 @@ class LayerwiseUpdater:
         acc = self._acc.pop(p)
         if opt.is_projected(p, group):
             share = self._share.pop(p) / self._count.pop(p)
-            opt.update_projected([p], [acc], group, shares=[share])
+            opt.update_projected([p], [acc], group, shares=[share if opt.share_due(p) else None])
         else:
             opt.update_dense([p], [acc], group)

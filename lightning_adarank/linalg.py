@@ -87,9 +87,10 @@ def range_finder(
         generator: RNG for the test matrix (on ``grad``'s device).
 
     Returns:
-        ``(U, S)``: ``U`` of shape ``(s, k)`` with orthonormal columns, approximate leading singular vectors
-        of the projected side (``s = min(m, n)``), and ``S`` the ``k`` approximate singular values,
-        descending. ``‖U[:, :r]ᵀ A‖²_F == Σ S[:r]²`` holds exactly (up to rounding).
+        ``(U, S, W)``: ``U`` of shape ``(s, k)`` with orthonormal columns, approximate leading singular vectors
+        of the projected side (``s = min(m, n)``); ``S`` the ``k`` approximate singular values, descending;
+        ``W = Uᵀ A`` of shape ``(k, l)``, the projected matrix, which falls out of the small SVD for free
+        (``W = diag(S) Vᵀ``), so ``‖U[:, :r]ᵀ A‖²_F == Σ S[:r]²`` holds exactly (up to rounding).
     """
     a = _oriented(grad, side)  # (s, l), s <= l
     s, l = a.shape
@@ -102,8 +103,8 @@ def range_finder(
         y = a @ z
     q = _orthonormalize(y)  # (s, k)
     b = q.mT @ a  # (k, l) small sketch
-    ub, sv, _ = torch.linalg.svd(b, full_matrices=False)
-    return q @ ub, sv
+    ub, sv, vh = torch.linalg.svd(b, full_matrices=False)
+    return q @ ub, sv, sv.unsqueeze(1) * vh
 
 
 def select_rank(singular_values: Tensor, total_energy: float, energy: float, min_rank: int, max_rank: int) -> int:
@@ -132,14 +133,19 @@ def low_rank_basis(
     power_iters: int,
     generator: torch.Generator | None,
     total_energy: float | None = None,
-) -> tuple[Tensor, float]:
-    """Range finder + rank selection: an orthonormal ``(s, r)`` basis and the energy share it keeps."""
+) -> tuple[Tensor, float, Tensor]:
+    """Range finder + rank selection.
+
+    Returns an orthonormal ``(s, r)`` basis ``P``, the share of ``‖G‖²_F`` it keeps, and the projected
+    gradient in :func:`project`'s layout (``PᵀG`` or ``G P``), taken from the range finder at no extra pass.
+    """
     if total_energy is None:
-        total_energy = float(grad.square().sum())
-    u, sv = range_finder(grad, side, max_rank + oversample, power_iters, generator)
+        total_energy = float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
+    u, sv, w = range_finder(grad, side, max_rank + oversample, power_iters, generator)
     r = select_rank(sv, total_energy, energy, min_rank, max_rank)
     kept = float(sv[:r].double().square().sum()) / total_energy if total_energy > 0 else 1.0
-    return u[:, :r].contiguous(), kept
+    low = w[:r] if side == "left" else w[:r].mT
+    return u[:, :r].contiguous(), kept, low.contiguous()
 
 
 @torch.no_grad()

@@ -40,7 +40,9 @@ from .linalg import (
 
 __all__ = ["AdaRankGrad", "SubspaceInfo"]
 
-_EMA = 0.9  # smoothing of the refresh statistics (about ten steps of memory)
+_EMA = 0.9  # smoothing of ‖PᵀG‖ in the refresh test (about ten steps of memory)
+_SHARE_EVERY = 4  # the captured share ‖PᵀG‖²/‖G‖² needs a pass over G: measured every 4th step of a subspace
+_EMA_SHARE = 0.7  # its smoothing per measurement (about three measurements, twelve steps, of memory)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -164,8 +166,9 @@ class AdaRankGrad(torch.optim.Optimizer):
 
             Both are ratios of a quantity to itself at refresh time, so the test is scale-free: it does not
             depend on the loss scale, the learning rate, the layer's size or the gradient's units. They are
-            smoothed with an exponential moving average (β = 0.9) so that mini-batch noise alone does not
-            trigger a refresh. The test is made at the end of a step and the refresh happens at the next one,
+            smoothed with exponential moving averages so that mini-batch noise alone does not trigger a
+            refresh (β = 0.9 per step for the norm; the share needs a pass over the full gradient, so it is
+            measured on a subspace's first step and every 4th step after, β = 0.7 per measurement). The test is made at the end of a step and the refresh happens at the next one,
             on that step's gradient.
         oversample: extra sketch columns in the range finder (``k = max_rank + oversample``).
         power_iters: power iterations in the range finder.
@@ -297,31 +300,61 @@ class AdaRankGrad(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_params(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
-        """Update ``params`` (all from ``group``) with ``grads``. The functional core of :meth:`step`."""
-        for p, g in zip(params, grads):
+        """Update ``params`` (all from ``group``) with ``grads``. The functional core of :meth:`step`.
+
+        One host synchronisation reads every norm the step needs at once: ``‖PᵀG‖`` of the projected
+        gradients (refresh test; a non-finite ``G`` shows up there), ``‖G‖`` of the unprojected ones (the
+        non-finite check) and, every ``_SHARE_EVERY`` steps of a subspace, ``‖G‖`` of the projected ones
+        (captured share). A refresh additionally reads ``‖G‖²`` of the refreshed matrices.
+        """
+        for g in grads:
             if g.is_sparse:
                 raise TypeError("AdaRankGrad does not support sparse gradients (use nn.Embedding(sparse=False))")
-        sq_norms = self._grad_sq_norms(grads)
-        keep = [i for i, s in enumerate(sq_norms) if math.isfinite(s)]
-        if len(keep) < len(params):
+        dense = [i for i, p in enumerate(params) if not self.is_projected(p, group)]
+        low, lowrank, skipped = [], [], 0
+        for i, p in enumerate(params):
+            if i in dense:
+                continue
+            r = self.project_grad(p, grads[i], group)
+            if r is None:
+                skipped += 1
+            else:
+                low.append(i)
+                lowrank.append(r)
+        share_idx = [i for i in low if self.share_due(params[i])]
+        tensors = lowrank + [grads[i] for i in dense] + [grads[i] for i in share_idx]
+        norms = self._norms(tensors) if tensors else []
+        proj_norms = norms[: len(low)]
+        dense_norms = norms[len(low): len(low) + len(dense)]
+        grad_norms = dict(zip(share_idx, norms[len(low) + len(dense):]))
+        ok_dense = [i for i, n in zip(dense, dense_norms) if math.isfinite(n)]
+        ok_low = [k for k, i in enumerate(low) if math.isfinite(proj_norms[k]) and math.isfinite(grad_norms.get(i, 0.0))]
+        skipped += len(dense) - len(ok_dense) + len(low) - len(ok_low)
+        if skipped:
             warnings.warn(
-                f"AdaRankGrad: skipped the step of {len(params) - len(keep)} parameter(s) with non-finite gradients",
+                f"AdaRankGrad: skipped the step of {skipped} parameter(s) with non-finite gradients",
                 RuntimeWarning, stacklevel=3,
             )
-            params, grads, sq_norms = [params[i] for i in keep], [grads[i] for i in keep], [sq_norms[i] for i in keep]
-        dense = [i for i, p in enumerate(params) if not self.is_projected(p, group)]
-        low = [i for i, p in enumerate(params) if self.is_projected(p, group)]
-        if dense:
-            self.update_dense([params[i] for i in dense], [grads[i] for i in dense], group)
-        if low:
-            lowrank = [self.project_grad(params[i], grads[i], group, sq_norms[i]) for i in low]
-            self.update_projected([params[i] for i in low], lowrank, group, [sq_norms[i] for i in low])
+        if ok_dense:
+            self.update_dense([params[i] for i in ok_dense], [grads[i] for i in ok_dense], group)
+        if ok_low:
+            shares = []
+            for k in ok_low:
+                gn = grad_norms.get(low[k])
+                shares.append(None if gn is None else (proj_norms[k] ** 2 / gn**2 if gn > 0 else 1.0))
+            self.update_projected([params[low[k]] for k in ok_low], [lowrank[k] for k in ok_low], group,
+                                  proj_norms=[proj_norms[k] for k in ok_low], shares=shares)
+
+    def share_due(self, p: Tensor) -> bool:
+        """Whether this step of ``p`` measures the captured share (a subspace's first step, then every 4th)."""
+        return self.state[p]["since_refresh"] % _SHARE_EVERY == 0
 
     @staticmethod
-    def _grad_sq_norms(grads: list[Tensor]) -> list[float]:
-        """``‖G‖²`` of every gradient in fp32, with one host synchronisation for the whole list."""
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        return torch.stack([n.to(grads[0].device) for n in norms]).square().tolist()
+    def _norms(tensors: list[Tensor]) -> list[float]:
+        """Euclidean norms (fp32) of ``tensors`` with one host synchronisation for the whole list."""
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        device = tensors[0].device
+        return torch.stack([n.to(device) for n in norms]).tolist()
 
     def _step_tensor(self, p: Tensor, fused: bool) -> Tensor:
         return torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
@@ -362,11 +395,14 @@ class AdaRankGrad(torch.optim.Optimizer):
                 p.copy_(w)
 
     # ------------------------------------------------------------------ projected parameters
-    def project_grad(self, p: Tensor, grad: Tensor, group: dict, grad_sq_norm: float | None = None) -> Tensor:
+    def project_grad(
+        self, p: Tensor, grad: Tensor, group: dict, grad_sq_norm: float | None = None
+    ) -> Tensor | None:
         """Refresh ``p``'s subspace if one is pending (from this gradient), then return the projected gradient.
 
         This is the first half of a projected step; :meth:`update_projected` is the second. The layer-wise
-        mode calls them separately to accumulate projected gradients over micro-batches.
+        mode calls them separately to accumulate projected gradients over micro-batches. Returns ``None``
+        (and changes nothing) when a refresh is due but the gradient is not finite.
         """
         st = self.state[p]
         g = grad.float()
@@ -375,15 +411,22 @@ class AdaRankGrad(torch.optim.Optimizer):
             st["refreshes"] = 0
             st["pending"] = True
         if st["pending"]:
-            self._refresh(p, g, group, st, grad_sq_norm)
+            if grad_sq_norm is None:
+                grad_sq_norm = float(torch.linalg.vector_norm(g)) ** 2
+            if not math.isfinite(grad_sq_norm):
+                return None
+            return self._refresh(p, g, group, st, grad_sq_norm)
         return project(g, st["basis"], projection_side(p.shape))
 
-    def _refresh(self, p: Tensor, g: Tensor, group: dict, st: dict, grad_sq_norm: float | None) -> None:
-        """Subspace refresh: range finder + rank selection on ``g``, then the moment transform."""
+    def _refresh(self, p: Tensor, g: Tensor, group: dict, st: dict, grad_sq_norm: float) -> Tensor:
+        """Subspace refresh: range finder + rank selection on ``g``, then the moment transform.
+
+        Returns the projected gradient in the new subspace (a by-product of the range finder).
+        """
         side = projection_side(p.shape)
         gen = torch.Generator(device=g.device)
         gen.manual_seed(subspace_seed(self.seed, self._index[id(p)], st["refreshes"]))
-        basis, kept = low_rank_basis(
+        basis, kept, low = low_rank_basis(
             g, side, energy=group["energy"], min_rank=group["min_rank"], max_rank=group["max_rank"],
             oversample=group["oversample"], power_iters=group["power_iters"], generator=gen,
             total_energy=grad_sq_norm,
@@ -406,20 +449,21 @@ class AdaRankGrad(torch.optim.Optimizer):
         st["pending"] = False
         st["since_refresh"] = 0
         st["ref_norm"] = -1.0  # set from the first projected gradient in this subspace
+        return low
 
     def update_projected(
         self,
         params: list[Tensor],
         lowrank: list[Tensor],
         group: dict,
-        grad_sq_norms: list[float] | None = None,
-        shares: list[float] | None = None,
+        proj_norms: list[float] | None = None,
+        shares: list[float | None] | None = None,
     ) -> None:
         """AdamW on projected gradients, back-projection into the weights, and the refresh test.
 
-        ``lowrank[i]`` is ``params[i]``'s projected gradient in its current subspace. The captured-share
-        criterion needs either ``grad_sq_norms[i]``, the ``‖G‖²`` it came from, or ``shares[i]``, the share
-        ``‖PᵀG‖²/‖G‖²`` measured by the caller (the layer-wise mode averages it over micro-batches).
+        ``lowrank[i]`` is ``params[i]``'s projected gradient in its current subspace; ``proj_norms[i]`` its norm
+        (computed here when not given); ``shares[i]`` the captured share ``‖PᵀG‖²/‖G‖²`` when it was measured
+        this step, else ``None``.
         """
         states = [self.state[p] for p in params]
         directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
@@ -441,21 +485,27 @@ class AdaRankGrad(torch.optim.Optimizer):
             else:
                 delta = basis @ d if p.shape[0] <= p.shape[1] else d @ basis.mT
                 p.add_(delta.mul_(alpha).to(p.dtype))
-        proj_norms = torch.stack(torch._foreach_norm(lowrank, 2)).tolist()
+        if proj_norms is None:
+            proj_norms = self._norms(lowrank)
         if shares is None:
-            shares = [pn * pn / gsq if gsq > 0 else 1.0 for pn, gsq in zip(proj_norms, grad_sq_norms)]
+            shares = [None] * len(params)
         for st, pn, share in zip(states, proj_norms, shares):
             self._refresh_test(st, group, pn, share)
 
     @staticmethod
-    def _refresh_test(st: dict, group: dict, proj_norm: float, share: float) -> None:
-        """Adaptive subspace refresh (Algorithm 3, block 3): flag a refresh for the next step."""
+    def _refresh_test(st: dict, group: dict, proj_norm: float, share: float | None) -> None:
+        """Adaptive subspace refresh (Algorithm 3, block 3): flag a refresh for the next step.
+
+        ``share`` is measured on the first step of a subspace and then every ``_SHARE_EVERY`` steps (it
+        costs a pass over the full gradient); its moving average moves only when it is measured.
+        """
         if st["ref_norm"] < 0:
-            st["ref_norm"], st["ref_share"] = proj_norm, share
-            st["ema_norm"], st["ema_share"] = proj_norm, share
+            st["ref_norm"], st["ema_norm"] = proj_norm, proj_norm
+            st["ref_share"] = st["ema_share"] = 1.0 if share is None else share
         else:
             st["ema_norm"] = _EMA * st["ema_norm"] + (1 - _EMA) * proj_norm
-            st["ema_share"] = _EMA * st["ema_share"] + (1 - _EMA) * share
+            if share is not None:
+                st["ema_share"] = _EMA_SHARE * st["ema_share"] + (1 - _EMA_SHARE) * share
         st["since_refresh"] += 1
         gap = st["since_refresh"]
         if gap >= group["max_gap"]:

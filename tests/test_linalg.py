@@ -28,7 +28,7 @@ def _with_spectrum(m, n, singular_values, noise=0.0, seed=0):
 def test_range_finder_is_orthonormal_and_matches_svd(shape):
     a = _with_spectrum(*shape, [10.0 * 0.6**i for i in range(30)], seed=1)
     side = projection_side(a.shape)
-    u, sv = range_finder(a, side, sketch_size=12, power_iters=2, generator=torch.Generator().manual_seed(0))
+    u, sv, w = range_finder(a, side, sketch_size=12, power_iters=2, generator=torch.Generator().manual_seed(0))
     s = min(shape)
     assert u.shape == (s, 12)
     torch.testing.assert_close(u.T @ u, torch.eye(12), atol=1e-5, rtol=0)
@@ -39,11 +39,14 @@ def test_range_finder_is_orthonormal_and_matches_svd(shape):
     r = 5
     kept = project(a, u[:, :r], side).square().sum()
     torch.testing.assert_close(kept, sv[:r].square().sum(), rtol=1e-4, atol=0)
+    # the projected matrix that falls out of the small SVD equals the projection computed directly
+    direct = project(a, u, side)
+    torch.testing.assert_close(w, direct if side == "left" else direct.T, atol=1e-4, rtol=1e-4)
 
 
 def test_rank_of_known_spectrum_is_found():
     a = _with_spectrum(64, 200, [5.0, 3.0, 2.0], noise=1e-4, seed=2)
-    basis, kept = low_rank_basis(a, "left", energy=0.99, min_rank=1, max_rank=8, oversample=4, power_iters=1,
+    basis, kept, _ = low_rank_basis(a, "left", energy=0.99, min_rank=1, max_rank=8, oversample=4, power_iters=1,
                                  generator=torch.Generator().manual_seed(0))
     assert basis.shape[1] == 3
     assert kept >= 0.99
@@ -56,9 +59,10 @@ def test_energy_kept_reaches_eta_below_max_rank(seed):
     eta = 0.9
     for side in ("left", "right"):
         mat = a if side == "left" else a.T.contiguous()
-        basis, _ = low_rank_basis(mat, side, energy=eta, min_rank=1, max_rank=16, oversample=4, power_iters=1,
+        basis, _, low = low_rank_basis(mat, side, energy=eta, min_rank=1, max_rank=16, oversample=4, power_iters=1,
                                   generator=torch.Generator().manual_seed(seed))
         true_kept = float(project(mat, basis, side).square().sum() / mat.square().sum())
+        torch.testing.assert_close(low, project(mat, basis, side), atol=1e-5, rtol=1e-4)
         if basis.shape[1] < 16:
             assert true_kept >= eta - 1e-5
         # minimality: one rank less would not reach eta (checked with the exact SVD)

@@ -292,6 +292,17 @@ def test_param_groups_selects_targets():
         param_groups(model, target_modules=["nonexistent"])
 
 
+def test_tied_embedding_follows_include_embeddings():
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = BertForMaskedLM(cfg)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # tied
+    tied = "bert.embeddings.word_embeddings.weight"
+    assert tied not in param_groups(model)[0]["param_names"]
+    assert tied in param_groups(model, include_embeddings=True)[0]["param_names"]
+
+
 def test_trains_a_real_task_as_well_as_adamw():
     """sklearn's bundled handwritten digits (real data): AdaRankGrad reaches AdamW-level accuracy."""
     from sklearn.datasets import load_digits
