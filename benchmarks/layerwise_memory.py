@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--out-dir", type=Path, default=None, help="where to write the Markdown (default benchmarks/results)")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--hidden", type=int, default=768, help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, default=12, help=argparse.SUPPRESS)
@@ -111,7 +112,7 @@ def main() -> None:
                                    "overhead vs AdamW", "overhead vs GaLore"], rows)
     print(text)
     if not args.smoke:
-        common.save("layerwise_memory", device, text)
+        common.save("layerwise_memory", device, text, args.out_dir)
 
 
 if __name__ == "__main__":
