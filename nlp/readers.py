@@ -197,8 +197,7 @@ def read_table(
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"Data file {str(path)!r} not found.")
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
-    suffix = suffix.replace(".gz", "")
+    suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
         lines = suffix == ".jsonl" or _looks_like_jsonl(path)
         df = pd.read_json(path, lines=lines, dtype=False)
@@ -224,9 +223,9 @@ def read_table(
 
 
 def _looks_like_jsonl(path: Path) -> bool:
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1).strip() or f.readline().strip()
-    return head != "["
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.read(4096).lstrip()
+    return not head.startswith("[")
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
