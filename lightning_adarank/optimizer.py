@@ -310,23 +310,31 @@ class AdaRankGrad(torch.optim.Optimizer):
         for g in grads:
             if g.is_sparse:
                 raise TypeError("AdaRankGrad does not support sparse gradients (use nn.Embedding(sparse=False))")
-        dense = [i for i, p in enumerate(params) if not self.is_projected(p, group)]
+        projected = [self.is_projected(p, group) for p in params]
+        dense = [i for i, is_low in enumerate(projected) if not is_low]
         low, lowrank, skipped = [], [], 0
+        grad_norms: dict[int, float] = {}  # ‖G‖ where known: refreshed matrices, and those measuring the share
         for i, p in enumerate(params):
-            if i in dense:
+            if not projected[i]:
                 continue
-            r = self.project_grad(p, grads[i], group)
+            st = self.state[p]
+            gsq = None
+            if not st or st["pending"]:  # a refresh needs ‖G‖² (rank selection): reuse it for the share
+                gsq = self._norms([grads[i]])[0] ** 2
+            r = self.project_grad(p, grads[i], group, gsq)
             if r is None:
                 skipped += 1
-            else:
-                low.append(i)
-                lowrank.append(r)
-        share_idx = [i for i in low if self.share_due(params[i])]
+                continue
+            low.append(i)
+            lowrank.append(r)
+            if gsq is not None:
+                grad_norms[i] = math.sqrt(gsq)
+        share_idx = [i for i in low if i not in grad_norms and self.share_due(params[i])]
         tensors = lowrank + [grads[i] for i in dense] + [grads[i] for i in share_idx]
         norms = self._norms(tensors) if tensors else []
         proj_norms = norms[: len(low)]
         dense_norms = norms[len(low): len(low) + len(dense)]
-        grad_norms = dict(zip(share_idx, norms[len(low) + len(dense):]))
+        grad_norms.update(zip(share_idx, norms[len(low) + len(dense):]))
         ok_dense = [i for i, n in zip(dense, dense_norms) if math.isfinite(n)]
         ok_low = [k for k, i in enumerate(low) if math.isfinite(proj_norms[k]) and math.isfinite(grad_norms.get(i, 0.0))]
         skipped += len(dense) - len(ok_dense) + len(low) - len(ok_low)
@@ -351,9 +359,16 @@ class AdaRankGrad(torch.optim.Optimizer):
 
     @staticmethod
     def _norms(tensors: list[Tensor]) -> list[float]:
-        """Euclidean norms (fp32) of ``tensors`` with one host synchronisation for the whole list."""
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        """Euclidean norms (fp32) of ``tensors`` with one host synchronisation for the whole list.
+
+        On CPU a BLAS dot product per tensor (about twice as fast there as torch's norm kernel); elsewhere
+        torch's multi-tensor norm (one launch for the whole list).
+        """
         device = tensors[0].device
+        if device.type == "cpu" and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+            flat = [t.reshape(-1) for t in tensors]
+            return torch.stack([torch.dot(v, v) for v in flat]).sqrt_().tolist()
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
         return torch.stack([n.to(device) for n in norms]).tolist()
 
     def _step_tensor(self, p: Tensor, fused: bool) -> Tensor:
@@ -412,7 +427,7 @@ class AdaRankGrad(torch.optim.Optimizer):
             st["pending"] = True
         if st["pending"]:
             if grad_sq_norm is None:
-                grad_sq_norm = float(torch.linalg.vector_norm(g)) ** 2
+                grad_sq_norm = self._norms([g])[0] ** 2
             if not math.isfinite(grad_sq_norm):
                 return None
             return self._refresh(p, g, group, st, grad_sq_norm)
