@@ -12,7 +12,7 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from .optim import make_optimizer, monitor_callbacks
+from .optim import OptimizerChoice
 
 __all__ = ["GeneformerClassifier", "load_bert_config"]
 
@@ -39,7 +39,7 @@ def load_bert_config(model_config: str | dict | None, overrides: dict | None = N
     return cfg
 
 
-class GeneformerClassifier(L.LightningModule):
+class GeneformerClassifier(OptimizerChoice, L.LightningModule):
     """Fine-tune Geneformer to classify cell states, with AdaRankGrad, GaLore, AdamW or LoRA.
 
     Args:
@@ -198,17 +198,6 @@ class GeneformerClassifier(L.LightningModule):
         self._epoch_end("test")
 
     # ------------------------------------------------------------------ optimizer, callbacks, export
-    def configure_optimizers(self):
-        h = self.hparams
-        return make_optimizer(
-            self, self.model, optimizer=h.optimizer, lr=h.lr, weight_decay=h.weight_decay, rank=h.rank,
-            scale=h.scale, target_modules=h.target_modules, include_embeddings=h.include_embeddings,
-            adarank=h.adarank, warmup_steps=h.warmup_steps, lr_schedule=h.lr_schedule,
-        )
-
-    def configure_callbacks(self):
-        return monitor_callbacks(self.hparams.optimizer, self.hparams.rank_monitor, self.hparams.memory_monitor)
-
     def save_pretrained(self, directory: str | Path) -> Path:
         """Save a Hugging Face checkpoint (LoRA merged) with ``id2label`` and ``label_mapping.json``."""
         directory = Path(directory)

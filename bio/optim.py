@@ -80,3 +80,20 @@ def monitor_callbacks(optimizer: str, rank_monitor: bool, memory_monitor: bool) 
         except (ImportError, AttributeError):
             rank_zero_warn("lightning_adarank.MemoryMonitor is not available; no memory log")
     return callbacks
+
+
+class OptimizerChoice:
+    """``configure_optimizers`` / ``configure_callbacks`` of the bio LightningModules, from their hparams
+    (``optimizer``, ``lr``, ``weight_decay``, ``rank``, ``scale``, ``target_modules``, ``include_embeddings``,
+    ``adarank``, ``warmup_steps``, ``lr_schedule``, ``rank_monitor``, ``memory_monitor``) and ``self.model``."""
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return make_optimizer(
+            self, self.model, optimizer=h.optimizer, lr=h.lr, weight_decay=h.weight_decay, rank=h.rank,
+            scale=h.scale, target_modules=h.target_modules, include_embeddings=h.include_embeddings,
+            adarank=h.adarank, warmup_steps=h.warmup_steps, lr_schedule=h.lr_schedule,
+        )
+
+    def configure_callbacks(self):
+        return monitor_callbacks(self.hparams.optimizer, self.hparams.rank_monitor, self.hparams.memory_monitor)

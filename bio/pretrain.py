@@ -10,12 +10,12 @@ import lightning as L
 import torch
 
 from .model import load_bert_config
-from .optim import make_optimizer, monitor_callbacks
+from .optim import OptimizerChoice
 
 __all__ = ["GeneformerPretrainer"]
 
 
-class GeneformerPretrainer(L.LightningModule):
+class GeneformerPretrainer(OptimizerChoice, L.LightningModule):
     """Pre-train (or continue pre-training) a Geneformer-architecture BERT by masked-gene modeling.
 
     Use with :class:`bio.MaskedGeneDataModule` (15% of gene tokens masked). The loss is the cross-entropy
@@ -85,17 +85,6 @@ class GeneformerPretrainer(L.LightningModule):
         loss = self.trainer.callback_metrics.get("val/mlm_loss")
         if loss is not None:
             self.log("val/perplexity", math.exp(min(float(loss), 50.0)))
-
-    def configure_optimizers(self):
-        h = self.hparams
-        return make_optimizer(
-            self, self.model, optimizer=h.optimizer, lr=h.lr, weight_decay=h.weight_decay, rank=h.rank,
-            scale=h.scale, target_modules=h.target_modules, include_embeddings=h.include_embeddings,
-            adarank=h.adarank, warmup_steps=h.warmup_steps, lr_schedule=h.lr_schedule,
-        )
-
-    def configure_callbacks(self):
-        return monitor_callbacks(self.hparams.optimizer, self.hparams.rank_monitor, self.hparams.memory_monitor)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a Hugging Face checkpoint (``config.json`` + weights)."""
