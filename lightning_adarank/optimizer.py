@@ -416,17 +416,18 @@ class AdaRankGrad(torch.optim.Optimizer):
             [st["step"] for st in states], group, lr=1.0, weight_decay=0.0,
         )
         lr, wd, alpha = group["lr"], group["weight_decay"], group["lr"] * group["scale"]
+        decay = 1.0 - lr * wd
         for p, st, s, d in zip(params, states, steps, directions):
             st["step"] = s
-            if wd:
-                p.mul_(1.0 - lr * wd)
             basis = st["basis"]
-            if p.dtype == torch.float32:
+            if p.dtype == torch.float32:  # decay and update in one pass over W: W ← decay·W + α·P d
                 if p.shape[0] <= p.shape[1]:
-                    p.addmm_(basis, d, alpha=alpha)
+                    p.addmm_(basis, d, beta=decay, alpha=alpha)
                 else:
-                    p.addmm_(d, basis.mT, alpha=alpha)
+                    p.addmm_(d, basis.mT, beta=decay, alpha=alpha)
             else:
+                if wd:
+                    p.mul_(decay)
                 delta = basis @ d if p.shape[0] <= p.shape[1] else d @ basis.mT
                 p.add_(delta.mul_(alpha).to(p.dtype))
         if proj_norms is None:
