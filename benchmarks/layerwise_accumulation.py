@@ -3,7 +3,7 @@
 Two runs from the same initial weights, data order and seed, ``k`` micro-batches per optimizer step:
 
 * ``full accumulation`` — the usual loop: full gradients summed over ``k`` micro-batches, then ``opt.step()``;
-* ``layer-wise, low-rank accumulation`` — :class:`~lightning_adarank.layerwise.LayerwiseUpdater`: each
+* ``layer-wise, low-rank accumulation`` — :class:`~lightning_adarank.optim.layerwise.LayerwiseUpdater`: each
   micro-batch's gradient is projected into the current subspace and freed; a refresh takes its subspace from
   the window's first micro-batch instead of the sum.
 
@@ -40,7 +40,7 @@ def run(layerwise: bool, args, data) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from lightning_adarank import build_optimizer
-    from lightning_adarank.layerwise import LayerwiseUpdater
+    from lightning_adarank.optim.layerwise import LayerwiseUpdater
 
     (train_x, train_y), (dev_x, dev_y) = data
     torch.manual_seed(args.seed)

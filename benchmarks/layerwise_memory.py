@@ -30,7 +30,7 @@ def child(args: argparse.Namespace) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     from lightning_adarank import build_optimizer, optimizer_state_bytes
-    from lightning_adarank.layerwise import LayerwiseUpdater
+    from lightning_adarank.optim.layerwise import LayerwiseUpdater
 
     device = common.pick_device(args.device)
     common.set_threads(args.threads)

@@ -2,7 +2,7 @@
 
 One ``(h, 4h)`` matrix (the shape of a transformer MLP weight), rank ``r`` (default 8):
 
-* **refresh**: AdaRankGrad's :func:`lightning_adarank.linalg.low_rank_basis` (randomized range finder with
+* **refresh**: AdaRankGrad's :func:`lightning_adarank.optim.linalg.low_rank_basis` (randomized range finder with
   ``oversample`` 4 and 1 power iteration + adaptive rank) vs GaLore's ``GaLoreProjector.get_orthogonal_matrix``
   (``torch.linalg.svd`` of the full gradient, as galore-torch does);
 * **normal step**: ``opt.step()`` of ``AdaRankGrad`` / ``galore_torch.GaLoreAdamW`` / ``torch.optim.AdamW
@@ -58,7 +58,7 @@ def measure(h: int, rank: int, device, args) -> dict:
     from galore_torch.galore_projector import GaLoreProjector  # noqa: PLC0415
 
     from lightning_adarank import AdaRankGrad  # noqa: PLC0415
-    from lightning_adarank.linalg import low_rank_basis  # noqa: PLC0415
+    from lightning_adarank.optim.linalg import low_rank_basis  # noqa: PLC0415
 
     g = gradient(h, device)
     gen = torch.Generator(device=device)

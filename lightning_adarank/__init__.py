@@ -9,32 +9,33 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .groups import param_groups, target_parameter_names
-from .optimizer import AdaRankGrad, SubspaceInfo
+from .optim.config import AdaRankGradConfig
+from .optim.groups import param_groups, target_parameter_names
+from .optim.optimizer import AdaRankGrad, SubspaceInfo
 
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it (imported on first access)
 _LAZY = {
-    "OPTIMIZER_CHOICES": "baselines",
-    "build_optimizer": "baselines",
-    "apply_lora": "baselines",
-    "optimizer_state_bytes": "baselines",
+    "OPTIMIZER_CHOICES": "optim.baselines",
+    "build_optimizer": "optim.baselines",
+    "apply_lora": "optim.baselines",
+    "optimizer_state_bytes": "optim.baselines",
     # Lightning / Fabric integration (importing any of these imports Lightning and registers the
     # "adarank", "adarank_ddp", ... strategy names)
-    "AdaRankGradStrategy": "strategy",
-    "EffectiveRankMonitor": "callbacks",
-    "MemoryMonitor": "callbacks",
-    "RankHistory": "callbacks",
-    "rank_metrics": "callbacks",
-    "memory_metrics": "callbacks",
-    "FabricRankMonitor": "fabric",
-    "layerwise_updater": "fabric",
-    "LayerwiseUpdater": "layerwise",
-    "plot_rank_history": "plotting",
+    "AdaRankGradStrategy": "integrations.strategy",
+    "EffectiveRankMonitor": "integrations.callbacks",
+    "MemoryMonitor": "integrations.callbacks",
+    "RankHistory": "monitoring.history",
+    "rank_metrics": "monitoring.history",
+    "memory_metrics": "monitoring.history",
+    "FabricRankMonitor": "integrations.fabric",
+    "layerwise_updater": "integrations.fabric",
+    "LayerwiseUpdater": "optim.layerwise",
+    "plot_rank_history": "monitoring.plotting",
 }
 
-__all__ = ["AdaRankGrad", "SubspaceInfo", "param_groups", "target_parameter_names", *_LAZY]
+__all__ = ["AdaRankGrad", "AdaRankGradConfig", "SubspaceInfo", "param_groups", "target_parameter_names", *_LAZY]
 
 
 def __getattr__(name: str):
@@ -46,4 +47,4 @@ def __getattr__(name: str):
 
 
 if "lightning.pytorch" in sys.modules:  # Lightning is loaded already: register "adarank", "adarank_ddp", ... now
-    importlib.import_module(".strategy", __name__)
+    importlib.import_module(".integrations.strategy", __name__)

@@ -19,7 +19,7 @@ from lightning_adarank import (
     plot_rank_history,
     rank_metrics,
 )
-from lightning_adarank.baselines import optimizer_state_bytes
+from lightning_adarank.optim.baselines import optimizer_state_bytes
 from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_adarank import AdaRankGrad, param_groups
-from lightning_adarank.layerwise import LayerwiseUpdater
+from lightning_adarank.optim.layerwise import LayerwiseUpdater
 
 SETTINGS = dict(lr=5e-3, max_rank=4, min_gap=2, max_gap=4, weight_decay=0.01, seed=3)
 

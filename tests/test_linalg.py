@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_adarank.linalg import (
+from lightning_adarank.optim.linalg import (
     low_rank_basis,
     moment_transform,
     project,

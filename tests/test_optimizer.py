@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_adarank import AdaRankGrad, param_groups
-from lightning_adarank.linalg import projection_side
+from lightning_adarank.optim.linalg import projection_side
 
 
 def _grads(params, seed):

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lightning as L  # noqa: E402
-import lightning_adarank.strategy  # noqa: E402,F401  (registers "adarank_ddp")
+import lightning_adarank.integrations.strategy  # noqa: E402,F401  (registers "adarank_ddp")
 from lightning_adarank import AdaRankGrad, AdaRankGradStrategy, FabricRankMonitor, param_groups  # noqa: E402
 from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs  # noqa: E402
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_adarank import AdaRankGrad, param_groups
-from lightning_adarank.layerwise import LayerwiseUpdater
+from lightning_adarank.optim.layerwise import LayerwiseUpdater
 
 K, WINDOWS, WORLD = 2, 6, 2
 SETTINGS = dict(lr=5e-3, max_rank=4, min_gap=2, max_gap=3, weight_decay=0.01, seed=11)

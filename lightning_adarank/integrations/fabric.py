@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .callbacks.history import RankHistory, find_adarank, memory_metrics, rank_metrics
-from .layerwise import LayerwiseUpdater
+from ..monitoring.history import RankHistory, find_adarank, memory_metrics, rank_metrics
+from ..optim.layerwise import LayerwiseUpdater
 
 __all__ = ["FabricRankMonitor", "layerwise_updater"]
 
@@ -102,7 +102,7 @@ class FabricRankMonitor:
 
 
 def layerwise_updater(model: Any, optimizer: Any, accumulate_grad_batches: int = 1) -> LayerwiseUpdater:
-    """A :class:`~lightning_adarank.layerwise.LayerwiseUpdater` for a model and optimizer set up by Fabric.
+    """A :class:`~lightning_adarank.optim.layerwise.LayerwiseUpdater` for a model and optimizer set up by Fabric.
 
     Unwraps Fabric's wrappers and attaches to the DDP module under ``strategy="ddp"`` (a communication hook)
     or to the module itself. Train with ``updater.backward(loss, fabric.backward)`` instead of

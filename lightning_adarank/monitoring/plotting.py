@@ -30,7 +30,7 @@ def plot_rank_history(history: Any, path: str | Path, title: str | None = None, 
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    from .callbacks.history import RankHistory  # noqa: PLC0415
+    from .history import RankHistory  # noqa: PLC0415
 
     if isinstance(history, dict):
         h = RankHistory()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import weakref
 from typing import Any
 
@@ -39,14 +38,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
-from .groups import target_parameter_names
-from .layerwise import LayerwiseUpdater
-from .optimizer import AdaRankGrad
+from ..optim.config import SETTING_NAMES
+from ..optim.groups import target_parameter_names
+from ..optim.layerwise import LayerwiseUpdater
+from ..optim.optimizer import AdaRankGrad
 
 __all__ = ["AdaRankGradStrategy", "build_adarank_from", "rebind_lr_scheduler"]
 
-#: keyword arguments of :class:`AdaRankGrad` the strategy accepts
-OPTIMIZER_SETTINGS = frozenset(inspect.signature(AdaRankGrad.__init__).parameters) - {"self", "params"}
+#: settings of :class:`AdaRankGrad` the strategy accepts
+OPTIMIZER_SETTINGS = SETTING_NAMES
 #: settings read group by group from the module's own optimizer when not given to the strategy
 _FROM_MODULE = ("lr", "betas", "eps", "weight_decay")
 #: per-parameter-group lists a torch LR scheduler may hold (remapped when the groups are split)
@@ -186,7 +186,7 @@ class AdaRankGradStrategy:
             :func:`~lightning_adarank.param_groups`).
         include_embeddings: also project ``nn.Embedding`` tables.
         layerwise: update each parameter inside backward as soon as its gradient is ready and free the gradient
-            (see :mod:`lightning_adarank.layerwise`). Works with ``accumulate_grad_batches`` (low-rank
+            (see :mod:`lightning_adarank.optim.layerwise`). Works with ``accumulate_grad_batches`` (low-rank
             accumulation) and DDP (a communication hook steps each all-reduced bucket; every micro-batch is
             all-reduced). Refused with ``gradient_clip_val`` (global-norm clipping needs all gradients before
             any update), fp16 mixed precision (the GradScaler unscales all gradients at once) and manual

@@ -4,10 +4,10 @@ Pure PyTorch: importing this module does not import Lightning.
 
 Per projected matrix ``W`` (2-D, ``min(W.shape) > max_rank``, in a group with ``low_rank=True``) one step is
 
-1. **subspace refresh** (when one is pending): :func:`~lightning_adarank.linalg.low_rank_basis` runs the
+1. **subspace refresh** (when one is pending): :func:`~lightning_adarank.optim.linalg.low_rank_basis` runs the
    randomized range finder on the current gradient and picks the smallest rank that keeps ``energy`` of
    ``‖G‖²_F``; the moments are carried into the new basis by
-   :func:`~lightning_adarank.linalg.moment_transform` (unless ``transform_moments=False``);
+   :func:`~lightning_adarank.optim.linalg.moment_transform` (unless ``transform_moments=False``);
 2. **projection** ``R = PᵀG`` (or ``G P``), AdamW moments and bias correction on ``R`` (torch's fused or
    foreach Adam kernel, applied to a zero "virtual parameter" so that it returns ``-m̂/(√v̂+ε)``);
 3. **update** ``W ← W·(1 − lr·wd) + lr·scale·P(−m̂/(√v̂+ε))`` — decoupled weight decay on the full weight;
@@ -37,6 +37,7 @@ from .linalg import (
     projection_side,
     subspace_seed,
 )
+from .config import AdaRankGradConfig
 from .settings import normalize_params, validate_group
 
 __all__ = ["AdaRankGrad", "SubspaceInfo"]
@@ -76,75 +77,38 @@ class AdaRankGrad(torch.optim.Optimizer):
     Args:
         params: tensors, ``(name, tensor)`` pairs (e.g. ``model.named_parameters()``) or param-group dicts
             (see :func:`lightning_adarank.param_groups`). A group may set ``low_rank=False`` to get plain
-            AdamW, or override any setting below.
-        lr, betas, eps, weight_decay: as :class:`torch.optim.AdamW` (weight decay is decoupled and applied to
-            the full weight of projected matrices too).
-        max_rank: largest rank of a projection; matrices with ``min(shape) <= max_rank`` are not projected.
-        min_rank: smallest rank of a projection.
-        energy: the fraction η of ``‖G‖²_F`` a subspace must keep (adaptive rank; Algorithm 2).
-        scale: α, multiplies the projected update (GaLore's ``scale``).
-        min_gap, max_gap: a matrix's subspace is refreshed no more often than every ``min_gap`` steps and at
-            least every ``max_gap`` steps (200 by default: never staler than GaLore's fixed schedule).
-        tol: refresh threshold, in (0, 1). Between ``min_gap`` and ``max_gap`` a matrix gets a new subspace
-            when either smoothed ratio falls to ``tol`` of its value at the last refresh:
+            AdamW, or override any per-group setting of :class:`~lightning_adarank.AdaRankGradConfig`.
+        config: the settings (:class:`~lightning_adarank.AdaRankGradConfig`; its defaults when ``None``).
+        **settings: individual settings, applied on top of ``config`` (e.g. ``lr=1e-3, max_rank=16``); every
+            name and meaning is documented once, on :class:`~lightning_adarank.AdaRankGradConfig`.
 
-            * ``‖PᵀG‖`` — the projected gradient has *converged*: the directions of this subspace are spent
-              (the paper's criterion, Algorithm 3, block 3);
-            * ``‖PᵀG‖² / ‖G‖²`` — the share of the gradient the subspace captures: the gradient has *moved
-              out* of the subspace.
+    Refresh test: between ``min_gap`` and ``max_gap`` a matrix gets a new subspace when either smoothed ratio
+    falls to ``tol`` of its value at the last refresh:
 
-            Both are ratios of a quantity to itself at refresh time, so the test is scale-free: it does not
-            depend on the loss scale, the learning rate, the layer's size or the gradient's units. They are
-            smoothed with exponential moving averages so that mini-batch noise alone does not trigger a
-            refresh (β = 0.9 per step for the norm; the share needs a pass over the full gradient, so it is
-            measured on a subspace's first step and every 4th step after, β = 0.7 per measurement). The test is made at the end of a step and the refresh happens at the next one,
-            on that step's gradient.
-        oversample: extra sketch columns in the range finder (``k = max_rank + oversample``).
-        power_iters: power iterations in the range finder.
-        transform_moments: carry Adam's moments into a new subspace (``M ← R M``, ``V ← (R∘R) V`` with
-            ``R = P_newᵀ P_old``). ``False`` reuses them unchanged, as GaLore does (moments are reset to zero
-            when the rank changes, since the old ones no longer fit).
-        seed: the random test matrices depend only on ``(seed, parameter index, refresh count)``, so data-
-            parallel ranks agree without communication and a resumed run is bit-identical.
-        fused: use torch's fused Adam kernel (default: where the device supports it), else foreach.
+    * ``‖PᵀG‖`` — the projected gradient has *converged*: the directions of this subspace are spent (the
+      paper's criterion, Algorithm 3, block 3);
+    * ``‖PᵀG‖² / ‖G‖²`` — the share of the gradient the subspace captures: the gradient has *moved out* of
+      the subspace.
+
+    Both are ratios of a quantity to itself at refresh time, so the test is scale-free. They are smoothed
+    with exponential moving averages so that mini-batch noise alone does not trigger a refresh (β = 0.9 per
+    step for the norm; the share needs a pass over the full gradient, so it is measured on a subspace's
+    first step and every 4th step after, β = 0.7 per measurement). The test is made at the end of a step and
+    the refresh happens at the next one, on that step's gradient.
 
     Non-finite gradients: the step of a parameter whose gradient holds ``inf``/``nan`` is **skipped** (its
     weight and state are left untouched) with a warning, so one bad batch cannot corrupt the moments or the
     subspace. fp16/bf16 parameters keep fp32 optimizer state and fp32 math.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        max_rank: int = 8,
-        min_rank: int = 1,
-        energy: float = 0.9,
-        scale: float = 1.0,
-        min_gap: int = 10,
-        max_gap: int = 200,
-        tol: float = 0.7,
-        oversample: int = 4,
-        power_iters: int = 1,
-        transform_moments: bool = True,
-        seed: int = 0,
-        fused: bool | None = None,
-    ) -> None:
-        if not isinstance(seed, int):
-            raise TypeError(f"AdaRankGrad: seed must be an int, got {seed!r}")
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_rank=max_rank, min_rank=min_rank,
-            energy=energy, scale=scale, min_gap=min_gap, max_gap=max_gap, tol=tol, oversample=oversample,
-            power_iters=power_iters, transform_moments=transform_moments, low_rank=True,
-        )
-        self.seed = seed
-        self.fused = fused
+    def __init__(self, params: Iterable, config: AdaRankGradConfig | None = None, **settings: Any) -> None:
+        config = AdaRankGradConfig(**settings) if config is None else config.replace(**settings)
+        self.config = config
+        self.seed = config.seed
+        self.fused = config.fused
         self._index: dict[int, int] = {}
         self._group_by_id: dict[int, dict] = {}
-        super().__init__(normalize_params(params), defaults)
+        super().__init__(normalize_params(params), {**config.group_defaults(), "low_rank": True})
 
     # ------------------------------------------------------------------ groups and bookkeeping
     def add_param_group(self, param_group: dict) -> None:

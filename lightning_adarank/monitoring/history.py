@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..baselines import optimizer_state_bytes
-from ..optimizer import AdaRankGrad
+from ..optim.baselines import optimizer_state_bytes
+from ..optim.optimizer import AdaRankGrad
 
 __all__ = ["RankHistory", "find_adarank", "memory_metrics", "peak_memory_bytes", "rank_metrics"]
 
@@ -140,7 +140,7 @@ class RankHistory:
         self._index = {n: j for j, n in enumerate(self.layers)}
 
     def plot(self, path: Any, title: str | None = None) -> Any:
-        """Save the heat map and average-rank curve (see :func:`lightning_adarank.plotting.plot_rank_history`)."""
-        from ..plotting import plot_rank_history  # noqa: PLC0415
+        """Save the heat map and average-rank curve (see :func:`lightning_adarank.monitoring.plotting.plot_rank_history`)."""
+        from .plotting import plot_rank_history  # noqa: PLC0415
 
         return plot_rank_history(self, path, title=title)
