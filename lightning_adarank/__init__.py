@@ -23,7 +23,9 @@ _LAZY = {
     "optimizer_state_bytes": "optim.baselines",
     # Lightning / Fabric integration (importing any of these imports Lightning and registers the
     # "adarank", "adarank_ddp", ... strategy names)
+    "AdaRankGradCallback": "integrations.callback",
     "AdaRankGradStrategy": "integrations.strategy",
+    "AdaRankGradDDPStrategy": "integrations.strategy",
     "EffectiveRankMonitor": "integrations.callbacks",
     "MemoryMonitor": "integrations.callbacks",
     "RankHistory": "monitoring.history",

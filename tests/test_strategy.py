@@ -13,7 +13,8 @@ import torch
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning_adarank import AdaRankGrad, AdaRankGradStrategy
+from lightning_adarank import AdaRankGrad, AdaRankGradDDPStrategy, AdaRankGradStrategy
+from lightning_adarank.integrations.strategy import AdaRankGradStrategyMixin
 from scripts.tiny import ADARANK, TinyModule, loader, make_data, trainer_kwargs
 
 
@@ -55,8 +56,10 @@ def test_target_modules_regex_and_errors():
     assert set(trainer.optimizers[0].ranks()) == {"net.2.weight"}
     with pytest.raises(ValueError, match="selects no weight"):
         _fit(TinyModule(), AdaRankGradStrategy(target_modules=["nothing_here"]), steps=1)
-    with pytest.raises(TypeError, match="unknown optimizer setting"):
+    with pytest.raises(TypeError, match="unknown setting"):
         AdaRankGradStrategy(rank=4)
+    with pytest.raises(ValueError, match="max_rank=0 must be >= min_rank"):  # checked when built, not at fit
+        AdaRankGradStrategy(max_rank=0)
 
 
 class _LrRecorder(Callback):
@@ -89,7 +92,7 @@ def test_lr_scheduler_keeps_working(scheduler):
 
 def test_module_returning_adarank_is_kept():
     module = TinyModule(adarank=True)
-    with pytest.warns(UserWarning, match="already returns AdaRankGrad"):
+    with pytest.warns(UserWarning, match="is an AdaRankGrad already"):
         trainer = _fit(module, AdaRankGradStrategy(max_rank=3), steps=2)
     opt = trainer.optimizers[0]
     assert type(opt) is AdaRankGrad and all(g["max_rank"] == ADARANK["max_rank"] for g in opt.param_groups)
@@ -99,20 +102,22 @@ def test_registered_names_and_classes():
     t = L.Trainer(strategy="adarank", **trainer_kwargs())
     assert isinstance(t.strategy, AdaRankGradStrategy) and isinstance(t.strategy, SingleDeviceStrategy)
     assert t.strategy.root_device == torch.device("cpu")
-    # "auto" with several devices becomes DDP, as Lightning's own "auto" does
-    t = L.Trainer(strategy="adarank", **trainer_kwargs(devices=2))
-    assert isinstance(t.strategy, DDPStrategy) and isinstance(t.strategy, AdaRankGradStrategy)
+    # "auto" with several devices becomes DDP, as Lightning's own "auto" does (settings kept)
+    t = L.Trainer(strategy=AdaRankGradStrategy(max_rank=5), **trainer_kwargs(devices=2))
+    assert isinstance(t.strategy, AdaRankGradDDPStrategy) and isinstance(t.strategy, AdaRankGradStrategyMixin)
     assert t.num_devices == 2 and t.strategy.cluster_environment is not None and t.strategy.world_size == 2
+    assert t.strategy.adarank_settings == {"max_rank": 5}
     t = L.Trainer(strategy="adarank_ddp_spawn", **trainer_kwargs(devices=2))
-    assert isinstance(t.strategy, DDPStrategy) and t.strategy._start_method == "spawn"
-    # an instance as base keeps its configuration; the strategy pickles (ddp_spawn sends it to the workers)
-    s = AdaRankGradStrategy(base=DDPStrategy(process_group_backend="gloo"), max_rank=5)
-    assert s.process_group_backend == "gloo" and isinstance(s, DDPStrategy)
+    assert isinstance(t.strategy, AdaRankGradDDPStrategy) and t.strategy._start_method == "spawn"
+    t = L.Trainer(strategy="adarank_ddp_find_unused_parameters_true", **trainer_kwargs(devices=2))
+    assert t.strategy._ddp_kwargs == {"find_unused_parameters": True}
+    # DDPStrategy's own arguments; the strategy pickles (ddp_spawn sends it to the workers)
+    s = AdaRankGradDDPStrategy(process_group_backend="gloo", max_rank=5, static_graph=True)
+    assert s.process_group_backend == "gloo" and isinstance(s, DDPStrategy) and s._ddp_kwargs == {"static_graph": True}
     s2 = pickle.loads(pickle.dumps(s))
     assert type(s2) is type(s) and s2.adarank_settings == {"max_rank": 5} and s2.process_group_backend == "gloo"
-    for bad in ("deepspeed", "fsdp", "adarank_ddp"):
-        with pytest.raises(ValueError):
-            AdaRankGradStrategy(base=bad)
+    with pytest.raises(ValueError, match="energy=1.5 must be in"):
+        AdaRankGradDDPStrategy(energy=1.5)
 
 
 def test_import_is_lazy_and_registers_on_first_use():

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import strategy as _strategy  # noqa: F401  (registers the adarank* strategy names)
 from ..monitoring.history import RankHistory, find_adarank, memory_metrics, rank_metrics
+from .swap import warn_if_nothing_projected
 
 __all__ = ["EffectiveRankMonitor", "MemoryMonitor"]
 
@@ -81,8 +82,9 @@ class EffectiveRankMonitor(_IntervalMonitor):
         plot: save the plot at the end of fit.
         plot_filename: its file name.
 
-    If the Trainer has no :class:`~lightning_adarank.AdaRankGrad` optimizer the callback warns once and does
-    nothing.
+    If the Trainer has no :class:`~lightning_adarank.AdaRankGrad` optimizer the callback warns once (saying
+    how to enable it: :class:`~lightning_adarank.AdaRankGradCallback`) and does nothing; if AdaRankGrad
+    projects no matrix it warns once naming them, and no plot is written.
     """
 
     def __init__(
@@ -105,12 +107,20 @@ class EffectiveRankMonitor(_IntervalMonitor):
         opt = find_adarank(trainer.optimizers)
         if opt is None and not self._warned_no_adarank:
             self._warned_no_adarank = True
-            rank_zero_warn("EffectiveRankMonitor: the Trainer has no AdaRankGrad optimizer; nothing is logged")
+            rank_zero_warn(
+                "EffectiveRankMonitor: the Trainer has no AdaRankGrad optimizer; nothing is logged. To train with"
+                " AdaRankGrad, add lightning_adarank.AdaRankGradCallback() to the Trainer's callbacks (or pass"
+                " strategy=lightning_adarank.AdaRankGradStrategy(), or return an AdaRankGrad from"
+                " configure_optimizers)."
+            )
         return opt
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         opt = self._optimizer(trainer)
         if opt is None:
+            return {}
+        warn_if_nothing_projected(opt, "EffectiveRankMonitor")
+        if not opt.subspaces():  # nothing projected (yet): no row to record
             return {}
         self.history.record(trainer.global_step, opt)
         return rank_metrics(opt, per_layer=self.per_layer)
@@ -122,7 +132,7 @@ class EffectiveRankMonitor(_IntervalMonitor):
         if not self.history.steps or self.history.steps[-1] != trainer.global_step:
             if opt.subspaces():
                 self.history.record(trainer.global_step, opt)
-        if self.plot and trainer.is_global_zero and len(self.history):
+        if self.plot and trainer.is_global_zero and self.history.layers:
             path = Path(trainer.log_dir or trainer.default_root_dir) / self.plot_filename
             self.plot_path = self.history.plot(path)
             rank_zero_info(f"EffectiveRankMonitor: saved the rank plot to {path}")

@@ -6,7 +6,7 @@ MODE:
   ``trainer``: ``Trainer(strategy="adarank_ddp")`` on the module's AdamW (swapped for AdaRankGrad, defaults);
   ``plain``:   ``Trainer(strategy="ddp")`` on a module whose configure_optimizers returns AdaRankGrad;
   ``fabric``:  ``Fabric(strategy="ddp")`` with ``fabric.setup(model, AdaRankGrad(...))`` and FabricRankMonitor;
-  ``layerwise``: ``AdaRankGradStrategy(base="ddp", layerwise=True)`` with ``accumulate_grad_batches=2``.
+  ``layerwise``: ``AdaRankGradDDPStrategy(layerwise=True)`` with ``accumulate_grad_batches=2``.
 Every rank trains on its own shard of each global batch (``PER_RANK`` samples, rank r takes the r-th slice)
 and writes its parameters and ranks to ``OUT_DIR/rank{r}.pt``.
 """
@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 
 import lightning as L  # noqa: E402
 import lightning_adarank.integrations.strategy  # noqa: E402,F401  (registers "adarank_ddp")
-from lightning_adarank import AdaRankGrad, AdaRankGradStrategy, FabricRankMonitor, param_groups  # noqa: E402
+from lightning_adarank import AdaRankGrad, AdaRankGradDDPStrategy, FabricRankMonitor, param_groups  # noqa: E402
 from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs  # noqa: E402
 
 PER_RANK = 8
@@ -51,7 +51,7 @@ def main() -> None:
     if args.mode == "layerwise":  # layer-wise updates in backward, accumulation 2, DDP comm hook
         module = ShardedModule()
         trainer = L.Trainer(
-            strategy=AdaRankGradStrategy(base="ddp", layerwise=True), max_steps=args.steps, accumulate_grad_batches=2,
+            strategy=AdaRankGradDDPStrategy(layerwise=True), max_steps=args.steps, accumulate_grad_batches=2,
             use_distributed_sampler=False, **trainer_kwargs(devices=args.devices),
         )
         trainer.fit(module)
