@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import lightning as L
-from lightning_adarank import AdaRankGrad, AdaRankGradStrategy, param_groups
+from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradStrategy, param_groups
 from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
@@ -46,8 +46,8 @@ def _check(runs: dict[int, dict], single: dict[str, torch.Tensor], single_ranks:
     assert not torch.equal(p0["net.0.weight"], initial["0.weight"])  # it did train
 
 
-def _single_trainer(module, strategy) -> tuple[dict, dict]:
-    trainer = L.Trainer(strategy=strategy, max_steps=STEPS, **trainer_kwargs())
+def _single_trainer(module, strategy, callbacks=()) -> tuple[dict, dict]:
+    trainer = L.Trainer(strategy=strategy, max_steps=STEPS, callbacks=list(callbacks), **trainer_kwargs())
     trainer.fit(module, loader(make_data(), GLOBAL_BATCH))
     return {n: p.detach().clone() for n, p in module.named_parameters()}, trainer.optimizers[0].ranks()
 
@@ -57,6 +57,16 @@ def test_trainer_adarank_ddp_matches_single_process(tmp_path):
     runs = _launch("trainer", tmp_path)
     assert runs[0]["strategy"] == "AdaRankGradDDPStrategy"
     single, ranks = _single_trainer(TinyModule(), AdaRankGradStrategy())
+    _check(runs, single, ranks)
+
+
+@pytest.mark.slow
+def test_callback_under_ddp_matches_single_process(tmp_path):
+    """Trainer(strategy="ddp", callbacks=[AdaRankGradCallback()]) on the module's AdamW: ranks bit-identical and
+    equal to one process with the callback on the same global batches."""
+    runs = _launch("callback", tmp_path)
+    assert runs[0]["strategy"] == "DDPStrategy"
+    single, ranks = _single_trainer(TinyModule(), "auto", callbacks=[AdaRankGradCallback()])
     _check(runs, single, ranks)
 
 

@@ -6,6 +6,7 @@ MODE:
   ``trainer``: ``Trainer(strategy="adarank_ddp")`` on the module's AdamW (swapped for AdaRankGrad, defaults);
   ``plain``:   ``Trainer(strategy="ddp")`` on a module whose configure_optimizers returns AdaRankGrad;
   ``fabric``:  ``Fabric(strategy="ddp")`` with ``fabric.setup(model, AdaRankGrad(...))`` and FabricRankMonitor;
+  ``callback``: ``Trainer(strategy="ddp", callbacks=[AdaRankGradCallback()])`` on the module's AdamW;
   ``layerwise``: ``AdaRankGradDDPStrategy(layerwise=True)`` with ``accumulate_grad_batches=2``.
 Every rank trains on its own shard of each global batch (``PER_RANK`` samples, rank r takes the r-th slice)
 and writes its parameters and ranks to ``OUT_DIR/rank{r}.pt``.
@@ -24,7 +25,7 @@ from torch import nn  # noqa: E402
 
 import lightning as L  # noqa: E402
 import lightning_adarank.integrations.strategy  # noqa: E402,F401  (registers "adarank_ddp")
-from lightning_adarank import AdaRankGrad, AdaRankGradDDPStrategy, FabricRankMonitor, param_groups  # noqa: E402
+from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradDDPStrategy, FabricRankMonitor, param_groups  # noqa: E402
 from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs  # noqa: E402
 
 PER_RANK = 8
@@ -42,7 +43,7 @@ def save(out, rank, named_params, ranks, extra=None):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["trainer", "plain", "fabric", "layerwise"])
+    ap.add_argument("mode", choices=["trainer", "plain", "fabric", "layerwise", "callback"])
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--devices", type=int, default=2)
@@ -58,10 +59,11 @@ def main() -> None:
         save(args.out, trainer.global_rank, module.named_parameters(), trainer.optimizers[0].ranks(),
              {"strategy": type(trainer.strategy).__name__})
         return
-    if args.mode in ("trainer", "plain"):
+    if args.mode in ("trainer", "plain", "callback"):
         module = ShardedModule(adarank=args.mode == "plain")
         trainer = L.Trainer(
             strategy="adarank_ddp" if args.mode == "trainer" else "ddp", max_steps=args.steps,
+            callbacks=[AdaRankGradCallback()] if args.mode == "callback" else [],
             use_distributed_sampler=False, **trainer_kwargs(devices=args.devices),
         )
         trainer.fit(module)
