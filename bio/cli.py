@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    if command in ("pretrain", "fit", "validate", "test", "predict"):  # bio/configs/... after pip install too
+        from lightning_adarank.integrations.configs import resolve_packaged_configs
+
+        rest = resolve_packaged_configs(rest, "bio")
     if command == "tokenize":
         _tokenize_cli(rest)
     elif command == "pretrain":

@@ -55,7 +55,16 @@ class GLUECLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GLUECLI:
-    """Entry point of ``python -m nlp``; ``args`` replaces ``sys.argv[1:]`` (handy in tests)."""
+    """Entry point of ``python -m nlp``; ``args`` replaces ``sys.argv[1:]`` (handy in tests).
+
+    ``--config nlp/configs/...`` (or ``glue/sst2_r8.yaml``, ...) finds the configs installed with the package
+    when the path does not exist (see :mod:`lightning_adarank.integrations.configs`).
+    """
+    import sys
+
+    from lightning_adarank.integrations.configs import resolve_packaged_configs
+
+    args = resolve_packaged_configs(sys.argv[1:] if args is None else list(args), "nlp")
     return GLUECLI(
         GLUETransformer,
         TextClassificationDataModule,
