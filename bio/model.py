@@ -12,7 +12,10 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from .optim import OptimizerChoice
+from lightning_adarank import AdaRankGradConfig
+from lightning_adarank.optim.baselines import adarank_overrides
+
+from .optim import RESERVED, OptimizerChoice
 
 __all__ = ["GeneformerClassifier", "load_bert_config"]
 
@@ -55,7 +58,10 @@ class GeneformerClassifier(OptimizerChoice, L.LightningModule):
         rank: AdaRankGrad's max rank, GaLore's rank, LoRA's rank (paper: 16).
         scale: projected-update scale (``None``: optimizer default).
         target_modules, include_embeddings: which matrices AdaRankGrad/GaLore project (embeddings too by default).
-        adarank: extra AdaRankGrad settings (e.g. ``{"energy": 0.9, "min_rank": 1}``).
+        adarank: the other AdaRankGrad settings, typed (:class:`lightning_adarank.AdaRankGradConfig`:
+            ``--model.adarank.energy 0.9``, YAML ``adarank: {energy: 0.9, min_rank: 1}``, or a dict); ``lr``,
+            ``weight_decay``, ``max_rank`` and ``scale`` are set by the arguments of those names (``rank`` for
+            ``max_rank``). Saved in the hyper-parameters as a dict of the non-default settings.
         lora_alpha: LoRA's alpha (default ``2 * rank``).
         rank_monitor, memory_monitor: add lightning_adarank's ``EffectiveRankMonitor`` / ``MemoryMonitor``.
     """
@@ -76,13 +82,14 @@ class GeneformerClassifier(OptimizerChoice, L.LightningModule):
         scale: float | None = None,
         target_modules: str | list[str] = "all-linear",
         include_embeddings: bool = True,
-        adarank: dict | None = None,
+        adarank: AdaRankGradConfig = AdaRankGradConfig(),  # noqa: B008  (frozen: a safe default)
         lora_alpha: float | None = None,
         rank_monitor: bool = True,
         memory_monitor: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["adarank"])
+        self.save_hyperparameters({"adarank": adarank_overrides(adarank, RESERVED)})  # plain values
         if len(label_names) < 2:
             raise ValueError(f"need at least two classes, got {label_names}")
         self.label_names = list(label_names)

@@ -12,6 +12,8 @@ __all__ = ["make_optimizer", "monitor_callbacks", "OPTIMIZERS"]
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("adarankgrad", "galore", "adamw", "lora")
+#: AdaRankGrad settings the bio modules set with their own arguments
+RESERVED = {"lr": "lr", "weight_decay": "weight_decay", "max_rank": "rank", "scale": "scale"}
 
 
 def make_optimizer(
@@ -37,6 +39,7 @@ def make_optimizer(
     opt = build_optimizer(
         model,
         optimizer,
+        betas=tuple(extra.pop("betas", (0.9, 0.999))),
         lr=lr,
         weight_decay=weight_decay,
         rank=rank,

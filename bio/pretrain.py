@@ -9,8 +9,11 @@ from typing import Literal
 import lightning as L
 import torch
 
+from lightning_adarank import AdaRankGradConfig
+from lightning_adarank.optim.baselines import adarank_overrides
+
 from .model import load_bert_config
-from .optim import OptimizerChoice
+from .optim import RESERVED, OptimizerChoice
 
 __all__ = ["GeneformerPretrainer"]
 
@@ -45,12 +48,13 @@ class GeneformerPretrainer(OptimizerChoice, L.LightningModule):
         scale: float | None = None,
         target_modules: str | list[str] = "all-linear",
         include_embeddings: bool = True,
-        adarank: dict | None = None,
+        adarank: AdaRankGradConfig = AdaRankGradConfig(),  # noqa: B008  (frozen: a safe default)
         rank_monitor: bool = True,
         memory_monitor: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["adarank"])
+        self.save_hyperparameters({"adarank": adarank_overrides(adarank, RESERVED)})  # plain values
         if optimizer == "lora":
             raise ValueError("LoRA adapts pretrained weights; pre-train with adarankgrad, galore or adamw")
         from transformers import BertForMaskedLM

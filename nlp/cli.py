@@ -61,10 +61,17 @@ def main(args: list[str] | None = None, run: bool = True) -> GLUECLI:
     when the path does not exist (see :mod:`lightning_adarank.integrations.configs`).
     """
     import sys
+    import warnings
 
     from lightning_adarank.integrations.configs import resolve_packaged_configs
 
-    args = resolve_packaged_configs(sys.argv[1:] if args is None else list(args), "nlp")
+    given = sys.argv[1:] if args is None else list(args)
+    resolved = resolve_packaged_configs(given, "nlp")
+    if args is None and resolved != given:  # we pass the command line on, with the configs' installed paths
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        args = resolved
+    elif args is not None:
+        args = resolved
     return GLUECLI(
         GLUETransformer,
         TextClassificationDataModule,

@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_adarank import AdaRankGradConfig
+from lightning_adarank.optim.baselines import adarank_overrides
 from nlp.data import DEFAULT_MODEL
 from nlp.hub import load_classifier
 from nlp.metrics import default_metric_names, make_metrics
@@ -22,6 +24,8 @@ from nlp.tasks import get_task
 __all__ = ["GLUETransformer"]
 
 OPTIMIZERS = ("adarankgrad", "galore", "adamw", "lora")
+#: AdaRankGrad settings GLUETransformer sets with its own arguments
+_RESERVED = {"lr": "learning_rate", "betas": "betas", "weight_decay": "weight_decay", "max_rank": "rank", "scale": "scale"}
 
 
 class GLUETransformer(L.LightningModule):
@@ -47,8 +51,11 @@ class GLUETransformer(L.LightningModule):
         galore_update_proj_gap: GaLore's subspace refresh period (500 in GaLore's GLUE runs).
         lora_alpha: LoRA alpha (default ``2 * rank``).
         lora_modules_to_save: modules kept fully trainable under LoRA (the task head).
-        adarank: extra :class:`lightning_adarank.AdaRankGrad` settings, e.g.
-            ``{"energy": 0.9, "min_rank": 1, "tol": 0.5}``.
+        adarank: the other AdaRankGrad settings, typed (:class:`lightning_adarank.AdaRankGradConfig`; on the
+            command line ``--model.adarank.energy 0.9``, in YAML ``adarank: {energy: 0.9, min_rank: 1}``; a
+            dict works too). Its ``lr``, ``betas``, ``weight_decay``, ``max_rank`` and ``scale`` are set by
+            ``learning_rate``, ``betas``, ``weight_decay``, ``rank`` and ``scale`` above (giving them here is
+            an error). Saved in the hyper-parameters as a dict of the settings that differ from the defaults.
     """
 
     def __init__(
@@ -70,7 +77,7 @@ class GLUETransformer(L.LightningModule):
         galore_update_proj_gap: int = 500,
         lora_alpha: float | None = None,
         lora_modules_to_save: list[str] | None = None,
-        adarank: dict[str, Any] | None = None,
+        adarank: AdaRankGradConfig = AdaRankGradConfig(),  # noqa: B008  (frozen: a safe default)
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -94,7 +101,7 @@ class GLUETransformer(L.LightningModule):
                 weight_decay=weight_decay, betas=tuple(betas), rank=rank, scale=scale, warmup_ratio=warmup_ratio,
                 target_modules=target_modules, include_embeddings=include_embeddings,
                 galore_update_proj_gap=galore_update_proj_gap, lora_alpha=lora_alpha,
-                lora_modules_to_save=lora_modules_to_save, adarank=dict(adarank or {}),
+                lora_modules_to_save=lora_modules_to_save, adarank=adarank_overrides(adarank, _RESERVED),
             )
         )
         self.task_spec = spec

@@ -84,3 +84,24 @@ def test_cli_rejects_unknown_task(minilm, tmp_path):
     with pytest.raises(ValueError, match="Unknown GLUE task 'sst-5'"):
         main(["fit", "--config", str(CONFIGS / "glue_roberta_base.yaml"), "--data.init_args.task", "sst-5",
               *_shrink(minilm, tmp_path)])
+
+
+def test_cli_takes_typed_adarank_settings(monkeypatch, capsys):
+    """``--model.adarank.<setting>`` for every AdaRankGradConfig field, with its doc; a setting the model sets
+    with its own argument (``rank`` for ``max_rank``) is refused naming that argument."""
+    import sys
+
+    from lightning_adarank.integrations.typed import setting_docs
+    from nlp import GLUETransformer
+    from nlp.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["nlp"])
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, doc in setting_docs().items():
+        assert f"--model.adarank.{name} " in text and " ".join(doc.split()[:4]) in text, name
+    with pytest.raises(ValueError, match="adarank.max_rank=4: set it with the module's own argument 'rank'"):
+        GLUETransformer(num_labels=2, adarank={"max_rank": 4})
+    with pytest.raises(ValueError, match="energy=2 must be in"):
+        GLUETransformer(num_labels=2, adarank={"energy": 2})

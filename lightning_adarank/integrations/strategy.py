@@ -111,6 +111,9 @@ class AdaRankGradStrategy(AdaRankGradStrategyMixin, SingleDeviceStrategy):
         **settings: Any,
     ) -> None:
         unknown = set(settings) - set(split_settings(settings)[0])
+        if "base" in unknown:
+            raise TypeError("AdaRankGradStrategy(base=...) was replaced by real classes: AdaRankGradStrategy() for one"
+                            " device, AdaRankGradDDPStrategy(process_group_backend=..., start_method=..., ...) for DDP")
         if unknown:
             raise TypeError(f"AdaRankGradStrategy: unknown setting(s) {sorted(unknown)} (an AdaRankGrad setting was"
                             " expected; configure DDP with AdaRankGradDDPStrategy(...))")

@@ -6,15 +6,18 @@ its optimizers the same way. galore-torch and peft are imported only when asked 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from .config import AdaRankGradConfig
 from .groups import param_groups, target_parameter_names
 from .optimizer import AdaRankGrad
 
-__all__ = ["OPTIMIZER_CHOICES", "build_optimizer", "apply_lora", "optimizer_state_bytes"]
+__all__ = ["OPTIMIZER_CHOICES", "adarank_overrides", "build_optimizer", "apply_lora", "optimizer_state_bytes"]
 
 OPTIMIZER_CHOICES = ("adarankgrad", "galore", "adamw", "lora")
 
@@ -72,6 +75,31 @@ def build_optimizer(
     for g in groups:
         g.pop("param_names")
     return GaLoreAdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, no_deprecation_warning=True)
+
+
+def adarank_overrides(
+    value: AdaRankGradConfig | Mapping[str, Any] | None, reserved: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The settings of ``value`` that differ from :class:`AdaRankGradConfig`'s defaults, as a plain dict.
+
+    For task modules that take a typed ``adarank: AdaRankGradConfig`` next to their own ``lr``/``rank``/...
+    arguments: the dict is what they save in their hyper-parameters (plain values, loads with
+    ``weights_only=True``) and pass on to :func:`build_optimizer`. A mapping is checked by building the config.
+
+    Args:
+        reserved: ``{setting: argument}`` for settings the task sets through its own argument (e.g.
+            ``{"max_rank": "rank"}``); giving one in ``value`` raises ``ValueError`` naming the argument to use.
+    """
+    if value is None:
+        return {}
+    config = value if isinstance(value, AdaRankGradConfig) else AdaRankGradConfig(**dict(value))
+    default = AdaRankGradConfig()
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+           if getattr(config, f.name) != getattr(default, f.name)}
+    for name, argument in (reserved or {}).items():
+        if name in out:
+            raise ValueError(f"adarank.{name}={out[name]!r}: set it with the module's own argument {argument!r}")
+    return out
 
 
 def _fusable(params: list[torch.Tensor]) -> bool | None:
