@@ -1,7 +1,9 @@
 """lightning-adarank: the AdaRankGrad optimizer for PyTorch, Lightning and Fabric.
 
-The optimizer (:class:`AdaRankGrad`, :func:`param_groups`) is pure PyTorch; the Lightning pieces are
-imported lazily, so ``import lightning_adarank`` does not import Lightning.
+The optimizer (:class:`AdaRankGrad`, :func:`param_groups`, settings in :class:`AdaRankGradConfig`) is pure
+PyTorch. With Lightning, add one callback: ``Trainer(callbacks=[AdaRankGradCallback(max_rank=16)])``, or use
+``strategy=AdaRankGradStrategy(...)`` / ``AdaRankGradDDPStrategy(...)``. The Lightning pieces are imported
+lazily, so ``import lightning_adarank`` does not import Lightning.
 """
 
 from __future__ import annotations

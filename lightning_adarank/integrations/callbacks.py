@@ -125,6 +125,11 @@ class EffectiveRankMonitor(_IntervalMonitor):
         self.history.record(trainer.global_step, opt)
         return rank_metrics(opt, per_layer=self.per_layer)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        opt = find_adarank(trainer.optimizers)  # after any optimizer swap and checkpoint restore
+        if opt is not None:
+            warn_if_nothing_projected(opt, "EffectiveRankMonitor")
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         opt = find_adarank(trainer.optimizers)
         if opt is None:

@@ -71,7 +71,7 @@ class FabricRankMonitor:
             return {}
         opt = find_adarank([optimizer])
         metrics: dict[str, float] = {}
-        if opt is not None:
+        if opt is not None and opt.subspaces():  # nothing projected (yet): no row, no rank metrics
             self.history.record(self.step, opt)
             metrics.update(rank_metrics(opt, per_layer=self.per_layer))
         if self.memory:
@@ -83,8 +83,8 @@ class FabricRankMonitor:
 
     def save_plot(self, path: str | Path | None = None, filename: str = "adarank_ranks.png") -> Path | None:
         """On rank 0, save the rank plot to ``path`` (default: the first logger's ``log_dir``, else the working
-        directory, + ``filename``). Returns the path, or ``None`` on other ranks or with an empty history."""
-        if not self._is_global_zero or not len(self.history):
+        directory, + ``filename``). Returns the path, or ``None`` on other ranks or when no matrix was projected."""
+        if not self._is_global_zero or not self.history.layers:
             return None
         if path is None:
             root = next((lg.log_dir for lg in self.loggers if getattr(lg, "log_dir", None)), ".")
