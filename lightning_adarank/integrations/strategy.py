@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 
-from .swap import OptimizerSwap
+from .swap import OptimizerSwap, build_adarank_from, rebind_lr_scheduler  # noqa: F401  (were defined here)
 from .typed import split_settings, with_adarank_settings
 
 __all__ = ["AdaRankGradDDPStrategy", "AdaRankGradStrategy", "AdaRankGradStrategyMixin"]
