@@ -142,6 +142,9 @@ def _tensor_bytes(value, seen: set[int]) -> int:
         if id(value) in seen:
             return 0
         seen.add(id(value))
+        if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):  # e.g. torchao's 8-bit state:
+            names, _ = value.__tensor_flatten__()  # count its inner codes/scales, not its apparent dtype
+            return sum(_tensor_bytes(getattr(value, n), seen) for n in names)
         return value.numel() * value.element_size()
     if isinstance(value, dict):
         return sum(_tensor_bytes(v, seen) for v in value.values())

@@ -42,6 +42,13 @@ class AdaRankGradConfig:
         power_iters: power iterations of the range finder.
         transform_moments: carry Adam's moments into a new subspace (``M ← R M``, ``V ← (R∘R) V`` with
             ``R = P_newᵀ P_old``); ``False`` keeps them as they are, as GaLore does.
+        state_bits: storage of the projected matrices' Adam moments: ``32`` fp32 (exact), ``16`` bf16 with
+            stochastic rounding, ``8`` torchao's blockwise 8-bit (one fp32 scale per 256 elements; moments under
+            256 elements stay fp32). Below 32 the projection basis is held in bf16 too. Math stays fp32: each
+            moment is dequantized for its step and its refresh transform and re-quantized after (see
+            :mod:`lightning_adarank.optim.quant`).
+        dense_state_bits: the same choice for the parameters that get plain AdamW (biases, norms, unprojected
+            matrices); ``32`` keeps them exact (torch's AdamW, bit for bit).
         seed: the random test matrices depend only on ``(seed, parameter index, refresh count)``, so
             data-parallel ranks agree without communication and a resumed run is bit-identical.
         fused: torch's fused Adam kernel (``None``: where the device supports it), else foreach.
@@ -61,6 +68,8 @@ class AdaRankGradConfig:
     oversample: int = 4
     power_iters: int = 1
     transform_moments: bool = True
+    state_bits: int = 32
+    dense_state_bits: int = 32
     seed: int = 0
     fused: bool | None = field(default=None)
 
@@ -135,5 +144,11 @@ def check_group_settings(group: dict[str, Any]) -> None:
         raise ValueError("AdaRankGrad: oversample and power_iters must be >= 0")
     if not group["scale"] > 0:
         raise ValueError(f"AdaRankGrad: scale={group['scale']} must be > 0")
+    for key in ("state_bits", "dense_state_bits"):
+        bits = group.get(key, 32)
+        if not isinstance(bits, int) or isinstance(bits, bool):
+            raise TypeError(f"AdaRankGrad: {key} must be an int (32, 16 or 8), got {bits!r}")
+        if bits not in (32, 16, 8):
+            raise ValueError(f"AdaRankGrad: {key}={bits} must be 32 (fp32), 16 (bf16) or 8 (blockwise 8-bit)")
     if not isinstance(group["transform_moments"], bool):
         raise TypeError(f"AdaRankGrad: transform_moments must be a bool, got {group['transform_moments']!r}")

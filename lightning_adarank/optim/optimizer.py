@@ -37,6 +37,7 @@ from .linalg import (
     projection_side,
     subspace_seed,
 )
+from . import quant
 from .config import AdaRankGradConfig
 from .settings import normalize_params, validate_group
 
@@ -281,6 +282,23 @@ class AdaRankGrad(torch.optim.Optimizer):
         )
         return steps
 
+    # [state_bits] ------------------------------------------------------------------------------------------
+    def _adamw_stored(self, params, grads, states, shapes, group, bits, *, lr, weight_decay) -> list[Tensor]:
+        """Adam on moments stored at ``bits`` (:mod:`.quant`): fp32 moments in one batched kernel call, as
+        before; low-bit ones one parameter at a time (load → Adam → store), so that at most one parameter's
+        fp32 moments exist at once."""
+        if bits == 32 and all(type(st["exp_avg"]) is Tensor and st["exp_avg"].dtype == torch.float32 for st in states):
+            return self._adamw(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                               [st["step"] for st in states], group, lr=lr, weight_decay=weight_decay)
+        steps = []
+        for p, g, st, shape in zip(params, grads, states, shapes):
+            m, v = quant.load(st["exp_avg"], shape), quant.load(st["exp_avg_sq"], shape)
+            steps += self._adamw([p], [g], [m], [v], [st["step"]], group, lr=lr, weight_decay=weight_decay)
+            st["exp_avg"] = quant.store(st["exp_avg"], m, bits, signed=True)
+            st["exp_avg_sq"] = quant.store(st["exp_avg_sq"], v, bits, signed=False)
+        return steps
+    # [/state_bits] -----------------------------------------------------------------------------------------
+
     def update_dense(self, params: list[Tensor], grads: list[Tensor], group: dict) -> None:
         """Exact AdamW (torch's kernel) for parameters that are not projected; fp32 math for fp16/bf16."""
         fused = self._use_fused(params[0].device)
@@ -290,12 +308,15 @@ class AdaRankGrad(torch.optim.Optimizer):
                 st["step"] = self._step_tensor(p, fused)
                 st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+                if group.get("dense_state_bits", 32) != 32:  # [state_bits] low-bit storage (quant.py)
+                    st["exp_avg"] = quant.zeros(tuple(p.shape), group["dense_state_bits"], signed=True, device=p.device)
+                    st["exp_avg_sq"] = quant.zeros(tuple(p.shape), group["dense_state_bits"], signed=False, device=p.device)
         low_prec = [p.dtype in (torch.float16, torch.bfloat16) for p in params]
         work = [p.float() if lp else p for p, lp in zip(params, low_prec)]
         wgrads = [g.float() if lp else g for g, lp in zip(grads, low_prec)]
-        steps = self._adamw(
-            work, wgrads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-            [st["step"] for st in states], group, lr=group["lr"], weight_decay=group["weight_decay"],
+        steps = self._adamw_stored(  # [state_bits]
+            work, wgrads, states, [p.shape for p in params], group, group.get("dense_state_bits", 32),
+            lr=group["lr"], weight_decay=group["weight_decay"],
         )
         for p, w, st, s, lp in zip(params, work, states, steps, low_prec):
             st["step"] = s
@@ -324,7 +345,7 @@ class AdaRankGrad(torch.optim.Optimizer):
             if not math.isfinite(grad_sq_norm):
                 return None
             return self._refresh(p, g, group, st, grad_sq_norm)
-        return project(g, st["basis"], projection_side(p.shape))
+        return project(g, st["basis"].float(), projection_side(p.shape))  # [state_bits] bf16 below 32 bits
 
     def _refresh(self, p: Tensor, g: Tensor, group: dict, st: dict, grad_sq_norm: float) -> Tensor:
         """Subspace refresh: range finder + rank selection on ``g``, then the moment transform.
@@ -340,17 +361,19 @@ class AdaRankGrad(torch.optim.Optimizer):
             total_energy=grad_sq_norm,
         )
         old = st.get("basis")
-        if old is None:
-            shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
-            st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+        # [state_bits] moments are loaded (dequantized) for the transform and stored (re-quantized) after it
+        bits = group.get("state_bits", 32)
+        shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
+        if old is None or (not group["transform_moments"] and old.shape != basis.shape):
+            st["exp_avg"] = quant.zeros(shape, bits, signed=True, device=p.device)
+            st["exp_avg_sq"] = quant.zeros(shape, bits, signed=False, device=p.device)
         elif group["transform_moments"]:
-            st["exp_avg"], st["exp_avg_sq"] = moment_transform(old, basis, st["exp_avg"], st["exp_avg_sq"], side)
-        elif old.shape != basis.shape:
-            shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
-            st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-        st["basis"] = basis
+            old_shape = (old.shape[1], p.shape[1]) if side == "left" else (p.shape[0], old.shape[1])
+            m, v = moment_transform(old.float(), basis, quant.load(st["exp_avg"], old_shape),
+                                    quant.load(st["exp_avg_sq"], old_shape), side)
+            st["exp_avg"] = quant.store(None, m, bits, signed=True)
+            st["exp_avg_sq"] = quant.store(None, v, bits, signed=False)
+        st["basis"] = basis if bits == 32 else basis.bfloat16()
         st["rank"] = basis.shape[1]
         st["energy_kept"] = kept
         st["refreshes"] += 1
@@ -375,15 +398,15 @@ class AdaRankGrad(torch.optim.Optimizer):
         """
         states = [self.state[p] for p in params]
         directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
-        steps = self._adamw(
-            directions, lowrank, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-            [st["step"] for st in states], group, lr=1.0, weight_decay=0.0,
+        steps = self._adamw_stored(  # [state_bits]
+            directions, lowrank, states, [d.shape for d in directions], group, group.get("state_bits", 32),
+            lr=1.0, weight_decay=0.0,
         )
         lr, wd, alpha = group["lr"], group["weight_decay"], group["lr"] * group["scale"]
         decay = 1.0 - lr * wd
         for p, st, s, d in zip(params, states, steps, directions):
             st["step"] = s
-            basis = st["basis"]
+            basis = st["basis"].float()  # [state_bits] bf16 below 32 bits
             if p.dtype == torch.float32:  # decay and update in one pass over W: W ← decay·W + α·P d
                 if p.shape[0] <= p.shape[1]:
                     p.addmm_(basis, d, beta=decay, alpha=alpha)
