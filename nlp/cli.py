@@ -59,9 +59,19 @@ def main(args: list[str] | None = None, run: bool = True) -> GLUECLI:
 
     ``--config nlp/configs/...`` (or ``glue/sst2_r8.yaml``, ...) finds the configs installed with the package
     when the path does not exist (see :mod:`lightning_adarank.integrations.configs`).
+    ``python -m nlp pretrain ...`` goes to the causal-LM pre-training CLI (:mod:`nlp.pretrain_cli`).
     """
     import sys
     import warnings
+
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["pretrain"]:  # causal-LM pre-training (issue 15)
+        from nlp.pretrain_cli import main as pretrain_main
+
+        if args is None:  # from the command line: LightningCLI reads sys.argv, less the sub-command
+            sys.argv = [sys.argv[0], *argv[1:]]
+            return pretrain_main(None, run=run)
+        return pretrain_main(argv[1:], run=run)
 
     from lightning_adarank.integrations.configs import resolve_packaged_configs
 
