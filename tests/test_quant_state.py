@@ -194,7 +194,12 @@ def test_checkpoint_weights_only_and_resume(tmp_path):
     want = [p.detach().clone() for p in model.parameters()]
 
     code = textwrap.dedent(f"""
-        import torch
+        import pickle, torch
+        try:  # a fresh process that has not imported torchao: the 8-bit class is not allow-listed
+            torch.load({str(path)!r}, weights_only=True)
+            raise SystemExit("loaded without the allow-list")
+        except pickle.UnpicklingError:
+            pass
         from lightning_adarank.optim import quant
         with torch.serialization.safe_globals(quant.weights_only_globals()):
             ck = torch.load({str(path)!r}, weights_only=True)

@@ -118,6 +118,8 @@ class AdaRankGrad(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_group(group)
+        if 8 in (group.get("state_bits"), group.get("dense_state_bits")):  # [state_bits] weights_only loads
+            quant.allow_weights_only_loading()
         if "param_names" in group and len(group["param_names"]) != len(group["params"]):
             raise ValueError("AdaRankGrad: param_names and params of a group differ in length")
         for p in group["params"]:
