@@ -62,3 +62,22 @@ def test_scaling_smoke(tmp_path):
     slopes = {r[0]: r for r in _rows(out, "series")}
     assert NUM.match(slopes["GaLore refresh (full SVD)"][1])
     assert (tmp_path / "scaling_cpu.png").stat().st_size > 1000
+
+
+def test_llama_pretrain_smoke(tmp_path):
+    """benchmarks/llama_pretrain.py --smoke (two methods; torchao's AdamW8bit compiles for minutes on CPU, so it
+    and the GaLore peers are left to the real run): a table row per method with numbers, and the plot."""
+    sst2 = REPO.parent / "shared" / "data" / "glue" / "SST-2"
+    if not (sst2 / "train.tsv").is_file():
+        pytest.skip(f"SST-2 not found under {sst2}")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "llama_pretrain.py"), "--smoke", "--methods",
+         "adamw,adarankgrad8", "--jobs", "1", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(proc.stdout, "method")
+    assert [r[0] for r in rows] == ["adamw", "adarankgrad8"]
+    for r in rows:
+        assert all(NUM.match(c) for c in r[1:5]), r
+    assert (tmp_path / "llama_pretrain_smoke_cpu.png").is_file()
