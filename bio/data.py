@@ -18,7 +18,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader  # resumable mid-epoch
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from .splits import split_indices
 from .tokenizer import tokenize_anndata_with_report
@@ -132,6 +133,15 @@ class PaddingCollator:
         if "label" in rows[0]:
             batch["labels"] = torch.as_tensor([r["label"] for r in rows], dtype=torch.long)
         return batch
+
+
+def _seeded_sampler(dataset, seed: int) -> RandomSampler:
+    """A shuffling sampler with its own seeded generator, resumable mid-epoch (``StatefulDataLoader`` saves it).
+
+    Not ``DataLoader(generator=...)``: torchdata also draws the workers' base seed from the loader's generator,
+    a draw it does not replay on restore, so a resumed run would shuffle the next epoch differently.
+    """
+    return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
 
 
 class CellClassificationDataModule(L.LightningDataModule):
@@ -326,10 +336,9 @@ class CellClassificationDataModule(L.LightningDataModule):
         return DataLoader(
             self.splits[split].with_format("python"),
             batch_size=bs,
-            shuffle=shuffle,
+            sampler=_seeded_sampler(self.splits[split], self.hparams.seed) if shuffle else None,
             collate_fn=self._collator(),
             num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
         )
 
     def train_dataloader(self):
@@ -426,10 +435,9 @@ class MaskedGeneDataModule(L.LightningDataModule):
         return DataLoader(
             self._splits[split].with_format("python"),
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=_seeded_sampler(self._splits[split], self.hparams.seed) if shuffle else None,
             collate_fn=self._collate,
             num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
         )
 
     def train_dataloader(self):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader  # resumable mid-epoch
 
 from nlp.hub import load_tokenizer
 from nlp.readers import (
