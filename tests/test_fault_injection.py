@@ -62,7 +62,7 @@ def _kill_and_resume(route: str, data: str, root: Path, kill_at: int, kill_rank:
     assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
     _assert_identical(root / "ref.pt", root / "run.pt")
     saved = torch.load(root / "run.pt", weights_only=True)
-    assert saved["global_step"] == STEPS
+    assert saved["global_step"] == STEPS and saved["epoch"] == torch.load(root / "ref.pt", weights_only=True)["epoch"]
     if route not in ("adamw", "ddp_adamw"):
         assert saved["optimizer"] == "AdaRankGrad" and saved["opt"]["adarank"]["format"] == 1
 

@@ -11,6 +11,13 @@ torchdata's ``StatefulDataLoader``. Two details decide whether the resumed run s
   loader alone whose sampler is a ``DistributedSampler`` already.
 
 :func:`resumable_loader` builds such a loader; the package's data modules (``nlp``, ``bio``) use it.
+
+Known limit (Lightning 2.6 + torchdata 0.11): a *step* checkpoint that falls exactly on an epoch's last batch
+resumes with Lightning first finishing that epoch's empty rest, which it counts as one more epoch: on one
+device the batches and parameters still match but ``current_epoch`` runs one ahead; under DDP the shuffle
+follows the epoch and the runs diverge. Epoch-end checkpoints and step checkpoints anywhere else are exact.
+Replaying the exhausted state on load would fix that case but break epoch-end checkpoints (the loader cannot
+tell the two apart), so it is not done.
 """
 
 from __future__ import annotations

@@ -137,14 +137,15 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int, default=None)
     ap.add_argument("--kill-rank", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--epoch-end", action="store_true", help="checkpoint at epoch ends instead of every N steps")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     ddp = args.route.startswith("ddp")
     loader, model = data_and_model(args.data, args.root / "cache", ddp)
-    callbacks = [ModelCheckpoint(dirpath=args.root / "ckpts", every_n_train_steps=args.every, save_last=True,
-                                 save_top_k=-1)]
+    every = dict(every_n_epochs=1) if args.epoch_end else dict(every_n_train_steps=args.every)
+    callbacks = [ModelCheckpoint(dirpath=args.root / "ckpts", save_last=True, save_top_k=-1, **every)]
     if args.kill_at is not None:
         callbacks.insert(0, Killer(args.kill_at, args.kill_rank))
     if args.route == "callback":
@@ -162,7 +163,7 @@ def main() -> None:
     if args.out is not None and trainer.global_rank == 0:
         opt = trainer.optimizers[0]
         torch.save({"params": model.state_dict(), "opt": opt.state_dict(), "optimizer": type(opt).__name__,
-                    "global_step": trainer.global_step}, args.out)
+                    "global_step": trainer.global_step, "epoch": trainer.current_epoch}, args.out)
 
 
 if __name__ == "__main__":
