@@ -71,9 +71,10 @@ def _kill_step(name: str) -> int:
     return random.Random(f"fault-{name}").randint(EVERY + 1, STEPS - EVERY)  # after a checkpoint, before the end
 
 
-@pytest.mark.parametrize("route", ["adamw", "strategy", "layerwise"])
+@pytest.mark.parametrize("route", ["adamw", "strategy", "callback", "layerwise"])
 def test_sigkill_mid_epoch_resume_is_bit_identical(tmp_path, route):
-    """adamw: plain Trainer (the control); strategy: ``strategy="adarank"``; layerwise: layer-wise updates with
+    """adamw: plain Trainer (the control); strategy: ``strategy="adarank"``; callback: ``AdaRankGradCallback`` on
+    a plain Trainer; layerwise: layer-wise updates with
     ``accumulate_grad_batches=2`` (the kill lands between micro-batches of a window). With accumulation an epoch
     is 5 steps, so that mode checkpoints every 4 (a step checkpoint on an epoch's last batch resumes one epoch
     ahead: the documented limit, see ``lightning_adarank.integrations.resumable``)."""

@@ -123,7 +123,7 @@ def strategy_for(route: str):
     if route == "ddp_adamw":
         return DDPStrategy(process_group_backend="gloo")
     if route == "ddp":
-        return lightning_adarank.AdaRankGradStrategy(base=DDPStrategy(process_group_backend="gloo"), **ADARANK)
+        return lightning_adarank.AdaRankGradDDPStrategy(process_group_backend="gloo", **ADARANK)
     return lightning_adarank.AdaRankGradStrategy(layerwise=route == "layerwise", **ADARANK)
 
 
