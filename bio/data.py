@@ -18,7 +18,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+
+from lightning_adarank.integrations.resumable import resumable_loader  # exact mid-epoch resume
 
 from .splits import split_indices
 from .tokenizer import tokenize_anndata_with_report
@@ -323,13 +324,13 @@ class CellClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool):
         bs = self.hparams.batch_size if split == "train" else (self.hparams.eval_batch_size or self.hparams.batch_size)
-        return DataLoader(
+        return resumable_loader(
             self.splits[split].with_format("python"),
             batch_size=bs,
             shuffle=shuffle,
+            seed=self.hparams.seed,
             collate_fn=self._collator(),
             num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
         )
 
     def train_dataloader(self):
@@ -423,13 +424,13 @@ class MaskedGeneDataModule(L.LightningDataModule):
         return self._mlm(feats)
 
     def _loader(self, split, shuffle):
-        return DataLoader(
+        return resumable_loader(
             self._splits[split].with_format("python"),
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            seed=self.hparams.seed,
             collate_fn=self._collate,
             num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
         )
 
     def train_dataloader(self):

@@ -37,6 +37,8 @@ _LAZY = {
     "layerwise_updater": "integrations.fabric",
     "LayerwiseUpdater": "optim.layerwise",
     "plot_rank_history": "monitoring.plotting",
+    "VerifiedCheckpointIO": "integrations.checkpoint_io",
+    "CheckpointFileError": "optim.checkpoint",
 }
 
 __all__ = ["AdaRankGrad", "AdaRankGradConfig", "SubspaceInfo", "param_groups", "target_parameter_names", *_LAZY]

@@ -21,6 +21,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lightning_adarank.integrations.resumable import resumable_loader  # exact mid-epoch resume
+
 from nlp.hub import load_tokenizer
 from nlp.readers import (
     DataError,
@@ -238,8 +240,8 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, padded per batch."""
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True,
-                          collate_fn=self._collator(), num_workers=self.num_workers)
+        return resumable_loader(self.datasets["train"], batch_size=self.batch_size, shuffle=True,
+                                collate_fn=self._collator(), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """One loader per validation split (two for MNLI: matched, mismatched)."""

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 
 from .swap import OptimizerSwap, build_adarank_from, rebind_lr_scheduler  # noqa: F401  (were defined here)
+from .checkpoint_io import VerifiedCheckpointIO
 from .typed import split_settings, with_adarank_settings
 
 __all__ = ["AdaRankGradDDPStrategy", "AdaRankGradStrategy", "AdaRankGradStrategyMixin"]
@@ -119,6 +120,7 @@ class AdaRankGradStrategy(AdaRankGradStrategyMixin, SingleDeviceStrategy):
                             " expected; configure DDP with AdaRankGradDDPStrategy(...))")
         self._adarank = OptimizerSwap("AdaRankGradStrategy", target_modules, include_embeddings, layerwise, settings)
         super().__init__(device="cpu")
+        self._checkpoint_io = VerifiedCheckpointIO()  # atomic saves, CRC-checked loads (a Trainer plugin wins)
         self.cluster_environment = None
         self._devices_given = False
 
@@ -176,6 +178,8 @@ class AdaRankGradDDPStrategy(AdaRankGradStrategyMixin, DDPStrategy):
         settings, ddp_kwargs = split_settings(kwargs)
         self._adarank = OptimizerSwap("AdaRankGradDDPStrategy", target_modules, include_embeddings, layerwise, settings)
         super().__init__(*args, **ddp_kwargs)
+        if self._checkpoint_io is None:  # atomic saves, CRC-checked loads (a Trainer plugin wins)
+            self._checkpoint_io = VerifiedCheckpointIO()
 
 
 def _register(registry: Any = StrategyRegistry) -> None:

@@ -39,6 +39,7 @@ from .linalg import (
 )
 from . import quant
 from .config import AdaRankGradConfig
+from .checkpoint import STATE_KEY, check_state_dict, format_tag
 from .settings import normalize_params, validate_group
 
 __all__ = ["AdaRankGrad", "SubspaceInfo"]
@@ -449,8 +450,17 @@ class AdaRankGrad(torch.optim.Optimizer):
             st["pending"] = st["ema_norm"] <= tol * st["ref_norm"] or st["ema_share"] <= tol * st["ref_share"]
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus a format tag (:func:`~lightning_adarank.optim.checkpoint.format_tag`)."""
+        return {**super().state_dict(), STATE_KEY: format_tag()}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; tensors keep their saved dtype (torch would cast fp32 moments to a bf16 param's dtype)."""
+        """Load state; tensors keep their saved dtype (torch would cast fp32 moments to a bf16 param's dtype).
+
+        Raises ``ValueError`` naming the first mismatch when the state does not fit these parameters
+        (:func:`~lightning_adarank.optim.checkpoint.check_state_dict`).
+        """
+        check_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
         self._group_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
         params = [p for g in self.param_groups for p in g["params"]]
