@@ -230,3 +230,61 @@ def test_factor_delta_fixed_rank_matches_the_best_rank_r_approximation():
     assert float(torch.linalg.vector_norm(delta - b @ a)) <= best * 1.01
     with pytest.raises(ValueError, match="zero"):
         factor_delta(torch.zeros(5, 7), energy=0.9)
+
+
+# ---------------------------------------------------------------------------------------------- a tiny custom model
+class _Tiny(torch.nn.Module):
+    """Not a transformers model: embedding, a LayerNorm, Linears (one without bias), and a head next to a
+    module whose name ends with the head's ("pre_classifier", as in DistilBERT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 32)
+        self.norm = torch.nn.LayerNorm(32)
+        self.up = torch.nn.Linear(32, 64)
+        self.down = torch.nn.Linear(64, 32)
+        self.frozen = torch.nn.Linear(32, 32)
+        self.pre_classifier = torch.nn.Linear(32, 32)
+        self.classifier = torch.nn.Linear(32, 3)
+
+    def forward(self, ids):
+        h = self.norm(self.emb(ids))
+        h = h + self.down(torch.relu(self.up(h)))
+        h = self.frozen(h)
+        return self.classifier(torch.tanh(self.pre_classifier(h.mean(1))))
+
+
+def test_tiny_custom_model_round_trip(tmp_path):
+    from lightning_adarank import export_lora
+
+    torch.manual_seed(0)
+    base = _Tiny()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.emb.weight[[3, 7]] += 0.5  # two rows
+        tuned.norm.weight += 0.1
+        tuned.up.weight += 0.05 * torch.randn(64, 2) @ torch.randn(2, 32)  # rank 2
+        tuned.down.bias += 0.1  # bias only
+        tuned.pre_classifier.weight += 0.05 * torch.randn(32, 1) @ torch.randn(1, 32)
+        tuned.classifier.weight += 0.3
+    report = export_lora(base, tuned, tmp_path, energy=0.999)
+    kinds = {m.name: (m.kind, m.rank) for m in report.modules}
+    assert kinds == {"emb": ("tokens", 0), "norm": ("full", 0), "up": ("lora", 2), "down": ("lora", 1),
+                     "pre_classifier": ("full", 0), "classifier": ("full", 0)}  # "frozen" did not change
+    torch.manual_seed(1)
+    fresh = _Tiny()
+    fresh.load_state_dict(base.state_dict())
+    fresh.classifier.reset_parameters()  # the head of a fresh base is another random initialisation
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path))
+    ids = torch.randint(0, 50, (4, 6))
+    ids[0, 0], ids[1, 1] = 3, 7
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), tuned(ids), atol=1e-5, rtol=1e-5)
+        merged = loaded.merge_and_unload()
+        for key, value in tuned.state_dict().items():
+            torch.testing.assert_close(merged.state_dict()[key], value, atol=1e-5, rtol=0, msg=key)
+    with pytest.raises(ValueError, match="no nn.Linear weight changed"):
+        only_norm = copy.deepcopy(base)
+        with torch.no_grad():
+            only_norm.norm.bias += 1.0
+        export_lora(base, only_norm, tmp_path / "n")

@@ -219,6 +219,7 @@ def _plan(base, tuned, heads, energy, rank, oversample, power_iters, seed) -> li
             dev = tuned.get_submodule(p.name).weight.device
             p.b, p.a = torch.zeros(m, 1, device=dev), torch.zeros(1, n, device=dev)
             p.kept, p.rel_error = 1.0, 0.0
+    full = {n for n in full if not any(n.startswith(p + ".") for p in full)}  # a kept module holds its children
     full_plans = []
     for n in sorted(full):
         mod = tuned.get_submodule(n)
