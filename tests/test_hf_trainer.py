@@ -55,6 +55,7 @@ class Recorder(transformers.TrainerCallback):
         self.logs.append(dict(logs))
 
 
+@pytest.mark.slow  # a few real Trainer steps of MiniLM
 def test_trainer_schedules_adarankgrad_and_the_callback_logs_rank_and_memory(data, tmp_path):
     from transformers import Trainer
 
@@ -125,6 +126,7 @@ def _reference_layerwise(start, rows, accumulate, steps):
     return model, opt
 
 
+@pytest.mark.slow  # a few real Trainer steps of MiniLM
 def test_layerwise_with_accumulation_matches_the_plain_pytorch_updater(data, tmp_path):
     path, rows = data
     start, model, opt = _sequential_run(path, rows[:32], tmp_path, layerwise=True, accumulate=2, steps=4)
@@ -137,6 +139,7 @@ def test_layerwise_with_accumulation_matches_the_plain_pytorch_updater(data, tmp
     assert moved > 0
 
 
+@pytest.mark.slow  # a few real Trainer steps of MiniLM
 def test_layerwise_without_accumulation_matches_the_ordinary_step(data, tmp_path):
     path, rows = data
     _, lw, lw_opt = _sequential_run(path, rows[:24], tmp_path / "lw", layerwise=True, accumulate=1, steps=6)
