@@ -14,7 +14,6 @@ from sst2_minilm import accuracy, encode, finetune, load_classifier, logits, min
 
 from lightning_adarank.export.lora import factor_delta
 
-pytestmark = needs_sst2
 peft = pytest.importorskip("peft")
 
 
@@ -37,7 +36,7 @@ def run():
     dev = encode(tok, read_sst2("dev", 872), max_length=32)  # the whole SST-2 dev set
     base = load_classifier(path)
     tuned = copy.deepcopy(base)
-    finetune(tuned, train, steps=30, batch_size=16, lr=3e-4, scale=4.0, max_rank=8, head_lr=3e-3)
+    finetune(tuned, train, steps=30, batch_size=16, lr=3e-4, scale=2.0, max_rank=8, head_lr=3e-2)
     return {"path": path, "base": base, "tuned": tuned, "dev": dev, "tuned_logits": logits(tuned, dev)}
 
 
@@ -74,6 +73,8 @@ def _export(run, folder, energy, **kw):
     return export_lora(run["base"], run["tuned"], folder, energy=energy, base_model_name_or_path=run["path"], **kw)
 
 
+@needs_sst2
+@pytest.mark.slow  # shares the MiniLM fine-tune fixture
 def test_adapter_logits_match_within_the_energy_tolerance(run, exported):
     lt = run["tuned_logits"]
     errors = {}
@@ -90,14 +91,19 @@ def test_adapter_logits_match_within_the_energy_tolerance(run, exported):
     assert float((l0 - lt).norm()) > 5 * float((exported[0.99][2] - lt).norm())
 
 
+@needs_sst2
+@pytest.mark.slow  # shares the MiniLM fine-tune fixture
 def test_dev_accuracy_within_half_a_point_at_energy_099(run, exported):
     labels = run["dev"]["labels"]
     acc_tuned = accuracy(run["tuned_logits"], labels)
     acc_adapter = accuracy(exported[0.99][2], labels)
     assert acc_tuned > 60.0  # the fine-tune learned something (chance is ~51 %)
-    assert abs(acc_adapter - acc_tuned) <= 0.5
+    flips = int((exported[0.99][2].argmax(-1) != run["tuned_logits"].argmax(-1)).sum())
+    assert abs(acc_adapter - acc_tuned) <= 0.5, f"tuned {acc_tuned:.2f} %, adapter {acc_adapter:.2f} %, {flips} flips"
 
 
+@needs_sst2
+@pytest.mark.slow  # shares the MiniLM fine-tune fixture
 def test_report_ranks_errors_and_size(run, exported):
     from safetensors.torch import load_file
 
@@ -129,6 +135,8 @@ def test_report_ranks_errors_and_size(run, exported):
     assert exported[0.5][0].adapter_bytes < report.adapter_bytes
 
 
+@needs_sst2
+@pytest.mark.slow  # shares the MiniLM fine-tune fixture
 def test_merge_and_unload_gives_the_same_weights(run, exported):
     from safetensors.torch import load_file
 
@@ -165,6 +173,8 @@ def test_merge_and_unload_gives_the_same_weights(run, exported):
         assert miss == pytest.approx(m.rel_error, rel=1e-2, abs=1e-5), m.name
 
 
+@needs_sst2
+@pytest.mark.slow  # shares the MiniLM fine-tune fixture
 def test_fixed_rank_and_alpha_follow_peft_conventions(run, tmp_path):
     dev = {k: v[:128] for k, v in run["dev"].items()}
     lt = run["tuned_logits"][:128]
@@ -180,6 +190,8 @@ def test_fixed_rank_and_alpha_follow_peft_conventions(run, tmp_path):
     assert float((la - lt).norm() / lt.norm()) < 0.2
 
 
+@needs_sst2
+@pytest.mark.slow  # shares the MiniLM fine-tune fixture
 def test_bad_inputs_are_refused(run, tmp_path):
     from lightning_adarank import export_lora
 
