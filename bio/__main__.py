@@ -1,6 +1,13 @@
-"""``python -m bio ...`` (see :mod:`bio.cli`)."""
+"""``python -m bio ...`` (see :mod:`bio.cli`); ``python -m bio export-lora`` (see :mod:`bio.export_lora`)."""
 
-from .cli import main
+import sys
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["export-lora"]:
+        from .export_lora import main as export_lora_main
+
+        export_lora_main(sys.argv[2:])
+    else:
+        from .cli import main
+
+        main()

@@ -2,8 +2,9 @@
 
 The optimizer (:class:`AdaRankGrad`, :func:`param_groups`, settings in :class:`AdaRankGradConfig`) is pure
 PyTorch. With Lightning, add one callback: ``Trainer(callbacks=[AdaRankGradCallback(max_rank=16)])``, or use
-``strategy=AdaRankGradStrategy(...)`` / ``AdaRankGradDDPStrategy(...)``. The Lightning pieces are imported
-lazily, so ``import lightning_adarank`` does not import Lightning.
+``strategy=AdaRankGradStrategy(...)`` / ``AdaRankGradDDPStrategy(...)``. The Lightning, Hugging Face Trainer and
+PEFT-export pieces are imported lazily, so ``import lightning_adarank`` imports none of Lightning,
+transformers or peft.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ _LAZY = {
     "plot_rank_history": "monitoring.plotting",
     "VerifiedCheckpointIO": "integrations.checkpoint_io",
     "CheckpointFileError": "optim.checkpoint",
+    # export of a fine-tune as a PEFT LoRA adapter (imports peft on first use)
+    "export_lora": "export.lora",
+    "LoraExportReport": "export.report",
+    # Hugging Face Trainer integration (importing it imports transformers)
+    "AdaRankGradTrainerCallback": "integrations.hf",
 }
 
 __all__ = ["AdaRankGrad", "AdaRankGradConfig", "SubspaceInfo", "param_groups", "target_parameter_names", *_LAZY]
