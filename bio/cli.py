@@ -23,12 +23,13 @@ from .pretrain import GeneformerPretrainer
 
 __all__ = ["ClassifierCLI", "main"]
 
-USAGE = """usage: python -m bio {tokenize,pretrain,fit,validate,test,demo} [options]
+USAGE = """usage: python -m bio {tokenize,pretrain,fit,validate,test,export-lora,demo} [options]
 
   tokenize   rank-value encode an .h5ad into a Geneformer .dataset folder  (python -m bio tokenize --help)
   pretrain   masked-gene pre-training (LightningCLI fit)                     (python -m bio pretrain --help)
   fit        fine-tune a cell classifier, then test and export               (python -m bio fit --help)
   validate, test   evaluate a classifier checkpoint (--ckpt_path)
+  export-lora  a fine-tuned checkpoint as a PEFT LoRA adapter              (python -m bio export-lora --help)
   demo       offline end-to-end demo on scanpy's pbmc68k_reduced            (python -m bio demo --help)
 """
 
