@@ -25,11 +25,13 @@ checkpoint's ``max_rank`` (the error says which), or start the optimizer state a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
 
 from .linalg import projection_side
+from .quant import BLOCK_SIZE
 
 __all__ = ["FORMAT", "STATE_KEY", "format_tag", "check_state_dict", "CheckpointFileError", "verify_checkpoint_file"]
 
@@ -69,6 +71,16 @@ def _shape(t: Any) -> tuple[int, ...] | None:
     return tuple(t.shape) if isinstance(t, Tensor) else None
 
 
+def _fits(t: Any, want: tuple[int, ...]) -> bool:
+    """A saved moment fits ``want``: that shape, or the flat zero-padded layout of a low-bit moment
+    (:mod:`.quant` stores 8-bit moments flattened to whole blocks of ``BLOCK_SIZE``)."""
+    got = _shape(t)
+    if got == want:
+        return True
+    numel = math.prod(want)
+    return got is not None and len(got) == 1 and got[0] == -(-numel // BLOCK_SIZE) * BLOCK_SIZE
+
+
 def _check_param(where: str, p: Tensor, group: dict, saved: dict, projected: bool) -> None:
     shape = tuple(p.shape)
     if "basis" not in saved:
@@ -83,7 +95,7 @@ def _check_param(where: str, p: Tensor, group: dict, saved: dict, projected: boo
         for k in _MOMENTS:
             if k not in saved:
                 raise ValueError(f"AdaRankGrad state: {where} {shape} lacks {k!r} in its saved state")
-            if _shape(saved[k]) != shape:
+            if not _fits(saved[k], shape):
                 raise ValueError(
                     f"AdaRankGrad state: {where} has shape {shape} but its saved {k} has shape {_shape(saved[k])}"
                     " (a state from another model?)"
@@ -109,7 +121,7 @@ def _check_param(where: str, p: Tensor, group: dict, saved: dict, projected: boo
         )
     want = (r, shape[1]) if projection_side(shape) == "left" else (shape[0], r)
     for k in _MOMENTS:
-        if _shape(saved.get(k)) != want:
+        if not _fits(saved.get(k), want):
             raise ValueError(
                 f"AdaRankGrad state: {where} {shape} with a rank-{r} basis needs {k} of shape {want}, saved"
                 f" {_shape(saved.get(k))}"
