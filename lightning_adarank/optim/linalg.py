@@ -7,6 +7,8 @@ Notation: a weight gradient ``G`` of shape ``(m, n)`` is projected on its *small
 - :func:`range_finder` — Algorithm 1: randomized range finder (Halko, Martinsson & Tropp 2011) with power
   iterations, returning an orthonormal basis of the dominant subspace and approximate singular values.
   Never a full SVD of the gradient: the only SVD is of a ``(k, l)`` sketch with ``k = rank + oversample``.
+- :func:`sketch_basis` — basis and rank from an accumulated sketch ``Y = M Ω`` of the smoothed gradient
+  ``M`` (the optimizer's default ``subspace_source="moment"``): one small SVD of ``Y``, no pass over ``G``.
 - :func:`select_rank` — Algorithm 2: smallest rank that keeps a fraction ``energy`` of ``‖G‖²_F``.
 - :func:`moment_transform` — Algorithm 3, block 2: carry Adam's moments into a new subspace.
 - :func:`project` / :func:`project_back` — the projection and its adjoint.
@@ -28,6 +30,8 @@ __all__ = [
     "range_finder",
     "select_rank",
     "low_rank_basis",
+    "sketch_basis",
+    "sketch_side",
     "moment_transform",
     "project",
     "project_back",
@@ -146,6 +150,33 @@ def low_rank_basis(
     kept = float(sv[:r].double().square().sum()) / total_energy if total_energy > 0 else 1.0
     low = w[:r] if side == "left" else w[:r].mT
     return u[:, :r].contiguous(), kept, low.contiguous()
+
+
+def sketch_side(grad: Tensor, side: Side) -> Tensor:
+    """The matrix ``A`` (``s × l``) whose column space the sketch ``Y = A Ω`` tracks: ``G`` or ``Gᵀ`` (a view)."""
+    return _oriented(grad, side)
+
+
+@torch.no_grad()
+def sketch_basis(sketch: Tensor, *, energy: float, min_rank: int, max_rank: int) -> tuple[Tensor, float]:
+    """Basis and adaptive rank from a sketch ``Y = M Ω`` (``s × k``) of a matrix ``M`` (``s × l``).
+
+    ``Ω`` is an ``l × k`` Gaussian test matrix, so ``Y``'s range approximates ``M``'s dominant column space
+    (the randomized range finder without power iterations) and its singular values ``σ_i(Y)`` sample how
+    ``M``'s energy is spread over directions. Returns the top-``r`` left singular vectors of ``Y`` (orthonormal,
+    ``s × r``) and the share ``Σ_{i<=r} σ_i(Y)² / ‖Y‖²_F`` they keep, with ``r`` the smallest rank in
+    ``[min_rank, max_rank]`` whose share reaches ``energy`` (:func:`select_rank` with ``‖Y‖²_F`` as total).
+
+    A rank-``ρ`` ``M`` (``ρ <= k``) gives a rank-``ρ`` ``Y``, hence ``r = ρ`` at any ``energy < 1``; a flat
+    spectrum of more than ``k`` directions gives a flat ``σ(Y)``, hence ``r ≈ energy · k`` (capped at
+    ``max_rank``). Only the ``k`` sampled directions are seen: the share is of ``‖Y‖²``, not of ``‖M‖²``.
+    """
+    u, sv, _ = torch.linalg.svd(sketch, full_matrices=False)
+    total = float(sv.double().square().sum())
+    r = select_rank(sv, total, energy, min_rank, max_rank)
+    r = min(r, u.shape[1])
+    kept = float(sv[:r].double().square().sum()) / total if total > 0 else 1.0
+    return u[:, :r].contiguous(), kept
 
 
 @torch.no_grad()
