@@ -4,7 +4,8 @@ The optimizer, the Lightning callback and strategy, and the task CLIs all take t
 dataclass, so each setting is typed, defaulted, documented and checked once. A bad value fails when the
 config is built (``ValueError``/``TypeError`` naming the setting), not at the first step.
 
-Per-group settings (everything except ``seed`` and ``fused``) may also be overridden in a parameter group
+Per-group settings (everything except the optimizer-wide ``seed``, ``fused``, ``grouped`` and
+``refresh_check_every``) may also be overridden in a parameter group
 dict; such overrides go through the same checks (:func:`check_group_settings`).
 """
 
@@ -84,6 +85,17 @@ class AdaRankGradConfig:
         seed: the random test matrices depend only on ``(seed, parameter index, refresh count)``, so
             data-parallel ranks agree without communication and a resumed run is bit-identical.
         fused: torch's fused Adam kernel (``None``: where the device supports it), else foreach.
+        grouped: step the projected matrices of a parameter group together (``True``): same-shape matrices
+            share one stacked gradient, one batched matmul per rank for the projection and one for the
+            back-projection, one fused Adam call for all, the refresh test as device vectors and a batched
+            range finder (CholeskyQR2) on refresh steps, so the operators per step do not grow with the number
+            of matrices. ``False``: the per-matrix loop (one projection, Adam and update per matrix). The two
+            agree to fp32 rounding (see ``benchmarks/README.md``, "Grouped step").
+        refresh_check_every: how often (in calls of the step) the device-side refresh flags and skip counts
+            are read on the host; the refresh of a flagged matrix happens at the step after the read, so a
+            refresh may come up to ``refresh_check_every − 1`` steps after its test fired (``max_gap`` is
+            enforced on the host and is never late). ``None``: 1 on CPU (a read costs nothing there) and 8 on
+            accelerators, where each read is a synchronisation that stalls the launch queue.
     """
 
     lr: float = 1e-3
@@ -104,6 +116,8 @@ class AdaRankGradConfig:
     transform_moments: bool = True
     seed: int = 0
     fused: bool | None = field(default=None)
+    grouped: bool = True
+    refresh_check_every: int | None = None
 
     def __post_init__(self) -> None:
         betas = self.betas
@@ -114,6 +128,11 @@ class AdaRankGradConfig:
             raise TypeError(f"AdaRankGrad: seed must be an int, got {self.seed!r}")
         if self.fused is not None and not isinstance(self.fused, bool):
             raise TypeError(f"AdaRankGrad: fused must be True, False or None, got {self.fused!r}")
+        if not isinstance(self.grouped, bool):
+            raise TypeError(f"AdaRankGrad: grouped must be True or False, got {self.grouped!r}")
+        k = self.refresh_check_every
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"AdaRankGrad: refresh_check_every={k!r} must be None or an int >= 1")
 
     def group_defaults(self) -> dict[str, Any]:
         """The per-group settings as a dict (the optimizer's ``defaults``)."""
@@ -133,8 +152,10 @@ class AdaRankGradConfig:
 
 #: every setting's name
 SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(AdaRankGradConfig))
-#: settings a parameter group may override (``seed`` and ``fused`` are optimizer-wide)
-GROUP_SETTINGS = tuple(f.name for f in dataclasses.fields(AdaRankGradConfig) if f.name not in ("seed", "fused"))
+#: settings that are optimizer-wide (a parameter group may not override them)
+GLOBAL_SETTINGS = ("seed", "fused", "grouped", "refresh_check_every")
+#: settings a parameter group may override
+GROUP_SETTINGS = tuple(f.name for f in dataclasses.fields(AdaRankGradConfig) if f.name not in GLOBAL_SETTINGS)
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open=False, high_open=False) -> None:

@@ -43,6 +43,7 @@ from .linalg import (
     subspace_seed,
 )
 from .config import AdaRankGradConfig
+from .grouped_step import GroupedStep
 from .settings import normalize_params, validate_group
 
 __all__ = ["AdaRankGrad", "SubspaceInfo"]
@@ -74,7 +75,7 @@ class SubspaceInfo:
         return self.max_rank * (s + 2 * l)
 
 
-class AdaRankGrad(torch.optim.Optimizer):
+class AdaRankGrad(GroupedStep, torch.optim.Optimizer):
     r"""AdamW with adaptive-rank gradient projection (AdaRankGrad, arXiv 2410.17881).
 
     Args:
@@ -131,6 +132,7 @@ class AdaRankGrad(torch.optim.Optimizer):
         self._index: dict[int, int] = {}
         self._group_by_id: dict[int, dict] = {}
         self._test_matrices: dict[tuple, Tensor] = {}  # Ω of the moment sketches, by (rows, cols, device)
+        self._init_grouped()
         super().__init__(normalize_params(params), {**config.group_defaults(), "low_rank": True})
 
     # ------------------------------------------------------------------ groups and bookkeeping
@@ -218,14 +220,27 @@ class AdaRankGrad(torch.optim.Optimizer):
     def step_params(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
         """Update ``params`` (all from ``group``) with ``grads``. The functional core of :meth:`step`.
 
+        With ``grouped=True`` (and more than one parameter) the grouped step
+        (:meth:`~lightning_adarank.optim.grouped_step.GroupedStep._step_params_grouped`: no host
+        synchronisation on a normal step), else the per-matrix loop (:meth:`_step_params_loop`).
+        """
+        for g in grads:
+            if g.is_sparse:
+                raise TypeError("AdaRankGrad does not support sparse gradients (use nn.Embedding(sparse=False))")
+        if self.config.grouped and len(params) > 1:
+            self._step_params_grouped(params, group, grads)
+        else:
+            self._step_params_loop(params, group, grads)
+
+    @torch.no_grad()
+    def _step_params_loop(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
+        """The per-matrix step: one projection, Adam call and update per matrix.
+
         One host synchronisation reads every norm the step needs at once: ``‖PᵀG‖`` of the projected
         gradients (refresh test; a non-finite ``G`` shows up there), ``‖G‖`` of the unprojected ones (the
         non-finite check) and ``‖G‖`` of the projected ones (captured share). A refresh additionally reads
         ``‖G‖²`` of the refreshed matrices.
         """
-        for g in grads:
-            if g.is_sparse:
-                raise TypeError("AdaRankGrad does not support sparse gradients (use nn.Embedding(sparse=False))")
         projected = [self.is_projected(p, group) for p in params]
         dense = [i for i, is_low in enumerate(projected) if not is_low]
         low, lowrank, skipped = [], [], 0
@@ -294,7 +309,7 @@ class AdaRankGrad(torch.optim.Optimizer):
     def _step_tensor(self, p: Tensor, fused: bool) -> Tensor:
         return torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
 
-    def _adamw(self, params, grads, exp_avgs, exp_avg_sqs, steps, group, *, lr, weight_decay) -> None:
+    def _adamw(self, params, grads, exp_avgs, exp_avg_sqs, steps, group, *, lr, weight_decay, found_inf=None):
         fused = self._use_fused(params[0].device) and all(p.dtype in _FUSED_DTYPES for p in params)
         for i, s in enumerate(steps):  # keep step counters where the chosen kernel wants them
             want = params[i].device if fused else torch.device("cpu")
@@ -305,12 +320,33 @@ class AdaRankGrad(torch.optim.Optimizer):
             params, grads, exp_avgs, exp_avg_sqs, [], steps,
             foreach=not fused, fused=fused or None, amsgrad=False, beta1=beta1, beta2=beta2,
             lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=False,
+            **({"found_inf": found_inf} if found_inf is not None else {}),
         )
         return steps
 
-    def update_dense(self, params: list[Tensor], grads: list[Tensor], group: dict) -> None:
-        """Exact AdamW (torch's kernel) for parameters that are not projected; fp32 math for fp16/bf16."""
+    def update_dense(self, params: list[Tensor], grads: list[Tensor], group: dict, check_finite: bool = False) -> None:
+        """Exact AdamW (torch's kernel) for parameters that are not projected; fp32 math for fp16/bf16.
+
+        ``check_finite``: skip on the device when a gradient is not finite (the fused kernel's skip flag: all
+        of ``params`` skip this step), counted and warned about at the next read; without the fused kernel the
+        check is a host read, and only the non-finite parameters skip.
+        """
         fused = self._use_fused(params[0].device)
+        found_inf = None
+        if check_finite:
+            if fused and all(p.dtype in _FUSED_DTYPES for p in params):
+                dev = params[0].device
+                norms = [n if n.device == dev else n.to(dev) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)]
+                bad = ~torch.isfinite(torch.stack(norms))
+                found_inf = bad.any().float()
+                self._unread_skips.append(found_inf * len(params))
+            else:
+                ok = [i for i, n in enumerate(self._norms(grads)) if math.isfinite(n)]
+                if len(ok) < len(params):
+                    self._warn_skipped(len(params) - len(ok))
+                    params, grads = [params[i] for i in ok], [grads[i] for i in ok]
+                    if not params:
+                        return
         states = [self.state[p] for p in params]
         for p, st in zip(params, states):
             if not st:
@@ -323,6 +359,7 @@ class AdaRankGrad(torch.optim.Optimizer):
         steps = self._adamw(
             work, wgrads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
             [st["step"] for st in states], group, lr=group["lr"], weight_decay=group["weight_decay"],
+            found_inf=found_inf,
         )
         for p, w, st, s, lp in zip(params, work, states, steps, low_prec):
             st["step"] = s
@@ -518,10 +555,27 @@ class AdaRankGrad(torch.optim.Optimizer):
             st["pending"] = fell
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with every view into the grouped step's storage cloned into its own tensor.
+
+        A checkpoint then holds exactly the state of each matrix (no shared storages), in the per-matrix
+        layout; :meth:`load_state_dict` drops the storage, and the next grouped step rebuilds it.
+        """
+        sd = super().state_dict()
+        sd["state"] = {
+            k: {n: v.clone() if isinstance(v, Tensor) and v._base is not None else v for n, v in st.items()}
+            for k, st in sd["state"].items()
+        }
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; tensors keep their saved dtype (torch would cast fp32 moments to a bf16 param's dtype)."""
+        """Load state; tensors keep their saved dtype (torch would cast fp32 moments to a bf16 param's dtype).
+
+        The refresh-test statistics may be numbers (per-matrix step) or 0-d tensors (grouped step); both load.
+        """
         super().load_state_dict(state_dict)
         self._group_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
+        self._init_grouped()
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for sid, p in zip(saved_ids, params):
