@@ -270,7 +270,9 @@ class ProjectedStore:
         beta1 = group["betas"][0]
         stacks, gn2_parts, pn2_parts, yn2_parts = [], [], [], []
         for sg in self.groups:
-            g = torch.stack([grads[id(p)] for p in self.params[sg.lo:sg.hi]])
+            # a shape of one matrix is not stacked (no copy of G): a view with a batch dimension of one
+            g = torch.stack([grads[id(p)] for p in self.params[sg.lo:sg.hi]]) if sg.hi - sg.lo > 1 \
+                else grads[id(self.params[sg.lo])].unsqueeze(0)
             if g.dtype != torch.float32:
                 g = g.float()
             stacks.append(g)
@@ -323,6 +325,15 @@ class ProjectedStore:
         alpha = lr * group["scale"]
         decays = list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)) if wd else None
         for sg, g in zip(self.groups, stacks):
+            if sg.hi - sg.lo == 1 and sg.dtype == torch.float32:  # one matrix: update W in place (no delta buffer)
+                p, b = self.params[sg.lo], sg.buckets[0]
+                if decays is not None:
+                    p.mul_(decays[sg.lo])
+                if sg.side == "left":
+                    p.addmm_(b.bases[0], b.direction[0], alpha=alpha * b.scale)
+                else:
+                    p.addmm_(b.direction[0], b.bases[0].mT, alpha=alpha * b.scale)
+                continue
             delta = torch.empty(g.shape, dtype=torch.float32, device=self.device)
             for b in sg.buckets:
                 out = delta[b.lo - sg.lo:b.hi - sg.lo]
