@@ -53,7 +53,7 @@ def test_grouped_step_matches_the_per_matrix_loop(source, weight_decay, scale_mo
 
 def test_non_finite_matrix_is_skipped_alone_inside_its_bucket():
     params = _params()
-    opt = AdaRankGrad(params, max_rank=4, energy=1.0, min_gap=50, max_gap=50)  # energy 1: every rank is 4
+    opt = AdaRankGrad(params, grouped=True, max_rank=4, energy=1.0, min_gap=50, max_gap=50)  # energy 1: every rank is 4
     _set_grads(params, 0)
     opt.step()
     store = next(iter(opt._stores.values()))
@@ -78,7 +78,7 @@ def test_non_finite_matrix_is_skipped_alone_inside_its_bucket():
 
 def test_non_finite_unprojected_gradient_skips_the_unprojected_call():
     params = _params()
-    opt = AdaRankGrad(params, max_rank=4)
+    opt = AdaRankGrad(params, grouped=True, max_rank=4)
     _set_grads(params, 0)
     opt.step()
     before = [p.detach().clone() for p in params]
@@ -96,7 +96,7 @@ def test_refresh_flags_are_read_every_k_steps():
     g0 = torch.randn(30, 50)
 
     def refresh_steps(k):
-        opt = AdaRankGrad([w, w2], lr=1e-3, max_rank=4, min_gap=3, max_gap=1000, tol=0.5, refresh_check_every=k)
+        opt = AdaRankGrad([w, w2], grouped=True, lr=1e-3, max_rank=4, min_gap=3, max_gap=1000, tol=0.5, refresh_check_every=k)
         steps, last = [], 0
         for t in range(60):  # a converging gradient: the test fires once the smoothed norm halves
             w.grad, w2.grad = g0 * 0.7**t, g0 * 0.7**t
@@ -116,7 +116,7 @@ def test_refresh_flags_are_read_every_k_steps():
 
 def test_a_normal_step_reads_nothing_on_the_host(monkeypatch):
     params = _params()
-    opt = AdaRankGrad(params, max_rank=4, min_gap=50, max_gap=50, refresh_check_every=10)
+    opt = AdaRankGrad(params, grouped=True, max_rank=4, min_gap=50, max_gap=50, refresh_check_every=10)
     _set_grads(params, 0)
     opt.step()  # the first step is a refresh (it reads the ranks)
     reads = []
@@ -138,7 +138,7 @@ def test_a_normal_step_reads_nothing_on_the_host(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (synchronisation debug mode)")
 def test_a_normal_cuda_step_does_not_synchronise():
     params = [nn.Parameter(p.detach().cuda()) for p in _params()]
-    opt = AdaRankGrad(params, max_rank=4, min_gap=50, max_gap=50, refresh_check_every=10)
+    opt = AdaRankGrad(params, grouped=True, max_rank=4, min_gap=50, max_gap=50, refresh_check_every=10)
     _set_grads(params, 0)
     opt.step()
     for t in range(1, 5):
@@ -153,7 +153,7 @@ def test_a_normal_cuda_step_does_not_synchronise():
 
 def test_checkpoint_with_float_statistics_of_earlier_versions_loads():
     params = _params()
-    opt = AdaRankGrad(params, max_rank=4)
+    opt = AdaRankGrad(params, grouped=True, max_rank=4)
     for t in range(3):
         _set_grads(params, t)
         opt.step()
@@ -166,7 +166,7 @@ def test_checkpoint_with_float_statistics_of_earlier_versions_loads():
     torch.save(sd, buf)
     buf.seek(0)
     twin = [nn.Parameter(p.detach().clone()) for p in params]
-    opt2 = AdaRankGrad(twin, max_rank=4)
+    opt2 = AdaRankGrad(twin, grouped=True, max_rank=4)
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert opt2.ranks() == opt.ranks()
     _set_grads(params, 3)

@@ -85,12 +85,13 @@ class AdaRankGradConfig:
         seed: the random test matrices depend only on ``(seed, parameter index, refresh count)``, so
             data-parallel ranks agree without communication and a resumed run is bit-identical.
         fused: torch's fused Adam kernel (``None``: where the device supports it), else foreach.
-        grouped: step the projected matrices of a parameter group together (``True``): same-shape matrices
-            share one stacked gradient, one batched matmul per rank for the projection and one for the
-            back-projection, one fused Adam call for all, the refresh test as device vectors and a batched
-            range finder (CholeskyQR2) on refresh steps, so the operators per step do not grow with the number
-            of matrices. ``False``: the per-matrix loop (one projection, Adam and update per matrix). The two
-            agree to fp32 rounding (see ``benchmarks/README.md``, "Grouped step").
+        grouped: step the projected matrices of a parameter group together: same-shape matrices share one
+            stacked gradient, one batched matmul per rank for the projection and one for the back-projection,
+            one fused Adam call for all, the refresh test as device vectors (no host synchronisation on a
+            normal step) and a batched refresh, so the operators per step do not grow with the number of
+            matrices. ``False``: the per-matrix loop. ``None`` (default): grouped on accelerators, the loop on
+            CPU, where the stacked copies cost more memory traffic than the saved operator launches
+            (measured: ``benchmarks/README.md``, "Grouped step"). The two agree to fp32 rounding.
         refresh_check_every: how often (in calls of the step) the device-side refresh flags and skip counts
             are read on the host; the refresh of a flagged matrix happens at the step after the read, so a
             refresh may come up to ``refresh_check_every − 1`` steps after its test fired (``max_gap`` is
@@ -116,7 +117,7 @@ class AdaRankGradConfig:
     transform_moments: bool = True
     seed: int = 0
     fused: bool | None = field(default=None)
-    grouped: bool = True
+    grouped: bool | None = None
     refresh_check_every: int | None = None
 
     def __post_init__(self) -> None:
@@ -128,8 +129,8 @@ class AdaRankGradConfig:
             raise TypeError(f"AdaRankGrad: seed must be an int, got {self.seed!r}")
         if self.fused is not None and not isinstance(self.fused, bool):
             raise TypeError(f"AdaRankGrad: fused must be True, False or None, got {self.fused!r}")
-        if not isinstance(self.grouped, bool):
-            raise TypeError(f"AdaRankGrad: grouped must be True or False, got {self.grouped!r}")
+        if self.grouped is not None and not isinstance(self.grouped, bool):
+            raise TypeError(f"AdaRankGrad: grouped must be True, False or None, got {self.grouped!r}")
         k = self.refresh_check_every
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ValueError(f"AdaRankGrad: refresh_check_every={k!r} must be None or an int >= 1")

@@ -220,14 +220,17 @@ class AdaRankGrad(GroupedStep, torch.optim.Optimizer):
     def step_params(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
         """Update ``params`` (all from ``group``) with ``grads``. The functional core of :meth:`step`.
 
-        With ``grouped=True`` (and more than one parameter) the grouped step
+        With ``grouped`` (``None``: on accelerators) and more than one parameter the grouped step
         (:meth:`~lightning_adarank.optim.grouped_step.GroupedStep._step_params_grouped`: no host
         synchronisation on a normal step), else the per-matrix loop (:meth:`_step_params_loop`).
         """
         for g in grads:
             if g.is_sparse:
                 raise TypeError("AdaRankGrad does not support sparse gradients (use nn.Embedding(sparse=False))")
-        if self.config.grouped and len(params) > 1:
+        grouped = self.config.grouped
+        if grouped is None:
+            grouped = params[0].device.type != "cpu"
+        if grouped and len(params) > 1:
             self._step_params_grouped(params, group, grads)
         else:
             self._step_params_loop(params, group, grads)
