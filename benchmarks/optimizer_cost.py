@@ -129,12 +129,12 @@ class Variant:
 
 
 def variants(ranks: list[int], loop: bool = False) -> list[Variant]:
-    """Every optimizer of a model's table; ``loop`` adds AdaRankGrad's per-matrix loop (``grouped=False``)."""
+    """Every optimizer of a model's table; ``loop`` adds AdaRankGrad +emb grouped and per-matrix, explicitly."""
     out = [Variant("adamw")]
     for r in ranks:
         out += [Variant("lora", r), Variant("galore", r), Variant("adarank", r), Variant("adarank_emb", r)]
         if loop:
-            out.append(Variant("adarank_emb_loop", r))
+            out += [Variant("adarank_emb_grouped", r), Variant("adarank_emb_loop", r)]
     return out
 
 
@@ -438,8 +438,9 @@ def parse_args(argv=None):
         a.device = "cuda" if a.device == "auto" else a.device
         a.models = a.models or list(GPU_MODELS)
         a.ranks = a.ranks or [8]
-        a.peers = a.peers or ["adamw", "galore", "adarank", "adarank_emb", "adarank_emb_loop"]
+        a.peers = a.peers or ["adamw", "galore", "adarank", "adarank_emb_grouped", "adarank_emb_loop"]
         a.loop = a.ops = a.depth = a.no_memory = True
+        a.refresh_repeats, a.refresh_warmup = min(a.refresh_repeats, 2), 0  # GaLore's SVD refresh is seconds
     if a.smoke:
         a.depth_layers, a.depth_width = [1, 2], 64
     a.models = a.models or list(ALL_MODELS)
