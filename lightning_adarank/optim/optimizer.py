@@ -230,7 +230,10 @@ class AdaRankGrad(GroupedStep, torch.optim.Optimizer):
         grouped = self.config.grouped
         if grouped is None:
             grouped = params[0].device.type != "cpu"
-        if grouped and len(params) > 1:
+        # low-bit moments (a ``state_bits`` setting, issue 15) take the per-matrix path until the store's
+        # moments()/store_moments() point decodes/encodes them
+        low_bit = group.get("state_bits", 32) != 32 or group.get("dense_state_bits", 32) != 32
+        if grouped and len(params) > 1 and not low_bit:
             self._step_params_grouped(params, group, grads)
         else:
             self._step_params_loop(params, group, grads)
