@@ -121,7 +121,10 @@ class AdaRankGrad(GroupedStep, torch.optim.Optimizer):
 
     Non-finite gradients: the step of a parameter whose gradient holds ``inf``/``nan`` is **skipped** (its
     weight and state are left untouched) with a warning, so one bad batch cannot corrupt the moments or the
-    subspace. fp16/bf16 parameters keep fp32 optimizer state and fp32 math.
+    subspace. In the grouped step (``grouped``, the default on GPUs) this is decided on the device: a projected
+    matrix is skipped alone; the unprojected parameters of a group share the fused kernel's skip flag (one
+    non-finite gradient skips all of them for that step); the warning comes at the next flag read
+    (``refresh_check_every``). fp16/bf16 parameters keep fp32 optimizer state and fp32 math.
     """
 
     def __init__(self, params: Iterable, config: AdaRankGradConfig | None = None, **settings: Any) -> None:
