@@ -51,6 +51,9 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 GENEFORMER_CONFIG = C.REPO.parent / "shared" / "data" / "geneformer" / "configs" / "gf-12L-30M-i2048_config.json"
 ALL_MODELS = ("bert-base", "roberta-base", "geneformer-12L-30M", "llama-60m", "llama-130m")
+#: the GPU run of issue 13 (``--gpu-run``): the models of its table
+GPU_MODELS = ("bert-base", "roberta-base", "geneformer-12L-30M", "llama-130m", "llama-350m")
+LLAMA = {"llama-60m": (512, 1376, 8, 8), "llama-130m": (768, 2048, 12, 12), "llama-350m": (1024, 2736, 24, 16)}
 LLAMA_EXTRA_RANK = 128
 
 
@@ -76,11 +79,16 @@ def build_model(name: str):
         cfg = BertConfig.from_json_file(str(GENEFORMER_CONFIG))
         cfg.num_labels = 2
         return BertForSequenceClassification(cfg), "cls", cfg.vocab_size, "classifier"
-    if name in ("llama-60m", "llama-130m"):  # GaLore's configs/llama_60m.json, llama_130m.json
-        h, i, n, heads = (512, 1376, 8, 8) if name == "llama-60m" else (768, 2048, 12, 12)
+    if name in LLAMA:  # GaLore's configs/llama_60m.json, llama_130m.json, llama_350m.json
+        h, i, n, heads = LLAMA[name]
         cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
                           vocab_size=32000, max_position_embeddings=1024, rms_norm_eps=1e-6)
         return LlamaForCausalLM(cfg), "lm", cfg.vocab_size, None
+    if name.startswith("bert-w"):  # "bert-w256-L6": the depth-scaling model of one width (operator counts)
+        width, layers = (int(x) for x in name[len("bert-w"):].split("-L"))
+        cfg = BertConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
+                         intermediate_size=4 * width, num_labels=2)
+        return BertForSequenceClassification(cfg), "cls", cfg.vocab_size, "classifier"
     if name == "tiny-bert":  # smoke tests only
         cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=128, max_position_embeddings=64, num_labels=2)
@@ -103,7 +111,7 @@ def forward_backward(model, batch: dict) -> None:
 # ----------------------------------------------------------------------------- optimizers
 @dataclass
 class Variant:
-    key: str  # "adamw" | "lora" | "galore" | "adarank" | "adarank_emb"
+    key: str  # "adamw" | "lora" | "galore" | "adarank" | "adarank_emb" | "adarank_emb_loop" | "adarank_emb_grouped"
     rank: int | None = None
 
     @property
@@ -114,14 +122,19 @@ class Variant:
             "galore": f"GaLore r={self.rank}",
             "adarank": f"AdaRankGrad r≤{self.rank}",
             "adarank_emb": f"AdaRankGrad r≤{self.rank} +emb",
+            "adarank_emb_loop": f"AdaRankGrad r≤{self.rank} +emb, per-matrix loop",
+            "adarank_emb_grouped": f"AdaRankGrad r≤{self.rank} +emb, grouped",
             "none": "fwd+bwd only (no optimizer)",
         }[self.key]
 
 
-def variants(ranks: list[int]) -> list[Variant]:
+def variants(ranks: list[int], loop: bool = False) -> list[Variant]:
+    """Every optimizer of a model's table; ``loop`` adds AdaRankGrad +emb grouped and per-matrix, explicitly."""
     out = [Variant("adamw")]
     for r in ranks:
         out += [Variant("lora", r), Variant("galore", r), Variant("adarank", r), Variant("adarank_emb", r)]
+        if loop:
+            out += [Variant("adarank_emb_grouped", r), Variant("adarank_emb_loop", r)]
     return out
 
 
@@ -134,7 +147,9 @@ def make_optimizer(model, v: Variant):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
     if v.key == "galore":  # GaLore's recipe: embeddings stay with (its own) AdamW, gap 200
         return build_optimizer(model, "galore", lr=lr, rank=v.rank, galore_update_proj_gap=200)
-    return build_optimizer(model, "adarankgrad", lr=lr, rank=v.rank, include_embeddings=v.key == "adarank_emb")
+    extra = {"grouped": {"adarank_emb_loop": False, "adarank_emb_grouped": True}[v.key]} \
+        if v.key in ("adarank_emb_loop", "adarank_emb_grouped") else {}
+    return build_optimizer(model, "adarankgrad", lr=lr, rank=v.rank, include_embeddings=v.key != "adarank", **extra)
 
 
 def lora_model(model, rank: int, head: str | None):
@@ -161,6 +176,36 @@ def rank_summary(opt) -> str:
 
 
 # ----------------------------------------------------------------------------- measurements
+def count_ops(fn, device) -> int:
+    """Operators one call of ``fn`` issues, from torch.profiler.
+
+    CPU: top-level aten operators (an aten op not called from inside another aten op: what the Python side
+    dispatches, each paying the dispatcher and, on a GPU, at least one launch). CUDA: device kernels and
+    memory operations (memcpy/memset) recorded on the GPU.
+    """
+    from torch.autograd import DeviceType  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    C.sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        C.sync(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == DeviceType.CUDA)
+
+    def nested(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(1 for e in events if e.name.startswith("aten::") and not nested(e))
+
+
 @dataclass
 class Row:
     v: Variant
@@ -171,10 +216,11 @@ class Row:
     refresh: float | None = None
     ranks: str = ""
     peak: int | None = None
+    ops: int | None = None
     extra: dict = field(default_factory=dict)
 
 
-def time_variant(model, v: Variant, device, args) -> Row:
+def time_variant(model, v: Variant, device, args, ops: bool | None = None) -> Row:
     from lightning_adarank import optimizer_state_bytes  # noqa: PLC0415
 
     opt = make_optimizer(model, v)
@@ -183,10 +229,14 @@ def time_variant(model, v: Variant, device, args) -> Row:
     row.state = optimizer_state_bytes(opt)
     if v.key.startswith("adarank"):
         row.ranks = rank_summary(opt)
-    row.normal = C.median(C.time_ms(opt.step, device, repeats=args.repeats, warmup=args.warmup,
+    stat = min if args.stat == "min" else C.median
+    row.normal = stat(C.time_ms(opt.step, device, repeats=args.repeats, warmup=args.warmup,
                                     before=lambda: arm(opt, v, False)))
-    if v.key in ("galore", "adarank", "adarank_emb"):
-        row.refresh = C.median(C.time_ms(opt.step, device, repeats=args.refresh_repeats, warmup=args.refresh_warmup,
+    if args.ops if ops is None else ops:
+        arm(opt, v, False)
+        row.ops = count_ops(opt.step, device)
+    if v.key in ("galore", "adarank", "adarank_emb", "adarank_emb_loop", "adarank_emb_grouped"):
+        row.refresh = stat(C.time_ms(opt.step, device, repeats=args.refresh_repeats, warmup=args.refresh_warmup,
                                          before=lambda: arm(opt, v, True)))
     del opt
     gc.collect()
@@ -199,7 +249,9 @@ def measure_model(name: str, ranks: list[int], device, args) -> list[Row]:
     batch = make_batch(kind, vocab, args.batch, args.seq, device)
     forward_backward(model, batch)  # the gradients every full-model optimizer steps on
     rows = []
-    for v in variants(ranks):
+    for v in variants(ranks, loop=args.loop):
+        if args.peers and v.key not in args.peers:
+            continue
         print(f"  [{name}] timing {v.label} ...", file=sys.stderr, flush=True)
         if v.key == "lora":
             lm = lora_model(model, v.rank, head)
@@ -251,26 +303,28 @@ def measure_peaks(name: str, ranks: list[int], rows: list[Row], device, threads:
 
 # ----------------------------------------------------------------------------- tables
 def model_table(name: str, rows: list[Row], none_peak: int | None, gaps=(200, 20)) -> str:
+    with_ops = any(r.ops is not None for r in rows)
     heads = ["optimizer", "trainable params", "state MiB", "normal step ms", "refresh step ms",
              *[f"amortized ms (gap {g})" for g in gaps], "first step ms", "ranks mean (min–max)",
-             "peak train-step MiB", "peak − fwd/bwd-only MiB"]
+             "peak train-step MiB", "peak − fwd/bwd-only MiB"] + (["ops / normal step"] if with_ops else [])
     out = []
     if none_peak is not None:
-        out.append([Variant("none").label, "—", "—", "—", "—", *["—" for _ in gaps], "—", "", C.mib(none_peak), "0.0"])
+        out.append([Variant("none").label, "—", "—", "—", "—", *["—" for _ in gaps], "—", "", C.mib(none_peak), "0.0"]
+                   + (["—"] if with_ops else []))
     for r in rows:
         amort = [C.ms(C.amortized(r.normal, r.refresh if r.refresh is not None else r.normal, g)) for g in gaps]
         out.append([
             r.v.label, f"{r.trainable / 1e6:.1f}M", C.mib(r.state), C.ms(r.normal), C.ms(r.refresh), *amort,
             C.ms(r.first), r.ranks, C.mib(r.peak),
             C.mib(r.peak - none_peak) if (r.peak is not None and none_peak is not None) else "—",
-        ])
+        ] + ([str(r.ops) if r.ops is not None else "—"] if with_ops else []))
     return f"### {name}\n\n" + C.markdown_table(heads, out)
 
 
 def ratio_table(name: str, rows: list[Row]) -> str:
     """AdaRankGrad / peer for every rank (below 1×: AdaRankGrad is faster or smaller)."""
     by = {(r.v.key, r.v.rank): r for r in rows}
-    adamw = by[("adamw", None)]
+    adamw = by.get(("adamw", None))
     heads = ["AdaRankGrad variant", "peer", "normal step", "refresh step", "amortized (gap 200)", "state bytes",
              "peak train-step"]
     out = []
@@ -291,6 +345,44 @@ def ratio_table(name: str, rows: list[Row]) -> str:
         C.markdown_table(heads, out)
 
 
+# ----------------------------------------------------------------------------- depth scaling (operators per step)
+DEPTH_VARIANTS = ("adamw", "galore", "adarank_emb_grouped", "adarank_emb_loop")
+
+
+def depth_section(device, args) -> str:
+    """Operators and step times at ``--depth-layers`` layers of one BERT width: does the step grow with depth?"""
+    rows = {}
+    for layers in args.depth_layers:
+        name = f"bert-w{args.depth_width}-L{layers}"
+        model, kind, vocab, _ = build_model(name)
+        model.to(device).train()
+        forward_backward(model, make_batch(kind, vocab, args.batch, args.seq, device))
+        for key in DEPTH_VARIANTS:
+            v = Variant(key, None if key == "adamw" else args.depth_rank)
+            print(f"  [{name}] {v.label} ...", file=sys.stderr, flush=True)
+            rows[(layers, key)] = time_variant(model, v, device, args, ops=True)
+        del model
+        gc.collect()
+    lo, hi = min(args.depth_layers), max(args.depth_layers)
+    unit = "CUDA kernels + memory ops" if device.type == "cuda" else "top-level aten operators"
+    heads = ["optimizer", *[f"ops @ {n} layers" for n in args.depth_layers], f"ops {hi}L / {lo}L",
+             *[f"normal ms @ {n}L" for n in args.depth_layers], *[f"refresh ms @ {n}L" for n in args.depth_layers],
+             f"normal / AdamW @ {hi}L", f"refresh / normal @ {hi}L"]
+    out = []
+    for key in DEPTH_VARIANTS:
+        r = {n: rows[(n, key)] for n in args.depth_layers}
+        adamw = rows[(hi, "adamw")]
+        out.append([
+            r[hi].v.label, *[str(r[n].ops) for n in args.depth_layers], C.ratio(r[hi].ops, r[lo].ops),
+            *[C.ms(r[n].normal) for n in args.depth_layers], *[C.ms(r[n].refresh) for n in args.depth_layers],
+            C.ratio(r[hi].normal, adamw.normal), C.ratio(r[hi].refresh, r[hi].normal),
+        ])
+    title = (f"### Depth scaling: BERT width {args.depth_width}, {' and '.join(map(str, args.depth_layers))} layers, "
+             f"r≤{args.depth_rank}, embeddings projected\n\nops = {unit} issued by one normal step (torch.profiler); "
+             "'grouped' = grouped=True (the default on GPUs), 'per-matrix loop' = grouped=False (the default on CPU)\n\n")
+    return title + C.markdown_table(heads, out)
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -305,12 +397,28 @@ def parse_args(argv=None):
     p.add_argument("--refresh-repeats", type=int, default=None, help="timed refresh steps (median)")
     p.add_argument("--refresh-warmup", type=int, default=None,
                    help="untimed refresh steps besides the first step (which is one)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="statistic of the timed steps (min: robust on a shared machine, where load only adds time)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--jobs", type=int, default=1,
                    help="peak-memory subprocesses run at a time (each measures only itself; >1 needs the RAM)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--out-dir", default=None, help="where the .md goes (default benchmarks/results)")
+    p.add_argument("--ops", action="store_true", help="count the operators (CUDA: kernels) of one normal step")
+    p.add_argument("--loop", action="store_true", help="add AdaRankGrad's per-matrix loop (grouped=False)")
+    p.add_argument("--peers", nargs="+", default=None,
+                   help="subset of optimizer keys: adamw lora galore adarank adarank_emb adarank_emb_loop "
+                        "adarank_emb_grouped (adarank*: grouped=None, the device's default)")
+    p.add_argument("--depth", action="store_true", help="add the depth-scaling table (operators per step)")
+    p.add_argument("--depth-only", action="store_true", help="only the depth-scaling table")
+    p.add_argument("--depth-width", type=int, default=256)
+    p.add_argument("--depth-layers", nargs="+", type=int, default=[6, 12])
+    p.add_argument("--depth-rank", type=int, default=8)
+    p.add_argument("--gpu-run", action="store_true",
+                   help="issue 13's CUDA table in one short run: BERT-base, RoBERTa-base, Geneformer-12L-30M, "
+                        "LLaMA-130M/350M at r=8; AdamW, GaLore, AdaRankGrad grouped and per-matrix; operator counts; "
+                        "depth scaling; no peak-memory subprocesses")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.smoke:
@@ -326,6 +434,15 @@ def parse_args(argv=None):
     if a.quick:
         a.models = a.models or ["bert-base"]
         a.ranks = a.ranks or [8]
+    if a.gpu_run:
+        a.device = "cuda" if a.device == "auto" else a.device
+        a.models = a.models or list(GPU_MODELS)
+        a.ranks = a.ranks or [8]
+        a.peers = a.peers or ["adamw", "galore", "adarank", "adarank_emb_grouped", "adarank_emb_loop"]
+        a.loop = a.ops = a.depth = a.no_memory = True
+        a.refresh_repeats, a.refresh_warmup = min(a.refresh_repeats, 2), 0  # GaLore's SVD refresh is seconds
+    if a.smoke:
+        a.depth_layers, a.depth_width = [1, 2], 64
     a.models = a.models or list(ALL_MODELS)
     a.extra_llama_rank = a.ranks is None  # r=128 for the LLaMA shapes in the default full run
     a.ranks = a.ranks or [4, 8, 16]
@@ -342,7 +459,7 @@ def main(argv=None) -> None:
     notes = [
         f"gradients: one real forward/backward on random token ids, batch {args.batch} × seq {args.seq}, fp32, "
         "re-used for every timed step",
-        f"normal step: median of {args.repeats} after {args.warmup} warm-up; refresh step: median of "
+        f"normal step: {args.stat} of {args.repeats} after {args.warmup} warm-up; refresh step: {args.stat} of "
         f"{args.refresh_repeats} after the first step + {args.refresh_warmup} warm-up",
         "amortized = (normal·(gap−1) + refresh)/gap; gap 200 = GaLore's default; gap 20 = AdaRankGrad's min_gap "
         "(its most frequent refresh)",
@@ -356,7 +473,14 @@ def main(argv=None) -> None:
     ]
     text = C.header("Optimizer cost on real model shapes", device, threads, notes)
     print(text)
-    for name in args.models:
+    tag = "optimizer_cost" + ("_quick" if args.quick else "") + ("_gpu_run" if args.gpu_run else "") + \
+        ("_depth" if args.depth_only else "")
+    if args.depth or args.depth_only:
+        part = depth_section(device, args) + "\n"
+        print(part, flush=True)
+        text += part
+        C.save(tag, device, text, args.out_dir)
+    for name in [] if args.depth_only else args.models:
         if name == "geneformer-12L-30M" and not GENEFORMER_CONFIG.exists():
             msg = f"skipped {name}: {GENEFORMER_CONFIG} not found\n"
             print(msg)
@@ -368,8 +492,8 @@ def main(argv=None) -> None:
         part = model_table(name, rows, none_peak) + "\n" + ratio_table(name, rows) + "\n"
         print(part, flush=True)
         text += part
-        C.save("optimizer_cost" + ("_quick" if args.quick else ""), device, text, args.out_dir)  # partial results
-    path = C.save("optimizer_cost" + ("_quick" if args.quick else ""), device, text, args.out_dir)
+        C.save(tag, device, text, args.out_dir)  # partial results
+    path = C.save(tag, device, text, args.out_dir)
     print(f"written {path}")
 
 

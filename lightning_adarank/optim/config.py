@@ -4,7 +4,8 @@ The optimizer, the Lightning callback and strategy, and the task CLIs all take t
 dataclass, so each setting is typed, defaulted, documented and checked once. A bad value fails when the
 config is built (``ValueError``/``TypeError`` naming the setting), not at the first step.
 
-Per-group settings (everything except ``seed`` and ``fused``) may also be overridden in a parameter group
+Per-group settings (everything except the optimizer-wide ``seed``, ``fused``, ``grouped`` and
+``refresh_check_every``) may also be overridden in a parameter group
 dict; such overrides go through the same checks (:func:`check_group_settings`).
 """
 
@@ -13,9 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-__all__ = ["AdaRankGradConfig", "GROUP_SETTINGS", "check_group_settings"]
+__all__ = ["AdaRankGradConfig", "GROUP_SETTINGS", "check_group_settings", "ScaleMode", "SubspaceSource"]
+
+#: how ``scale`` turns the low-rank Adam direction into an update (see ``AdaRankGradConfig.scale_mode``)
+ScaleMode = Literal["rms", "galore"]
+#: what a refresh takes its subspace and rank from (see ``AdaRankGradConfig.subspace_source``)
+SubspaceSource = Literal["moment", "gradient"]
 
 
 @dataclass(frozen=True)
@@ -30,14 +36,48 @@ class AdaRankGradConfig:
         max_rank: largest rank of a projection; matrices with ``min(shape) <= max_rank`` are not projected
             (they get plain AdamW).
         min_rank: smallest rank of a projection (``>= 1``).
-        energy: the fraction η of ``‖G‖²_F`` a subspace must keep (adaptive rank; the paper's Algorithm 2),
-            in ``(0, 1]``.
-        scale: α, a multiplier on the projected update (GaLore's ``scale``), ``> 0``.
-        min_gap: a matrix's subspace is refreshed no more often than every ``min_gap`` steps.
+        energy: the fraction η of the energy a subspace must keep (adaptive rank; the paper's Algorithm 2),
+            in ``(0, 1]``: of the smoothed gradient's sketch with ``subspace_source="moment"``, of ``‖G‖²_F``
+            with ``"gradient"``.
+        scale: α, a user multiplier on the projected update, ``> 0``. With ``scale_mode="rms"`` (default)
+            ``scale=1`` means "the update RMS of AdamW at this ``lr``"; with ``"galore"`` it is GaLore's
+            ``scale`` (GaLore's GLUE recipes use 4, its pre-training recipes 0.25).
+        scale_mode: ``"rms"`` (default): the back-projected update is ``lr·α·√(s/r)·P N`` with
+            ``N = m̂/(√v̂+ε)`` the ``r × l`` low-rank Adam direction and ``s = min(m, n)`` the projected side.
+            Since ``P`` has orthonormal columns, ``‖P N‖_F = ‖N‖_F``, so the update's RMS over the ``m × n``
+            matrix is ``lr·α·‖N‖_F/√(r·l) = lr·α·rms(N)``: the RMS of the Adam direction itself, as in full
+            AdamW (whose update RMS is ``lr·rms(m̂/(√v̂+ε))``), **whatever the rank and the width**. Why:
+            Adam makes every entry of ``N`` O(1), so the raw back-projection ``P N`` has RMS ≈ √(r/s) — a
+            learning-rate cut tied to the rank (≈ 0.14 at r = 8, s = 384) that moves with every rank change
+            and differs between layers of different width; no fixed ``scale`` fits them all.
+            ``"galore"``: GaLore's raw semantics ``lr·α·P N`` (for comparisons and a GaLore preset).
+        subspace_source: ``"moment"`` (default): a refresh takes its subspace *and* its rank from a sketch of the
+            smoothed gradient — the full first moment ``M = EMA_β1(G)`` that full AdamW would hold, kept only
+            as ``Y = M Ω`` (``s × k``, ``k = max_rank + oversample``, ``Ω`` a fixed Gaussian test matrix),
+            updated every step by one skinny product ``Y ← β1·Y + (1−β1)·G Ω`` (by linearity ``Y = M Ω``).
+            The new basis is the top-``r`` left singular vectors of ``Y`` and ``r`` the smallest rank whose
+            singular values keep ``energy`` of ``‖Y‖²_F``. Why: one mini-batch gradient is signal plus
+            high-rank noise; its energy is spread over all ``s`` directions, so "keep 90 % of ``‖G‖²``"
+            asks for the maximum rank whatever the structure and the rank never falls. Averaging over about
+            ``1/(1−β1)`` steps cuts the noise energy about ``(1−β1)/(1+β1)`` times (≈ 19× at β1 = 0.9) while
+            the persistent low-rank signal stays, so the rank follows the gradient's structure. The first
+            refresh (no history yet) sees one gradient. ``power_iters`` is not used in this mode (power
+            iterations need the matrix itself, which is never stored).
+            ``"gradient"``: the paper's Algorithm 1–2 on the current gradient (range finder with
+            ``power_iters`` power iterations, energy of ``‖G‖²_F``).
+        min_gap: a matrix's subspace is refreshed no more often than every ``min_gap`` steps; the first
+            ``min_gap − 1`` steps after a refresh (never the refresh step itself) calibrate the refresh test.
         max_gap: ... and at least every ``max_gap`` steps (never staler than GaLore's fixed schedule).
-        tol: refresh threshold in ``(0, 1)``: between ``min_gap`` and ``max_gap`` a subspace is refreshed when
-            its smoothed projected-gradient norm, or the share of the gradient it captures, falls to ``tol``
-            of its reference (see :class:`~lightning_adarank.AdaRankGrad`).
+        tol: refresh threshold in ``(0, 1)``: from ``min_gap`` steps after a refresh a subspace is refreshed
+            when the moving average (β = 0.9 per step) of its projected-gradient norm ``‖PᵀG‖``, or of the
+            share ``‖PᵀG‖²/‖G‖²`` it captures, falls to ``tol`` × its reference (with ``subspace_source="moment"``
+            both are read on the moment sketch ``Y``: ``‖PᵀY‖`` and ``‖PᵀY‖²/‖Y‖²``, noise averaged out). The reference is the mean
+            over the calibration steps, i.e. over mini-batches the subspace was *not* chosen from. Why: the
+            gradient a subspace is chosen from projects onto it more than any other mini-batch will (the
+            subspace was fitted to that batch's noise too), so a reference taken there makes every later
+            batch look "converged" and the test fire by selection bias alone (every 15–25 steps); a reference
+            from fresh batches is what the same subspace captures on a typical batch, and only a real fall
+            (convergence, or the gradient moving out of the subspace) triggers a refresh.
         oversample: extra sketch columns of the randomized range finder (``k = max_rank + oversample``).
         power_iters: power iterations of the range finder.
         transform_moments: carry Adam's moments into a new subspace (``M ← R M``, ``V ← (R∘R) V`` with
@@ -52,6 +92,18 @@ class AdaRankGradConfig:
         seed: the random test matrices depend only on ``(seed, parameter index, refresh count)``, so
             data-parallel ranks agree without communication and a resumed run is bit-identical.
         fused: torch's fused Adam kernel (``None``: where the device supports it), else foreach.
+        grouped: step the projected matrices of a parameter group together: same-shape matrices share one
+            stacked gradient, one batched matmul per rank for the projection and one for the back-projection,
+            one fused Adam call for all, the refresh test as device vectors (no host synchronisation on a
+            normal step) and a batched refresh, so the operators per step do not grow with the number of
+            matrices. ``False``: the per-matrix loop. ``None`` (default): grouped on accelerators, the loop on
+            CPU, where the stacked copies cost more memory traffic than the saved operator launches
+            (measured: ``benchmarks/README.md``, "Grouped step"). The two agree to fp32 rounding.
+        refresh_check_every: how often (in calls of the step) the device-side refresh flags and skip counts
+            are read on the host; the refresh of a flagged matrix happens at the step after the read, so a
+            refresh may come up to ``refresh_check_every − 1`` steps after its test fired (``max_gap`` is
+            enforced on the host and is never late). ``None``: 1 on CPU (a read costs nothing there) and 8 on
+            accelerators, where each read is a synchronisation that stalls the launch queue.
     """
 
     lr: float = 1e-3
@@ -62,6 +114,8 @@ class AdaRankGradConfig:
     min_rank: int = 1
     energy: float = 0.9
     scale: float = 1.0
+    scale_mode: ScaleMode = "rms"
+    subspace_source: SubspaceSource = "moment"
     min_gap: int = 10
     max_gap: int = 200
     tol: float = 0.7
@@ -72,6 +126,8 @@ class AdaRankGradConfig:
     dense_state_bits: int = 32
     seed: int = 0
     fused: bool | None = field(default=None)
+    grouped: bool | None = None
+    refresh_check_every: int | None = None
 
     def __post_init__(self) -> None:
         betas = self.betas
@@ -82,6 +138,11 @@ class AdaRankGradConfig:
             raise TypeError(f"AdaRankGrad: seed must be an int, got {self.seed!r}")
         if self.fused is not None and not isinstance(self.fused, bool):
             raise TypeError(f"AdaRankGrad: fused must be True, False or None, got {self.fused!r}")
+        if self.grouped is not None and not isinstance(self.grouped, bool):
+            raise TypeError(f"AdaRankGrad: grouped must be True, False or None, got {self.grouped!r}")
+        k = self.refresh_check_every
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"AdaRankGrad: refresh_check_every={k!r} must be None or an int >= 1")
 
     def group_defaults(self) -> dict[str, Any]:
         """The per-group settings as a dict (the optimizer's ``defaults``)."""
@@ -101,8 +162,10 @@ class AdaRankGradConfig:
 
 #: every setting's name
 SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(AdaRankGradConfig))
-#: settings a parameter group may override (``seed`` and ``fused`` are optimizer-wide)
-GROUP_SETTINGS = tuple(f.name for f in dataclasses.fields(AdaRankGradConfig) if f.name not in ("seed", "fused"))
+#: settings that are optimizer-wide (a parameter group may not override them)
+GLOBAL_SETTINGS = ("seed", "fused", "grouped", "refresh_check_every")
+#: settings a parameter group may override
+GROUP_SETTINGS = tuple(f.name for f in dataclasses.fields(AdaRankGradConfig) if f.name not in GLOBAL_SETTINGS)
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open=False, high_open=False) -> None:
@@ -150,5 +213,8 @@ def check_group_settings(group: dict[str, Any]) -> None:
             raise TypeError(f"AdaRankGrad: {key} must be an int (32, 16 or 8), got {bits!r}")
         if bits not in (32, 16, 8):
             raise ValueError(f"AdaRankGrad: {key}={bits} must be 32 (fp32), 16 (bf16) or 8 (blockwise 8-bit)")
+    for key, allowed in (("scale_mode", get_args(ScaleMode)), ("subspace_source", get_args(SubspaceSource))):
+        if group[key] not in allowed:
+            raise ValueError(f"AdaRankGrad: {key}={group[key]!r} must be one of {', '.join(map(repr, allowed))}")
     if not isinstance(group["transform_moments"], bool):
         raise TypeError(f"AdaRankGrad: transform_moments must be a bool, got {group['transform_moments']!r}")

@@ -179,7 +179,8 @@ class LayerwiseUpdater:
             self._acc.pop(p, None)
             return
         if opt.is_projected(p, group):
-            low = opt.project_grad(p, grad, group, gsq)  # a pending refresh uses this, the window's first
+            # a pending refresh uses this, the window's first; later micro-batches add to the moment sketch
+            low = opt.project_grad(p, grad, group, gsq, new_step=p not in self._acc)
             pn2 = float(torch.linalg.vector_norm(low)) ** 2
             share = pn2 / gsq if gsq > 0 else 1.0
             if p in self._acc:

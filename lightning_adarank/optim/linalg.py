@@ -7,6 +7,8 @@ Notation: a weight gradient ``G`` of shape ``(m, n)`` is projected on its *small
 - :func:`range_finder` — Algorithm 1: randomized range finder (Halko, Martinsson & Tropp 2011) with power
   iterations, returning an orthonormal basis of the dominant subspace and approximate singular values.
   Never a full SVD of the gradient: the only SVD is of a ``(k, l)`` sketch with ``k = rank + oversample``.
+- :func:`sketch_basis` — basis and rank from an accumulated sketch ``Y = M Ω`` of the smoothed gradient
+  ``M`` (the optimizer's default ``subspace_source="moment"``): one small SVD of ``Y``, no pass over ``G``.
 - :func:`select_rank` — Algorithm 2: smallest rank that keeps a fraction ``energy`` of ``‖G‖²_F``.
 - :func:`moment_transform` — Algorithm 3, block 2: carry Adam's moments into a new subspace.
 - :func:`project` / :func:`project_back` — the projection and its adjoint.
@@ -28,9 +30,18 @@ __all__ = [
     "range_finder",
     "select_rank",
     "low_rank_basis",
+    "sketch_basis",
+    "sketch_side",
     "moment_transform",
     "project",
     "project_back",
+    "cholesky_qr_condition_limit",
+    "orthonormalize_batched",
+    "oriented_batched",
+    "range_finder_batched",
+    "select_ranks_batched",
+    "project_batched",
+    "project_back_batched",
 ]
 
 
@@ -148,6 +159,33 @@ def low_rank_basis(
     return u[:, :r].contiguous(), kept, low.contiguous()
 
 
+def sketch_side(grad: Tensor, side: Side) -> Tensor:
+    """The matrix ``A`` (``s × l``) whose column space the sketch ``Y = A Ω`` tracks: ``G`` or ``Gᵀ`` (a view)."""
+    return _oriented(grad, side)
+
+
+@torch.no_grad()
+def sketch_basis(sketch: Tensor, *, energy: float, min_rank: int, max_rank: int) -> tuple[Tensor, float]:
+    """Basis and adaptive rank from a sketch ``Y = M Ω`` (``s × k``) of a matrix ``M`` (``s × l``).
+
+    ``Ω`` is an ``l × k`` Gaussian test matrix, so ``Y``'s range approximates ``M``'s dominant column space
+    (the randomized range finder without power iterations) and its singular values ``σ_i(Y)`` sample how
+    ``M``'s energy is spread over directions. Returns the top-``r`` left singular vectors of ``Y`` (orthonormal,
+    ``s × r``) and the share ``Σ_{i<=r} σ_i(Y)² / ‖Y‖²_F`` they keep, with ``r`` the smallest rank in
+    ``[min_rank, max_rank]`` whose share reaches ``energy`` (:func:`select_rank` with ``‖Y‖²_F`` as total).
+
+    A rank-``ρ`` ``M`` (``ρ <= k``) gives a rank-``ρ`` ``Y``, hence ``r = ρ`` at any ``energy < 1``; a flat
+    spectrum of more than ``k`` directions gives a flat ``σ(Y)``, hence ``r ≈ energy · k`` (capped at
+    ``max_rank``). Only the ``k`` sampled directions are seen: the share is of ``‖Y‖²``, not of ``‖M‖²``.
+    """
+    u, sv, _ = torch.linalg.svd(sketch, full_matrices=False)
+    total = float(sv.double().square().sum())
+    r = select_rank(sv, total, energy, min_rank, max_rank)
+    r = min(r, u.shape[1])
+    kept = float(sv[:r].double().square().sum()) / total if total > 0 else 1.0
+    return u[:, :r].contiguous(), kept
+
+
 @torch.no_grad()
 def moment_transform(
     p_old: Tensor, p_new: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, side: Side
@@ -175,3 +213,105 @@ def project(grad: Tensor, basis: Tensor, side: Side) -> Tensor:
 def project_back(low_rank: Tensor, basis: Tensor, side: Side) -> Tensor:
     """Adjoint of :func:`project`: ``P N`` (left) or ``N Pᵀ`` (right), back in the weight's shape."""
     return basis @ low_rank if side == "left" else low_rank @ basis.mT
+
+
+# ----------------------------------------------------------------------------- batched (a stack of same-shape matrices)
+# The grouped step (:mod:`~lightning_adarank.optim.grouped`) runs every matrix of one shape through these at once:
+# one operator per stage for the whole stack instead of one per matrix. Shapes carry a leading batch dimension B.
+
+
+def cholesky_qr_condition_limit(dtype: torch.dtype) -> float:
+    """Largest estimated condition number of a sketch that Cholesky-QR2 orthonormalises safely in ``dtype``.
+
+    CholeskyQR2 is accurate to working precision when ``u·κ(Y)² ≪ 1`` (Yamamoto et al. 2015); the estimate
+    used (ratio of the Cholesky factor's extreme diagonal entries) can undershoot ``κ`` by a modest factor, so the
+    limit is ``0.1/√u``: about 290 in fp32, 6.7e6 in fp64. Above it the Householder QR is used instead.
+    """
+    return 0.1 / torch.finfo(dtype).eps ** 0.5
+
+
+@torch.no_grad()
+def orthonormalize_batched(y: Tensor, max_cond: float | None = None) -> tuple[Tensor, Tensor]:
+    """Orthonormal bases of the column spaces of ``y[b]`` (``(B, s, k)``, ``s >= k``): CholeskyQR2, with fallback.
+
+    Cholesky-QR forms the small Gram matrix ``YᵀY = LLᵀ`` and returns ``Y L⁻ᵀ``: two batched matmuls and a
+    ``(k, k)`` factorisation instead of a Householder QR over the tall matrix (much faster on GPUs). It squares
+    the condition number, so it is applied twice (CholeskyQR2) and a matrix falls back to
+    ``torch.linalg.qr`` (Householder) when its Gram matrix is not positive definite (rank-deficient or
+    non-finite sketch) or its estimated condition number exceeds ``max_cond``
+    (default :func:`cholesky_qr_condition_limit`).
+
+    Returns ``(Q, fallback)``: ``Q`` of ``y``'s shape with orthonormal columns, and a ``(B,)`` bool tensor
+    telling which matrices took the Householder path. Reading the fallback decision is one host
+    synchronisation (this runs on refresh steps only).
+    """
+    if y.dim() != 3 or y.shape[1] < y.shape[2]:
+        raise ValueError(f"orthonormalize_batched expects (B, s, k) with s >= k, got {tuple(y.shape)}")
+    limit = cholesky_qr_condition_limit(y.dtype) if max_cond is None else max_cond
+    q = y
+    bad = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(q.mT @ q)
+        diag = chol.diagonal(dim1=-2, dim2=-1)
+        bad |= (info != 0) | ~(diag.amin(-1) * limit > diag.amax(-1))  # ~(>) also catches nan
+        chol = torch.where(bad[:, None, None], torch.eye(y.shape[2], dtype=y.dtype, device=y.device), chol)
+        q = torch.linalg.solve_triangular(chol.mT, q, upper=True, left=False)  # Q Lᵀ = Y
+    if bool(bad.any()):
+        idx = bad.nonzero().squeeze(1)
+        q = q.index_copy(0, idx, torch.linalg.qr(y.index_select(0, idx), mode="reduced")[0])
+    return q, bad
+
+
+def oriented_batched(grads: Tensor, side: Side) -> Tensor:
+    """The stack of matrices ``A`` whose column spaces are sought: ``G`` (left) or ``Gᵀ`` (right, a view)."""
+    return grads if side == "left" else grads.mT
+
+
+@torch.no_grad()
+def range_finder_batched(a: Tensor, omega: Tensor, power_iters: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`range_finder` for a stack ``a`` of oriented matrices ``(B, s, l)`` with test matrices ``omega``.
+
+    ``omega`` is ``(B, l, k)`` (drawn by the caller, one generator per matrix, so a matrix's subspace does not
+    depend on what it is batched with). Orthonormalisation is :func:`orthonormalize_batched`.
+
+    Returns ``(U, S, W, fallback)``: ``U`` ``(B, s, k)`` orthonormal, ``S`` ``(B, k)`` descending, ``W = Uᵀ A``
+    ``(B, k, l)`` (so ``‖U[:, :, :r]ᵀ A‖² = Σ S[:r]²``), and the ``(B,)`` count of Householder fallbacks.
+    """
+    y = torch.bmm(a, omega)
+    fallbacks = torch.zeros(a.shape[0], dtype=torch.int64, device=a.device)
+    for _ in range(power_iters):
+        q, bad = orthonormalize_batched(y)
+        z, bad2 = orthonormalize_batched(torch.bmm(a.mT, q))
+        fallbacks += bad.long() + bad2.long()
+        y = torch.bmm(a, z)
+    q, bad = orthonormalize_batched(y)
+    fallbacks += bad.long()
+    b = torch.bmm(q.mT, a)  # (B, k, l)
+    ub, sv, vh = torch.linalg.svd(b, full_matrices=False)
+    return torch.bmm(q, ub), sv, sv.unsqueeze(-1) * vh, fallbacks
+
+
+def select_ranks_batched(
+    singular_values: Tensor, total_energy: Tensor, energy: float, min_rank: int, max_rank: int
+) -> Tensor:
+    """:func:`select_rank` for a stack: ``(B, k)`` singular values, ``(B,)`` exact ``‖G‖²_F`` → ``(B,)`` ranks.
+
+    Stays on the device (no host read); a matrix with ``‖G‖ = 0`` gets ``min_rank``.
+    """
+    k = singular_values.shape[-1]
+    kept = torch.cumsum(singular_values.double().square(), -1) / total_energy.double().unsqueeze(-1)
+    reached = kept >= energy * (1.0 - 1e-12)
+    first = reached.long().argmax(-1) + 1  # first True (argmax of a 0/1 row returns its first maximum)
+    ranks = torch.where(reached.any(-1), first, torch.full_like(first, max_rank))
+    ranks = ranks.clamp(max=min(max_rank, k)).clamp(min=min_rank)
+    return torch.where(total_energy > 0, ranks, torch.full_like(ranks, min_rank))
+
+
+def project_batched(grads: Tensor, bases: Tensor, side: Side) -> Tensor:
+    """:func:`project` for stacks: ``PᵀG`` ``(B, r, n)`` (left) or ``G P`` ``(B, m, r)`` (right)."""
+    return torch.bmm(bases.mT, grads) if side == "left" else torch.bmm(grads, bases)
+
+
+def project_back_batched(low_rank: Tensor, bases: Tensor, side: Side) -> Tensor:
+    """:func:`project_back` for stacks: ``P N`` (left) or ``N Pᵀ`` (right), ``(B, m, n)``."""
+    return torch.bmm(bases, low_rank) if side == "left" else torch.bmm(low_rank, bases.mT)

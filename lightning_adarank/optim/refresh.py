@@ -1,0 +1,102 @@
+"""The batched subspace refresh of the grouped step.
+
+With ``subspace_source="moment"`` the pending matrices of one shape take their bases and ranks from one
+batched SVD of their moment sketches ``Y`` (``(B, s, k)``; the per-matrix
+:func:`~lightning_adarank.optim.linalg.sketch_basis`, batched). With ``"gradient"`` every pending matrix of one ``(shape, dtype, device)`` goes through one batched range finder
+(:func:`~lightning_adarank.optim.linalg.range_finder_batched`: batched matmuls, CholeskyQR2 with a Householder
+fallback, a batched SVD of the small sketches) and one batched rank selection; the rank, ``‖G‖²`` and the
+energy kept come to the host in one read (a refresh step may synchronise: the rank decides the storage).
+The random test matrix of each matrix is drawn from its own generator, seeded exactly as in the per-matrix
+path (:func:`~lightning_adarank.optim.linalg.subspace_seed`), so a matrix's subspace does not depend on what it
+is batched with and data-parallel ranks agree without communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .linalg import moment_transform, oriented_batched, projection_side, range_finder_batched, select_ranks_batched
+
+__all__ = ["refresh_batched", "reset_statistics"]
+
+
+def reset_statistics(st: dict, device: torch.device) -> None:
+    """Refresh-test statistics of a fresh subspace, as 0-d device tensors (the per-matrix test's numbers:
+    empty calibration sums and counts, moving averages not started)."""
+    zero = torch.zeros(4, device=device)
+    st["ref_norm"], st["ref_count"], st["ref_share"], st["ref_share_count"] = zero.clone().unbind(0)
+    st["ema_norm"], st["ema_share"] = torch.full((2,), -1.0, device=device).unbind(0)
+
+
+def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_moments: bool) -> None:
+    """Put a new basis into ``p``'s state, carrying (or resetting) the moments; reset the refresh test."""
+    side = projection_side(p.shape)
+    old = st.get("basis")
+    shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
+    if old is None or (not transform_moments and old.shape != basis.shape):
+        st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+    elif transform_moments:
+        st["exp_avg"], st["exp_avg_sq"] = moment_transform(old, basis, st["exp_avg"], st["exp_avg_sq"], side)
+    st["basis"] = basis
+    st["rank"] = basis.shape[1]
+    st["energy_kept"] = kept
+    st["refreshes"] += 1
+    st["pending"] = False
+    st["since_refresh"] = 0
+    reset_statistics(st, p.device)
+
+
+@torch.no_grad()
+def refresh_batched(
+    params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, seed_of: Callable[[Tensor, int], int]
+) -> list[bool]:
+    """Refresh the subspace of every ``params[i]`` from ``grads[i]`` (or from its moment sketch, already updated
+    with this gradient); ``False`` where the gradient is not finite (that matrix's state is left untouched).
+
+    ``seed_of(p, refresh_count)`` gives the range finder's test-matrix seed (``subspace_source="gradient"``).
+    """
+    done = [False] * len(params)
+    keys: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        keys.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
+    max_rank, oversample = group["max_rank"], group["oversample"]
+    moment = group["subspace_source"] == "moment"
+    for (shape, _, device), idx in keys.items():
+        side = projection_side(shape)
+        g = torch.stack([grads[i] for i in idx])
+        if g.dtype != torch.float32:
+            g = g.float()
+        gn2 = torch.linalg.vector_norm(g, dim=(1, 2)).square()
+        if moment:
+            y = torch.stack([states[i]["sketch"] for i in idx])
+            u, sv, _ = torch.linalg.svd(y, full_matrices=False)
+            total = sv.double().square().sum(-1)  # the energy of the sketch (sketch_basis's total)
+        else:
+            finite = torch.isfinite(gn2)
+            g = torch.where(finite[:, None, None], g, 0.0)  # a non-finite matrix is skipped below; keep the SVD sane
+            a = oriented_batched(g, side)
+            s, l = a.shape[1:]
+            k = max(1, min(max_rank + oversample, s))
+            omegas = []
+            for i in idx:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(seed_of(params[i], states[i]["refreshes"]))
+                omegas.append(torch.randn(l, k, generator=gen, device=device, dtype=torch.float32))
+            u, sv, _, _ = range_finder_batched(a, torch.stack(omegas), group["power_iters"])
+            total = gn2.double()
+        ranks = select_ranks_batched(sv, total, group["energy"], group["min_rank"], max_rank).clamp(max=u.shape[-1])
+        kept_sq = torch.cumsum(sv.double().square(), -1).gather(1, (ranks - 1).unsqueeze(1)).squeeze(1)
+        host = torch.cat((ranks.double(), total.double(), kept_sq, gn2.double())).tolist()  # one read per shape
+        n = len(idx)
+        for b, i in enumerate(idx):
+            r, tot, kept, g2 = int(host[b]), host[n + b], host[2 * n + b], host[3 * n + b]
+            if not (g2 == g2 and abs(g2) != float("inf")):  # non-finite gradient: skip this matrix
+                continue
+            install_subspace(states[i], params[i], u[b, :, :r].contiguous(), kept / tot if tot > 0 else 1.0,
+                             group["transform_moments"])
+            done[i] = True
+    return done
