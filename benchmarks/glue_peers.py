@@ -34,7 +34,9 @@ OPTIMIZERS = ("adarankgrad", "galore", "adamw", "lora")
 # Learning rates for a short budget on a small encoder. On SST-2 (--quick) the projected methods at
 # AdamW's 1e-4 reached only 0.565 (AdaRankGrad) / 0.560 (GaLore) dev accuracy against AdamW's 0.757, and
 # 0.752 / 0.728 at 3e-4 (scale 4); LoRA (few, zero-initialised adapter weights) gets the usual ~10x lr.
-DEFAULT_LR = {"adarankgrad": 3e-4, "galore": 3e-4, "adamw": 1e-4, "lora": 1e-3}
+# Since issue 12 AdaRankGrad's default update has AdamW's RMS whatever the rank (scale_mode="rms"), so it takes
+# AdamW's lr and scale 1; --scale applies to GaLore only.
+DEFAULT_LR = {"adarankgrad": 1e-4, "galore": 3e-4, "adamw": 1e-4, "lora": 1e-3}
 
 
 def minilm_path() -> str:
@@ -56,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=None, help="tokens (quick: 64, else 128)")
     p.add_argument("--rank", type=int, default=8, help="AdaRankGrad max rank = GaLore rank = LoRA rank")
-    p.add_argument("--scale", type=float, default=4.0, help="AdaRankGrad/GaLore update scale (GaLore's GLUE value: 4)")
+    p.add_argument("--scale", type=float, default=4.0, help="GaLore's update scale (its GLUE value: 4)")
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--include-embeddings", action="store_true",
@@ -91,7 +93,7 @@ def run_one(name: str, args) -> dict:
     L.seed_everything(args.seed, verbose=False)
     lr = getattr(args, f"lr_{name}")
     model = GLUETransformer(args.model, task=args.task, optimizer=name, learning_rate=lr, rank=args.rank,
-                            scale=args.scale if name in ("adarankgrad", "galore") else None,
+                            scale=args.scale if name == "galore" else None,
                             warmup_ratio=args.warmup_ratio,
                             include_embeddings=args.include_embeddings and name in ("adarankgrad", "galore"))
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

