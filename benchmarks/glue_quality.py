@@ -203,8 +203,9 @@ def run_one(task: str, method: str, seed: int, args) -> dict:
 def _mean_sd(xs: list[float]) -> str:
     if not xs:
         return "—"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * statistics.fmean(xs):.1f} ± {100 * sd:.1f}"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f} (1 seed)"
+    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f} ({len(xs)} seeds)"
 
 
 def histogram(intervals: list[int]) -> str:
