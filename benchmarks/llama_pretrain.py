@@ -94,7 +94,7 @@ def child(a: argparse.Namespace) -> None:
     name = a.child
     if name.startswith("adarankgrad"):
         bits = int(name[len("adarankgrad"):])  # 8-bit: projected AND dense moments, as 8-bit GaLore/Adam
-        opt = build_pretrain_optimizer(model, "adarankgrad", lr=a.lr_lowrank, rank=a.rank, scale=0.25,
+        opt = build_pretrain_optimizer(model, "adarankgrad", lr=a.lr_lowrank, rank=a.rank, scale=0.25, scale_mode="galore",
                                        state_bits=bits, dense_state_bits=bits)
     elif name.startswith("galore"):
         opt = build_pretrain_optimizer(model, name, lr=a.lr_lowrank, rank=a.rank, scale=0.25, update_proj_gap=a.gap)
