@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import project_back_batched, project_batched, projection_side
+from .linalg import projection_side
 
 __all__ = ["ProjectedStore", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA"]
 

@@ -30,28 +30,16 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.optim.adamw import adamw as _adamw_kernel
-from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-from .linalg import (
-    low_rank_basis,
-    moment_transform,
-    project,
-    projection_side,
-    sketch_basis,
-    sketch_side,
-    subspace_seed,
-)
 from . import quant
+from .adam_kernels import AdamKernels
 from .config import AdaRankGradConfig
 from .checkpoint import STATE_KEY, check_state_dict, format_tag
 from .grouped_step import GroupedStep
+from .projected import ProjectedStep
 from .settings import normalize_params, validate_group
 
 __all__ = ["AdaRankGrad", "SubspaceInfo"]
 
-_EMA = 0.9  # smoothing of ‖PᵀG‖ and of the share ‖PᵀG‖²/‖G‖² in the refresh test (about ten steps of memory)
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -77,7 +65,7 @@ class SubspaceInfo:
         return self.max_rank * (s + 2 * l)
 
 
-class AdaRankGrad(GroupedStep, torch.optim.Optimizer):
+class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer):
     r"""AdamW with adaptive-rank gradient projection (AdaRankGrad, arXiv 2410.17881).
 
     Args:
@@ -189,11 +177,6 @@ class AdaRankGrad(GroupedStep, torch.optim.Optimizer):
         return sum(
             v.numel() * v.element_size() for st in self.state.values() for v in st.values() if isinstance(v, Tensor)
         )
-
-    def _use_fused(self, device: torch.device) -> bool:
-        if self.fused is not None:
-            return self.fused
-        return device.type in _get_fused_kernels_supported_devices()
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -309,320 +292,6 @@ class AdaRankGrad(GroupedStep, torch.optim.Optimizer):
         moment sketch instead (:meth:`_sketch_stats`).
         """
         return self._group_of(p)["subspace_source"] != "moment"
-
-    @staticmethod
-    def _norms(tensors: list[Tensor]) -> list[float]:
-        """Euclidean norms (fp32) of ``tensors`` with one host synchronisation for the whole list.
-
-        On CPU a BLAS dot product per tensor (about twice as fast there as torch's norm kernel); elsewhere
-        torch's multi-tensor norm (one launch for the whole list).
-        """
-        device = tensors[0].device
-        if device.type == "cpu" and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-            flat = [t.reshape(-1) for t in tensors]
-            return torch.stack([torch.dot(v, v) for v in flat]).sqrt_().tolist()
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-        return torch.stack([n.to(device) for n in norms]).tolist()
-
-    def _step_tensor(self, p: Tensor, fused: bool) -> Tensor:
-        return torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
-
-    def _adamw(self, params, grads, exp_avgs, exp_avg_sqs, steps, group, *, lr, weight_decay, found_inf=None):
-        fused = self._use_fused(params[0].device) and all(p.dtype in _FUSED_DTYPES for p in params)
-        for i, s in enumerate(steps):  # keep step counters where the chosen kernel wants them
-            want = params[i].device if fused else torch.device("cpu")
-            if s.device != want:
-                steps[i] = s.to(want)
-        beta1, beta2 = group["betas"]
-        _adamw_kernel(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            foreach=not fused, fused=fused or None, amsgrad=False, beta1=beta1, beta2=beta2,
-            lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=False,
-            **({"found_inf": found_inf} if found_inf is not None else {}),
-        )
-        return steps
-
-    # [state_bits] ------------------------------------------------------------------------------------------
-    def _adamw_stored(self, params, grads, states, shapes, group, bits, *, lr, weight_decay, found_inf=None) -> list[Tensor]:
-        """Adam on moments stored at ``bits`` (:mod:`.quant`): fp32 moments in one batched kernel call, as
-        before; low-bit ones one parameter at a time (load → Adam → store), so that at most one parameter's
-        fp32 moments exist at once."""
-        if bits == 32 and all(type(st["exp_avg"]) is Tensor and st["exp_avg"].dtype == torch.float32 for st in states):
-            return self._adamw(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                               [st["step"] for st in states], group, lr=lr, weight_decay=weight_decay, found_inf=found_inf)
-        steps = []
-        for p, g, st, shape in zip(params, grads, states, shapes):
-            m, v = quant.load(st["exp_avg"], shape), quant.load(st["exp_avg_sq"], shape)
-            steps += self._adamw([p], [g], [m], [v], [st["step"]], group, lr=lr, weight_decay=weight_decay,
-                                 found_inf=found_inf)
-            st["exp_avg"] = quant.store(st["exp_avg"], m, bits, signed=True)
-            st["exp_avg_sq"] = quant.store(st["exp_avg_sq"], v, bits, signed=False)
-        return steps
-    # [/state_bits] -----------------------------------------------------------------------------------------
-
-    def update_dense(self, params: list[Tensor], grads: list[Tensor], group: dict, check_finite: bool = False) -> None:
-        """Exact AdamW (torch's kernel) for parameters that are not projected; fp32 math for fp16/bf16.
-
-        ``check_finite``: skip on the device when a gradient is not finite (the fused kernel's skip flag: all
-        of ``params`` skip this step), counted and warned about at the next read; without the fused kernel the
-        check is a host read, and only the non-finite parameters skip.
-        """
-        fused = self._use_fused(params[0].device)
-        found_inf = None
-        if check_finite:
-            if fused and all(p.dtype in _FUSED_DTYPES for p in params):
-                dev = params[0].device
-                norms = [n if n.device == dev else n.to(dev) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)]
-                bad = ~torch.isfinite(torch.stack(norms))
-                found_inf = bad.any().float()
-                self._unread_skips.append(found_inf * len(params))
-            else:
-                ok = [i for i, n in enumerate(self._norms(grads)) if math.isfinite(n)]
-                if len(ok) < len(params):
-                    self._warn_skipped(len(params) - len(ok))
-                    params, grads = [params[i] for i in ok], [grads[i] for i in ok]
-                    if not params:
-                        return
-        states = [self.state[p] for p in params]
-        for p, st in zip(params, states):
-            if not st:
-                st["step"] = self._step_tensor(p, fused)
-                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-                if group.get("dense_state_bits", 32) != 32:  # [state_bits] low-bit storage (quant.py)
-                    st["exp_avg"] = quant.zeros(tuple(p.shape), group["dense_state_bits"], signed=True, device=p.device)
-                    st["exp_avg_sq"] = quant.zeros(tuple(p.shape), group["dense_state_bits"], signed=False, device=p.device)
-        low_prec = [p.dtype in (torch.float16, torch.bfloat16) for p in params]
-        work = [p.float() if lp else p for p, lp in zip(params, low_prec)]
-        wgrads = [g.float() if lp else g for g, lp in zip(grads, low_prec)]
-        steps = self._adamw_stored(  # [state_bits]
-            work, wgrads, states, [p.shape for p in params], group, group.get("dense_state_bits", 32),
-            lr=group["lr"], weight_decay=group["weight_decay"], found_inf=found_inf,
-        )
-        for p, w, st, s, lp in zip(params, work, states, steps, low_prec):
-            st["step"] = s
-            if lp:
-                p.copy_(w)
-
-    # ------------------------------------------------------------------ projected parameters
-    def project_grad(
-        self, p: Tensor, grad: Tensor, group: dict, grad_sq_norm: float | None = None, *, new_step: bool = True,
-        sketch: bool = True,
-    ) -> Tensor | None:
-        """Refresh ``p``'s subspace if one is pending (from this gradient), then return the projected gradient.
-
-        This is the first half of a projected step; :meth:`update_projected` is the second. The layer-wise
-        mode calls them separately to accumulate projected gradients over micro-batches, with
-        ``new_step=False`` for every micro-batch after a window's first (the moment sketch then adds the
-        micro-batch's share instead of starting a new average step). Returns ``None`` (and changes nothing
-        but the sketch's skipped update) when a refresh is due but the gradient is not finite.
-
-        ``sketch=False``: on a step without a refresh the caller updates the moment sketch itself
-        (:meth:`_update_sketch`) once it knows the step is not skipped (the per-matrix loop does).
-        """
-        st = self.state[p]
-        g = grad.float()
-        if not st:
-            st["step"] = self._step_tensor(p, self._use_fused(p.device))
-            st["refreshes"] = 0
-            st["pending"] = True
-        moment = group["subspace_source"] == "moment"
-        if st["pending"]:
-            if grad_sq_norm is None:
-                grad_sq_norm = self._norms([g])[0] ** 2
-            if not math.isfinite(grad_sq_norm):
-                return None
-            if moment:
-                self._update_sketch(p, g, group, st, new_step)
-            return self._refresh(p, g, group, st, grad_sq_norm)
-        if moment and sketch:
-            self._update_sketch(p, g, group, st, new_step)
-        return project(g, st["basis"].float(), projection_side(p.shape))  # [state_bits] bf16 below 32 bits
-
-    def _test_matrix(self, rows: int, cols: int, device: torch.device) -> Tensor:
-        """The fixed Gaussian ``Ω`` (``rows × cols``) of the moment sketches; depends only on (seed, shape).
-
-        Shared by every matrix with the same long side, never stored in the state: it is regenerated
-        bit-identically from the seed after a resume, and agrees across data-parallel ranks.
-        """
-        key = (rows, cols, str(device))
-        omega = self._test_matrices.get(key)
-        if omega is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(subspace_seed(self.seed, -1 - rows, cols))
-            omega = torch.randn(rows, cols, generator=gen, device=device, dtype=torch.float32)
-            self._test_matrices[key] = omega
-        return omega
-
-    @staticmethod
-    def _sketch(st: dict, p: Tensor) -> Tensor:
-        """The moment sketch ``Y`` (``min(shape) × sketch_cols``) of ``p`` as fp32 (dequantized below 32 bits)."""
-        y = st["sketch"]
-        return y.float() if type(y) is Tensor else quant.load(y, (min(p.shape), st["sketch_cols"]))
-
-    def _update_sketch(self, p: Tensor, g: Tensor, group: dict, st: dict, new_step: bool) -> None:
-        """``Y ← β1·Y + (1−β1)·A Ω`` (``A = G`` or ``Gᵀ``): by linearity ``Y`` is the sketch ``M Ω`` of the full first
-        moment. A non-finite ``G`` leaves ``Y`` as it was (checked on the device, no synchronisation).
-
-        Below 32 ``state_bits`` the sketch is stored like the moments (bf16, or 8-bit blocks with ``sketch_cols``
-        recording its width) and updated on its dequantized values.
-        """
-        a = sketch_side(g, projection_side(p.shape))
-        k = min(group["max_rank"] + group["oversample"], a.shape[0])
-        fresh = a @ self._test_matrix(a.shape[1], k, g.device)
-        bits = group.get("state_bits", 32)
-        y = st.get("sketch")
-        if y is not None and bits != 32:
-            if st.get("sketch_cols") != k:
-                y = None
-            else:
-                y = quant.load(y, fresh.shape)
-        if y is None or y.shape != fresh.shape:  # the average starts at the first sketch (no zero-bias)
-            y, new = None, torch.where(torch.isfinite(fresh).all(), fresh, torch.zeros_like(fresh))
-        else:
-            beta1 = group["betas"][0]
-            new = torch.add(y, fresh, alpha=1.0 - beta1) if not new_step else fresh.mul_(1.0 - beta1).add_(y, alpha=beta1)
-            new = torch.where(torch.isfinite(new).all(), new, y)
-        if bits == 32 and y is not None:
-            y.copy_(new)
-            return
-        if bits != 32:
-            st["sketch_cols"] = k
-            new = quant.store(st.get("sketch") if y is not None else None, new, bits, signed=True)
-        st["sketch"] = new
-
-    def _refresh(self, p: Tensor, g: Tensor, group: dict, st: dict, grad_sq_norm: float) -> Tensor:
-        """Subspace refresh: a basis and rank from the moment sketch (or from ``g``), then the moment transform.
-
-        Returns the projected gradient in the new subspace.
-        """
-        side = projection_side(p.shape)
-        if group["subspace_source"] == "moment":
-            basis, kept = sketch_basis(self._sketch(st, p), energy=group["energy"], min_rank=group["min_rank"],
-                                       max_rank=group["max_rank"])
-            low = project(g, basis, side)
-        else:
-            gen = torch.Generator(device=g.device)
-            gen.manual_seed(subspace_seed(self.seed, self._index[id(p)], st["refreshes"]))
-            basis, kept, low = low_rank_basis(
-                g, side, energy=group["energy"], min_rank=group["min_rank"], max_rank=group["max_rank"],
-                oversample=group["oversample"], power_iters=group["power_iters"], generator=gen,
-                total_energy=grad_sq_norm,
-            )
-        old = st.get("basis")
-        # [state_bits] moments are loaded (dequantized) for the transform and stored (re-quantized) after it
-        bits = group.get("state_bits", 32)
-        shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
-        if old is None or (not group["transform_moments"] and old.shape != basis.shape):
-            st["exp_avg"] = quant.zeros(shape, bits, signed=True, device=p.device)
-            st["exp_avg_sq"] = quant.zeros(shape, bits, signed=False, device=p.device)
-        elif group["transform_moments"]:
-            old_shape = (old.shape[1], p.shape[1]) if side == "left" else (p.shape[0], old.shape[1])
-            m, v = moment_transform(old.float(), basis, quant.load(st["exp_avg"], old_shape),
-                                    quant.load(st["exp_avg_sq"], old_shape), side)
-            st["exp_avg"] = quant.store(None, m, bits, signed=True)
-            st["exp_avg_sq"] = quant.store(None, v, bits, signed=False)
-        st["basis"] = basis if bits == 32 else basis.bfloat16()
-        st["rank"] = basis.shape[1]
-        st["energy_kept"] = kept
-        st["refreshes"] += 1
-        st["pending"] = False
-        st["since_refresh"] = 0
-        # refresh-test statistics (see _refresh_test): calibration sums and counts, then moving averages
-        st["ref_norm"] = st["ref_share"] = 0.0
-        st["ref_count"] = st["ref_share_count"] = 0
-        st["ema_norm"] = st["ema_share"] = -1.0
-        return low
-
-    def update_projected(
-        self,
-        params: list[Tensor],
-        lowrank: list[Tensor],
-        group: dict,
-        proj_norms: list[float] | None = None,
-        shares: list[float | None] | None = None,
-    ) -> None:
-        """AdamW on projected gradients, back-projection into the weights, and the refresh test.
-
-        ``lowrank[i]`` is ``params[i]``'s projected gradient in its current subspace; ``proj_norms[i]`` its norm
-        (computed here when not given); ``shares[i]`` the captured share ``‖PᵀG‖²/‖G‖²`` when it was measured
-        this step, else ``None``.
-        """
-        states = [self.state[p] for p in params]
-        directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
-        steps = self._adamw_stored(  # [state_bits]
-            directions, lowrank, states, [d.shape for d in directions], group, group.get("state_bits", 32),
-            lr=1.0, weight_decay=0.0,
-        )
-        lr, wd = group["lr"], group["weight_decay"]
-        decay = 1.0 - lr * wd
-        rms = group["scale_mode"] == "rms"
-        for p, st, s, d in zip(params, states, steps, directions):
-            st["step"] = s
-            basis = st["basis"].float()  # [state_bits] bf16 below 32 bits
-            alpha = lr * group["scale"] * (math.sqrt(basis.shape[0] / basis.shape[1]) if rms else 1.0)
-            if p.dtype == torch.float32:  # decay and update in one pass over W: W ← decay·W + α·P d
-                if p.shape[0] <= p.shape[1]:
-                    p.addmm_(basis, d, beta=decay, alpha=alpha)
-                else:
-                    p.addmm_(d, basis.mT, beta=decay, alpha=alpha)
-            else:
-                if wd:
-                    p.mul_(decay)
-                delta = basis @ d if p.shape[0] <= p.shape[1] else d @ basis.mT
-                p.add_(delta.mul_(alpha).to(p.dtype))
-        if group["subspace_source"] == "moment":
-            proj_norms, shares = self._sketch_stats(states, params)
-        elif proj_norms is None:
-            proj_norms = self._norms(lowrank)
-        if shares is None:
-            shares = [None] * len(params)
-        for st, pn, share in zip(states, proj_norms, shares):
-            self._refresh_test(st, group, pn, share)
-
-    def _sketch_stats(self, states: list[dict], params: list[Tensor]) -> tuple[list[float], list[float]]:
-        """The refresh test's statistics with ``subspace_source="moment"``, from the sketch ``Y = M Ω``:
-        ``‖PᵀY‖`` (the smoothed projected gradient, sketched) and ``‖PᵀY‖²/‖Y‖²`` (the share of the smoothed
-        gradient the subspace captures). One synchronisation for all; mini-batch noise is averaged out already.
-        """
-        sketches = [self._sketch(st, p) for st, p in zip(states, params)]
-        norms = self._norms([st["basis"].float().mT @ y for st, y in zip(states, sketches)] + sketches)
-        n = len(states)
-        inside, total = norms[:n], norms[n:]
-        return inside, [a * a / (b * b) if b > 0 else 1.0 for a, b in zip(inside, total)]
-
-    @staticmethod
-    def _refresh_test(st: dict, group: dict, proj_norm: float, share: float | None) -> None:
-        """Adaptive subspace refresh (Algorithm 3, block 3), calibrated: flag a refresh for the next step.
-
-        Step ``j`` of a subspace (``j = 0``: the refresh step, left out: its gradient chose the subspace).
-        Steps ``1 … K`` (``K = max(1, min_gap − 1)``) add ``‖PᵀG‖`` and the share to the reference sums; from step
-        1 both enter moving averages (β = ``_EMA``). From ``min_gap`` steps on, a refresh is flagged when an
-        average has fallen to ``tol`` × its reference mean (and always at ``max_gap``). ``share`` is ``None``
-        when it was not measured this step; the share statistic then does not move.
-        """
-        j = st["since_refresh"]
-        calib = max(1, group["min_gap"] - 1)
-        if j >= 1:
-            st["ema_norm"] = proj_norm if st["ema_norm"] < 0 else _EMA * st["ema_norm"] + (1 - _EMA) * proj_norm
-            if j <= calib:
-                st["ref_norm"] += proj_norm
-                st["ref_count"] += 1
-            if share is not None:
-                ema = st["ema_share"]
-                st["ema_share"] = share if ema < 0 else _EMA * ema + (1 - _EMA) * share
-                if j <= calib:
-                    st["ref_share"] += share
-                    st["ref_share_count"] += 1
-        st["since_refresh"] = gap = j + 1
-        if gap >= group["max_gap"]:
-            st["pending"] = True
-        elif gap >= group["min_gap"] and st["ref_count"] >= calib:
-            tol = group["tol"]
-            fell = st["ema_norm"] <= tol * st["ref_norm"] / st["ref_count"]
-            if st["ref_share_count"]:
-                fell = fell or st["ema_share"] <= tol * st["ref_share"] / st["ref_share_count"]
-            st["pending"] = fell
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

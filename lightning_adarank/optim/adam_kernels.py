@@ -1,0 +1,122 @@
+"""The Adam kernels of :class:`~lightning_adarank.AdaRankGrad`, mixed into it: torch's own functional AdamW
+(fused where the device has it, else foreach) on fp32 or low-bit stored moments (:mod:`.quant`), the exact
+AdamW of the unprojected parameters, and the batched norms every step reads at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw as _adamw_kernel
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+from . import quant
+
+__all__ = ["AdamKernels"]
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class AdamKernels:
+    """Mixin: the Adam calls and norms (needs the optimizer's ``state``, ``config`` and warning helpers)."""
+
+    def _use_fused(self, device: torch.device) -> bool:
+        if self.fused is not None:
+            return self.fused
+        return device.type in _get_fused_kernels_supported_devices()
+
+    @staticmethod
+    def _norms(tensors: list[Tensor]) -> list[float]:
+        """Euclidean norms (fp32) of ``tensors`` with one host synchronisation for the whole list.
+
+        On CPU a BLAS dot product per tensor (about twice as fast there as torch's norm kernel); elsewhere
+        torch's multi-tensor norm (one launch for the whole list).
+        """
+        device = tensors[0].device
+        if device.type == "cpu" and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+            flat = [t.reshape(-1) for t in tensors]
+            return torch.stack([torch.dot(v, v) for v in flat]).sqrt_().tolist()
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        return torch.stack([n.to(device) for n in norms]).tolist()
+
+    def _step_tensor(self, p: Tensor, fused: bool) -> Tensor:
+        return torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+
+    def _adamw(self, params, grads, exp_avgs, exp_avg_sqs, steps, group, *, lr, weight_decay, found_inf=None):
+        fused = self._use_fused(params[0].device) and all(p.dtype in _FUSED_DTYPES for p in params)
+        for i, s in enumerate(steps):  # keep step counters where the chosen kernel wants them
+            want = params[i].device if fused else torch.device("cpu")
+            if s.device != want:
+                steps[i] = s.to(want)
+        beta1, beta2 = group["betas"]
+        _adamw_kernel(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            foreach=not fused, fused=fused or None, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=False,
+            **({"found_inf": found_inf} if found_inf is not None else {}),
+        )
+        return steps
+
+    # [state_bits] ------------------------------------------------------------------------------------------
+    def _adamw_stored(self, params, grads, states, shapes, group, bits, *, lr, weight_decay, found_inf=None) -> list[Tensor]:
+        """Adam on moments stored at ``bits`` (:mod:`.quant`): fp32 moments in one batched kernel call, as
+        before; low-bit ones one parameter at a time (load → Adam → store), so that at most one parameter's
+        fp32 moments exist at once."""
+        if bits == 32 and all(type(st["exp_avg"]) is Tensor and st["exp_avg"].dtype == torch.float32 for st in states):
+            return self._adamw(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                               [st["step"] for st in states], group, lr=lr, weight_decay=weight_decay, found_inf=found_inf)
+        steps = []
+        for p, g, st, shape in zip(params, grads, states, shapes):
+            m, v = quant.load(st["exp_avg"], shape), quant.load(st["exp_avg_sq"], shape)
+            steps += self._adamw([p], [g], [m], [v], [st["step"]], group, lr=lr, weight_decay=weight_decay,
+                                 found_inf=found_inf)
+            st["exp_avg"] = quant.store(st["exp_avg"], m, bits, signed=True)
+            st["exp_avg_sq"] = quant.store(st["exp_avg_sq"], v, bits, signed=False)
+        return steps
+    # [/state_bits] -----------------------------------------------------------------------------------------
+
+    def update_dense(self, params: list[Tensor], grads: list[Tensor], group: dict, check_finite: bool = False) -> None:
+        """Exact AdamW (torch's kernel) for parameters that are not projected; fp32 math for fp16/bf16.
+
+        ``check_finite``: skip on the device when a gradient is not finite (the fused kernel's skip flag: all
+        of ``params`` skip this step), counted and warned about at the next read; without the fused kernel the
+        check is a host read, and only the non-finite parameters skip.
+        """
+        fused = self._use_fused(params[0].device)
+        found_inf = None
+        if check_finite:
+            if fused and all(p.dtype in _FUSED_DTYPES for p in params):
+                dev = params[0].device
+                norms = [n if n.device == dev else n.to(dev) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)]
+                bad = ~torch.isfinite(torch.stack(norms))
+                found_inf = bad.any().float()
+                self._unread_skips.append(found_inf * len(params))
+            else:
+                ok = [i for i, n in enumerate(self._norms(grads)) if math.isfinite(n)]
+                if len(ok) < len(params):
+                    self._warn_skipped(len(params) - len(ok))
+                    params, grads = [params[i] for i in ok], [grads[i] for i in ok]
+                    if not params:
+                        return
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st["step"] = self._step_tensor(p, fused)
+                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+                if group.get("dense_state_bits", 32) != 32:  # [state_bits] low-bit storage (quant.py)
+                    st["exp_avg"] = quant.zeros(tuple(p.shape), group["dense_state_bits"], signed=True, device=p.device)
+                    st["exp_avg_sq"] = quant.zeros(tuple(p.shape), group["dense_state_bits"], signed=False, device=p.device)
+        low_prec = [p.dtype in (torch.float16, torch.bfloat16) for p in params]
+        work = [p.float() if lp else p for p, lp in zip(params, low_prec)]
+        wgrads = [g.float() if lp else g for g, lp in zip(grads, low_prec)]
+        steps = self._adamw_stored(  # [state_bits]
+            work, wgrads, states, [p.shape for p in params], group, group.get("dense_state_bits", 32),
+            lr=group["lr"], weight_decay=group["weight_decay"], found_inf=found_inf,
+        )
+        for p, w, st, s, lp in zip(params, work, states, steps, low_prec):
+            st["step"] = s
+            if lp:
+                p.copy_(w)
