@@ -36,7 +36,7 @@ def run():
     dev = encode(tok, read_sst2("dev", 872), max_length=32)  # the whole SST-2 dev set
     base = load_classifier(path)
     tuned = copy.deepcopy(base)
-    finetune(tuned, train, steps=30, batch_size=16, lr=3e-4, scale=2.0, max_rank=8, head_lr=3e-2)
+    finetune(tuned, train, steps=30, batch_size=16, lr=1e-4, max_rank=8, head_lr=3e-2)
     return {"path": path, "base": base, "tuned": tuned, "dev": dev, "tuned_logits": logits(tuned, dev)}
 
 
