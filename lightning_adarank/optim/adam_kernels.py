@@ -64,7 +64,7 @@ class AdamKernels:
         """Adam on moments stored at ``bits`` (:mod:`.quant`): fp32 moments in one batched kernel call, as
         before; low-bit ones one parameter at a time (load → Adam → store), so that at most one parameter's
         fp32 moments exist at once."""
-        if bits == 32 and all(type(st["exp_avg"]) is Tensor and st["exp_avg"].dtype == torch.float32 for st in states):
+        if bits == 32 and all(quant.is_fp32(st["exp_avg"]) for st in states):
             return self._adamw(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                                [st["step"] for st in states], group, lr=lr, weight_decay=weight_decay, found_inf=found_inf)
         steps = []

@@ -15,7 +15,9 @@ and the optimizer it is loaded into:
   silently put the checkpoint's value back into the group, so it is refused rather than ignored;
 * every parameter's state: an unprojected parameter needs AdamW moments of the parameter's shape; a
   projected ``(m, n)`` matrix needs a basis ``(min(m, n), r)`` with ``min_rank <= r <= max_rank``
-  (``r <= min(m, n)``), moments ``(r, n)`` (``m <= n``) or ``(m, r)`` (``m > n``) and ``rank == r``. A state
+  (``r <= min(m, n)``), moments ``(r, n)`` (``m <= n``) or ``(m, r)`` (``m > n``) and ``rank == r``, or the same
+  tensors zero-padded to ``max_rank`` columns/rows with ``rank`` the true rank (the fixed-shape layout of FSDP2
+  states, :mod:`lightning_adarank.distributed.checkpoint`; shapes are the global ones of DTensors). A state
   from another model (other shapes) or from another optimizer (e.g. ``torch.optim.AdamW``, whose full-size
   moments are not a projected layout) fails here, with the parameter's name, instead of at the first step.
 
@@ -113,21 +115,24 @@ def _check_param(where: str, p: Tensor, group: dict, saved: dict, projected: boo
             f"AdaRankGrad state: {where} {shape} needs a basis of shape ({s}, r) but the saved basis has shape"
             f" {basis} (a state from another model?)"
         )
-    r = basis[1]
+    width = basis[1]
+    r = int(saved["rank"]) if "rank" in saved else width
+    if r < width == min(group["max_rank"], s):  # padded to max_rank (FSDP2 states: lightning_adarank.distributed)
+        pass
+    elif r != width:
+        raise ValueError(f"AdaRankGrad state: {where} has saved rank {saved['rank']} but a rank-{width} basis")
     if not group["min_rank"] <= r <= min(group["max_rank"], s):
         raise ValueError(
             f"AdaRankGrad state: {where} {shape} has a saved rank-{r} basis, outside [min_rank={group['min_rank']},"
             f" max_rank={group['max_rank']}]"
         )
-    want = (r, shape[1]) if projection_side(shape) == "left" else (shape[0], r)
+    want = (width, shape[1]) if projection_side(shape) == "left" else (shape[0], width)
     for k in _MOMENTS:
         if not _fits(saved.get(k), want):
             raise ValueError(
                 f"AdaRankGrad state: {where} {shape} with a rank-{r} basis needs {k} of shape {want}, saved"
                 f" {_shape(saved.get(k))}"
             )
-    if "rank" in saved and int(saved["rank"]) != r:
-        raise ValueError(f"AdaRankGrad state: {where} has saved rank {saved['rank']} but a rank-{r} basis")
 
 
 def check_state_dict(optimizer: Any, state_dict: Any) -> int:

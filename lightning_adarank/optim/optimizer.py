@@ -40,6 +40,23 @@ from .settings import normalize_params, validate_group
 
 __all__ = ["AdaRankGrad", "SubspaceInfo"]
 
+_DTENSOR: list = []
+
+
+def _is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter); these are stepped by :mod:`lightning_adarank.distributed`."""
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor  # noqa: PLC0415
+        except ImportError:  # torch built without distributed
+            DTensor = ()  # type: ignore[assignment]  # noqa: N806
+        _DTENSOR.append(DTensor)
+    return isinstance(t, _DTENSOR[0])
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
 
 
 @dataclass(frozen=True)
@@ -173,9 +190,13 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         return {name: info.rank for name, info in self.subspaces().items()}
 
     def state_bytes(self) -> int:
-        """Bytes of all optimizer state tensors (moments, projections, step counters)."""
+        """Bytes of all optimizer state tensors (moments, projections, step counters).
+
+        Counts this rank's part only: the local shard of a DTensor (FSDP2), the whole of a replicated tensor.
+        """
         return sum(
-            v.numel() * v.element_size() for st in self.state.values() for v in st.values() if isinstance(v, Tensor)
+            _local(v).numel() * v.element_size() for st in self.state.values() for v in st.values()
+            if isinstance(v, Tensor)
         )
 
     # ------------------------------------------------------------------ the step
@@ -217,6 +238,15 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         for g in grads:
             if g.is_sparse:
                 raise TypeError("AdaRankGrad does not support sparse gradients (use nn.Embedding(sparse=False))")
+        sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
+        if sharded:  # FSDP2 parameters: the distribution layer's per-matrix step (never grouped)
+            from ..distributed.step import step_sharded  # noqa: PLC0415  (the hook into the layer above)
+
+            step_sharded(self, [params[i] for i in sharded], group, [grads[i] for i in sharded])
+            if len(sharded) == len(params):
+                return
+            keep = [i for i in range(len(params)) if i not in set(sharded)]
+            params, grads = [params[i] for i in keep], [grads[i] for i in keep]
         grouped = self.config.grouped
         if grouped is None:
             grouped = params[0].device.type != "cpu"
@@ -307,6 +337,10 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
             for k, st in sd["state"].items()
         }
         sd[STATE_KEY] = format_tag()
+        if any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            from ..distributed.checkpoint import pad_states  # noqa: PLC0415
+
+            pad_states(self, sd)  # fixed shapes for distributed checkpoints (DCP loads in place)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -330,3 +364,7 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
             for k, v in saved.items():
                 if isinstance(v, Tensor):
                     st[k] = v.to(device=p.device if k != "step" or v.device.type != "cpu" else "cpu", copy=True)
+        if any("basis" in st and "rank" in st and st["basis"].shape[1] != int(st["rank"]) for st in self.state.values()):
+            from ..distributed.checkpoint import unpad_states  # noqa: PLC0415
+
+            unpad_states(self)  # a state saved padded to max_rank (FSDP2 parameters; see distributed.checkpoint)

@@ -147,16 +147,21 @@ class ProjectedStep:
             st["exp_avg"] = quant.store(None, m, bits, signed=True)
             st["exp_avg_sq"] = quant.store(None, v, bits, signed=False)
         st["basis"] = basis if bits == 32 else basis.bfloat16()
-        st["rank"] = basis.shape[1]
+        self._mark_refreshed(st, basis.shape[1], kept)
+        return low
+
+    @staticmethod
+    def _mark_refreshed(st: dict, rank: int, kept: float) -> None:
+        """The bookkeeping of a refresh (shared with the sharded step): rank, kept share, counters, and the
+        refresh test's statistics restarted (calibration sums and counts, then moving averages)."""
+        st["rank"] = rank
         st["energy_kept"] = kept
         st["refreshes"] += 1
         st["pending"] = False
         st["since_refresh"] = 0
-        # refresh-test statistics (see _refresh_test): calibration sums and counts, then moving averages
         st["ref_norm"] = st["ref_share"] = 0.0
         st["ref_count"] = st["ref_share_count"] = 0
         st["ema_norm"] = st["ema_share"] = -1.0
-        return low
 
     def update_projected(
         self,

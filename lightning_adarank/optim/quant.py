@@ -94,9 +94,14 @@ def zeros(shape: tuple[int, ...], bits: int, *, signed: bool, device: torch.devi
     return _state8()(codes, scale, _qmap(codes.device, signed), signed, dtype=torch.float32)
 
 
+def is_fp32(stored: Tensor) -> bool:
+    """Whether a stored moment is a plain fp32 tensor (or a DTensor of one: FSDP2 state), not 8-bit blocks."""
+    return stored.dtype == torch.float32 and type(stored).__name__ != "OptimState8bit"
+
+
 def load(stored: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     """The moment as an fp32 tensor of ``shape``: ``stored`` itself when it is fp32, else a dequantized copy."""
-    if stored.dtype == torch.float32 and type(stored) is Tensor:
+    if is_fp32(stored):
         return stored
     if stored.dtype == torch.bfloat16:
         return stored.float()

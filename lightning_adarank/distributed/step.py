@@ -1,0 +1,274 @@
+"""AdaRankGrad's per-matrix step on FSDP2 parameters (``Shard(0)`` DTensors), without gathering a gradient.
+
+:meth:`AdaRankGrad.step_params <lightning_adarank.AdaRankGrad.step_params>` hands its DTensor parameters to
+:func:`step_sharded`. Each rank holds rows ``o_i … o_i + m_i`` of a weight ``W`` (``m × n``) and of its gradient
+``G`` (FSDP2 has reduce-scattered it: the rows of the global mean gradient). The projection side is the one a
+single process uses (:func:`~lightning_adarank.optim.linalg.projection_side`), so both compute the same thing:
+
+**right side** (``m > n``: embeddings, MLP up-projections). ``P`` is ``n × r``.
+  * sketch ``Y ← β1·Y + (1−β1)·GᵀΩ`` with ``GᵀΩ = Σ_i G_iᵀ Ω_i`` (``Ω_i``: rows ``o_i …`` of the single-process
+    ``Ω``, regenerated from the same seed): **one all-reduce of n × k**; ``Y`` and ``P`` (computed from ``Y`` by the
+    same SVD as on one process) are replicated, identical on every rank;
+  * ``R_i = G_i P`` local; the moments (``m_i × r``) are **sharded** with the weight; ``W_i ← d·W_i + α N_i Pᵀ``.
+
+**left side** (``m <= n``: attention and MLP down-projections, LM heads with ``m <= n``). ``P`` is ``m × r``.
+  * sketch ``Y_i ← β1·Y_i + (1−β1)·G_i Ω`` local (``Y`` is **sharded**, ``m_i × k``); a refresh takes ``Y``'s basis by
+    the distributed CholeskyQR2 (:func:`~lightning_adarank.distributed.linalg.sharded_sketch_basis`); ``P``'s rows
+    ``P_i`` are **sharded**;
+  * ``R = Σ_i P_iᵀ G_i``: **one all-reduce of r × n**; the moments (``r × n``) are **replicated** (they are the size
+    of ``r`` rows of the weight, the smallest piece of the state); ``W_i ← d·W_i + α P_i N`` local.
+
+Every sum of one step (the right-side sketches, the left-side ``PᵀG`` and ``PᵀY``, and every squared norm that
+decides a skip: ``‖G‖²`` at a refresh, ``‖R‖²``, ``‖G‖²`` of the unprojected parameters) travels in **one
+all-reduce** (:class:`~lightning_adarank.distributed.collectives.SumBuffer`). A refresh adds, per left-side
+matrix, two ``k × k`` all-reduces (CholeskyQR2) and one ``r × (n + k + r_old)`` for all of them. Ranks, bases,
+skip decisions and the refresh test read all-reduced (hence identical) values, so every rank makes the same
+choices. Unprojected DTensor parameters get torch's AdamW kernel on the DTensors themselves (their moments are
+DTensors sharded like them).
+
+Not supported on DTensors (clear errors): ``subspace_source="gradient"`` (power iterations would need a
+distributed QR of ``G``'s range per iteration), ``state_bits``/``dense_state_bits`` below 32, the grouped step
+(DTensor parameters always take this per-matrix path), placements other than FSDP2's ``Shard(0)`` on a 1-D mesh.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..optim.linalg import projection_side, sketch_basis
+from .collectives import SumBuffer
+from .layout import ShardLayout, local, shard_layout, sharded_like
+from .linalg import sharded_sketch_basis
+
+__all__ = ["check_sharded_group", "step_sharded"]
+
+
+def check_sharded_group(group: dict, params: list[Tensor], optimizer: Any) -> None:
+    """Refuse the settings the sharded step does not implement, naming them."""
+    if group.get("dense_state_bits", 32) != 32 or (
+        group.get("state_bits", 32) != 32 and any(optimizer.is_projected(p, group) for p in params)
+    ):
+        raise NotImplementedError(
+            "AdaRankGrad: state_bits/dense_state_bits below 32 are not supported for FSDP2 (DTensor) parameters"
+            " (low-bit moments are not DTensors, so distributed checkpoints could not shard them); use 32"
+        )
+    if group["subspace_source"] != "moment" and any(optimizer.is_projected(p, group) for p in params):
+        raise NotImplementedError(
+            "AdaRankGrad: subspace_source='gradient' is not supported for FSDP2 (DTensor) parameters (its power"
+            " iterations need a distributed QR of the gradient's range per iteration); use the default"
+            " subspace_source='moment'"
+        )
+
+
+@dataclass
+class _Item:
+    """One projected matrix during a sharded step."""
+
+    p: Tensor
+    g: Tensor  # local rows of the gradient, fp32
+    st: dict
+    lay: ShardLayout
+    side: str
+    k: int
+    pending: bool
+    h_sq: int = -1  # handle: ‖G‖² (refresh) or ‖R‖² (right side)
+    h_fresh: int = -1  # right: Σ G_iᵀ Ω_i
+    h_proj: int = -1  # left: Σ P_iᵀ [G_i | Y_i]
+    h_ysq: int = -1  # left: Σ ‖Y_i‖²
+    sketch: Tensor | None = None  # left: the new local sketch rows
+    low: Tensor | None = None  # projected gradient (right: local rows; left: replicated)
+    stats: tuple[Tensor, Tensor] | None = field(default=None)  # (PᵀY, ‖Y‖²) for the refresh test
+
+
+def _blend(old: Tensor | None, fresh: Tensor, beta1: float) -> Tensor:
+    """The moment sketch's average, with the single process's arithmetic (``_update_sketch``)."""
+    if old is None or old.shape != fresh.shape:
+        return fresh
+    return fresh.mul_(1.0 - beta1).add_(old, alpha=beta1)
+
+
+@torch.no_grad()
+def step_sharded(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
+    """Step ``params`` (DTensors of ``group``) with ``grads`` (their DTensor gradients); see the module docstring."""
+    check_sharded_group(group, params, opt)
+    by_group: dict[int, list[int]] = {}
+    layouts = [shard_layout(p) for p in params]
+    for i, lay in enumerate(layouts):
+        by_group.setdefault(id(lay.group), []).append(i)
+    for idx in by_group.values():
+        _step_mesh(opt, [params[i] for i in idx], group, [grads[i] for i in idx], [layouts[i] for i in idx])
+
+
+def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor], layouts: list[ShardLayout]) -> None:
+    beta1 = group["betas"][0]
+    buf = SumBuffer(layouts[0].group)
+    items: list[_Item] = []
+    dense: list[tuple[Tensor, Tensor, int]] = []
+    for p, grad, lay in zip(params, grads, layouts):
+        if grad.is_sparse:
+            raise TypeError("AdaRankGrad does not support sparse gradients")
+        if not opt.is_projected(p, group):
+            dense.append((p, grad, buf.add_square_sum(local(grad))))
+            continue
+        st = opt.state[p]
+        if not st:
+            st["step"] = opt._step_tensor(p, opt._use_fused(p.device))
+            st["refreshes"] = 0
+            st["pending"] = True
+        m, n = p.shape
+        side = projection_side(p.shape)
+        g = local(grad).float()
+        it = _Item(p, g, st, lay, side, min(group["max_rank"] + group["oversample"], min(m, n)), bool(st["pending"]))
+        if side == "right":
+            omega = opt._test_matrix(m, it.k, g.device)[lay.offset: lay.offset + lay.rows]
+            it.h_fresh = buf.add(g.mT @ omega)
+            if it.pending:
+                it.h_sq = buf.add_square_sum(g)
+            else:
+                it.low = g @ st["basis"]
+                it.h_sq = buf.add_square_sum(it.low)
+        else:
+            old = st.get("sketch")
+            it.sketch = _blend(None if old is None else local(old), g @ opt._test_matrix(n, it.k, g.device), beta1)
+            if it.pending:
+                it.h_sq = buf.add_square_sum(g)
+            else:
+                it.h_proj = buf.add(local(st["basis"]).mT @ torch.cat([g, it.sketch], 1))
+                it.h_ysq = buf.add_square_sum(it.sketch)
+        items.append(it)
+    if not len(buf):
+        return
+    buf.reduce()  # the step's one all-reduce
+
+    # skip decisions from all-reduced values (the same on every rank): one host read for all
+    checks = [buf[h][0] for _, _, h in dense] + [buf[it.h_sq][0] if it.h_sq >= 0 else buf[it.h_proj].sum() for it in items]
+    finite = [math.isfinite(v) for v in torch.stack(checks).tolist()] if checks else []
+    ok_dense = [(p, g) for (p, g, _), f in zip(dense, finite) if f]
+    ok_items = [it for it, f in zip(items, finite[len(dense):]) if f]
+    skipped = len(checks) - len(ok_dense) - len(ok_items)
+    if skipped:
+        warnings.warn(f"AdaRankGrad: skipped the step of {skipped} parameter(s) with non-finite gradients",
+                      RuntimeWarning, stacklevel=4)
+    if ok_dense:
+        opt.update_dense([p for p, _ in ok_dense], [g for _, g in ok_dense], group)
+
+    refresh_left = []
+    for it in ok_items:
+        n = it.p.shape[1]
+        if it.side == "right":
+            y = _blend(it.st.get("sketch"), buf[it.h_fresh].clone(), beta1)
+            it.st["sketch"] = y
+            if it.pending:
+                basis, kept = sketch_basis(y, energy=group["energy"], min_rank=group["min_rank"],
+                                           max_rank=group["max_rank"])
+                it.low = it.g @ basis
+                _install(opt, it, group, basis, kept, None)
+            it.stats = (it.st["basis"].mT @ y, y.reshape(-1) @ y.reshape(-1))
+        else:
+            _store_sketch(it)
+            if it.pending:
+                refresh_left.append(it)
+            else:
+                red = buf[it.h_proj]
+                it.low = red[:, :n]
+                it.stats = (red[:, n:], buf[it.h_ysq][0])
+    if refresh_left:
+        _refresh_left(opt, refresh_left, group)
+    if ok_items:
+        _update(opt, ok_items, group)
+
+
+def _store_sketch(it: _Item) -> None:
+    old = it.st.get("sketch")
+    if old is not None and tuple(old.shape) == (it.p.shape[0], it.k):
+        local(old).copy_(it.sketch)
+    else:
+        it.st["sketch"] = sharded_like(it.sketch.clone(), it.lay)
+
+
+def _refresh_left(opt: Any, items: list[_Item], group: dict) -> None:
+    """New left-side subspaces: the distributed basis of each sketch, then one all-reduce for every
+    ``P_newᵀ [G | Y | P_old]`` (projected gradient, refresh-test statistic, moment rotation)."""
+    buf = SumBuffer(items[0].lay.group)
+    handles = []
+    for it in items:
+        basis, kept, _ = sharded_sketch_basis(it.sketch, it.lay.group, energy=group["energy"],
+                                              min_rank=group["min_rank"], max_rank=group["max_rank"])
+        old = it.st.get("basis")
+        parts = [it.g, it.sketch] + ([local(old).float()] if old is not None else [])
+        handles.append((basis, kept, buf.add(basis.mT @ torch.cat(parts, 1)), buf.add_square_sum(it.sketch)))
+    buf.reduce()
+    for it, (basis, kept, h, h_ysq) in zip(items, handles):
+        n, k = it.p.shape[1], it.k
+        red = buf[h]
+        it.low = red[:, :n]
+        it.stats = (red[:, n: n + k], buf[h_ysq][0])
+        _install(opt, it, group, basis, kept, red[:, n + k:] if red.shape[1] > n + k else None)
+
+
+def _install(opt: Any, it: _Item, group: dict, basis: Tensor, kept: float, rot_left: Tensor | None) -> None:
+    """Adopt a new basis: moments zeroed or carried over (``M ← R M``, ``V ← (R∘R) V``), then the bookkeeping."""
+    st, lay = it.st, it.lay
+    r = basis.shape[1]
+    shape = (r, it.p.shape[1]) if it.side == "left" else (lay.rows, r)
+    old = st.get("basis")
+    if old is None or (not group["transform_moments"] and old.shape[1] != r):
+        m = torch.zeros(shape, device=it.g.device)
+        v = torch.zeros(shape, device=it.g.device)
+    elif group["transform_moments"]:
+        m_old, v_old = local(st["exp_avg"]), local(st["exp_avg_sq"])
+        if it.side == "left":
+            m, v = rot_left @ m_old, rot_left.square() @ v_old
+        else:
+            rot = basis.mT @ old  # replicated n × r bases
+            m, v = m_old @ rot.mT, v_old @ rot.square().mT
+    else:
+        m, v = local(st["exp_avg"]), local(st["exp_avg_sq"])
+    if it.side == "right":  # moments sharded with the weight, basis replicated
+        st["exp_avg"], st["exp_avg_sq"] = sharded_like(m.contiguous(), lay), sharded_like(v.contiguous(), lay)
+        st["basis"] = basis
+    else:  # moments replicated (r × n), basis rows sharded
+        st["exp_avg"], st["exp_avg_sq"] = m.contiguous(), v.contiguous()
+        st["basis"] = sharded_like(basis, lay)
+    opt._mark_refreshed(st, r, kept)
+
+
+def _update(opt: Any, items: list[_Item], group: dict) -> None:
+    """Adam on the projected gradients (torch's kernel on local/replicated moments), back-projection into the
+    local rows, and the refresh test on the all-reduced sketch statistics."""
+    directions = [torch.zeros_like(it.low) for it in items]
+    steps = opt._adamw(directions, [it.low.contiguous() for it in items],
+                       [local(it.st["exp_avg"]) for it in items], [local(it.st["exp_avg_sq"]) for it in items],
+                       [it.st["step"] for it in items], group, lr=1.0, weight_decay=0.0)
+    lr, wd = group["lr"], group["weight_decay"]
+    decay = 1.0 - lr * wd
+    rms = group["scale_mode"] == "rms"
+    stats = []
+    for it, s, d in zip(items, steps, directions):
+        it.st["step"] = s
+        r = int(it.st["rank"])
+        alpha = lr * group["scale"] * (math.sqrt(min(it.p.shape) / r) if rms else 1.0)
+        basis = local(it.st["basis"])
+        w = local(it.p)
+        if w.dtype == torch.float32:
+            if it.side == "left":
+                w.addmm_(basis, d, beta=decay, alpha=alpha)
+            else:
+                w.addmm_(d, basis.mT, beta=decay, alpha=alpha)
+        else:
+            if wd:
+                w.mul_(decay)
+            delta = basis @ d if it.side == "left" else d @ basis.mT
+            w.add_(delta.mul_(alpha).to(w.dtype))
+        pty, ysq = it.stats
+        stats += [pty.reshape(-1) @ pty.reshape(-1), ysq.reshape(())]
+    values = torch.stack(stats).tolist()  # one host read
+    for j, it in enumerate(items):
+        inside, total = math.sqrt(values[2 * j]), math.sqrt(values[2 * j + 1])
+        opt._refresh_test(it.st, group, inside, inside * inside / (total * total) if total > 0 else 1.0)
