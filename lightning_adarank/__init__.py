@@ -29,6 +29,7 @@ _LAZY = {
     "AdaRankGradCallback": "integrations.callback",
     "AdaRankGradStrategy": "integrations.strategy",
     "AdaRankGradDDPStrategy": "integrations.strategy",
+    "AdaRankGradModelParallelStrategy": "integrations.strategy",
     "EffectiveRankMonitor": "integrations.callbacks",
     "MemoryMonitor": "integrations.callbacks",
     "RankHistory": "monitoring.history",

@@ -144,3 +144,21 @@ def test_distributed_basis_against_svd(runs):
             uu, ru = u[:, :rank], ref_u[:, :rank]
             torch.testing.assert_close(uu.mT @ uu, torch.eye(rank, dtype=uu.dtype), rtol=0, atol=1e-5)
             torch.testing.assert_close(uu @ uu.mT, ru @ ru.mT, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_unsupported_settings_are_refused_by_name(runs):
+    errors = runs[0]["errors"]
+    assert "subspace_source='gradient'" in errors["gradient"]
+    assert "state_bits" in errors["bits8"]
+    assert "layer-wise mode is not supported with FSDP2" in errors["layerwise"]
+
+
+def test_fsdp1_and_deepspeed_are_refused_with_the_way_out():
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy  # noqa: PLC0415
+
+    from lightning_adarank.integrations.swap import check_strategy  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="FSDPStrategy flattens.*ModelParallelStrategy with FSDP2"):
+        check_strategy(FSDPStrategy(), "AdaRankGradCallback")
+    check_strategy(ModelParallelStrategy(), "AdaRankGradCallback")  # FSDP2: allowed

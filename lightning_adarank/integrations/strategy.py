@@ -23,13 +23,13 @@ import contextlib
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, StrategyRegistry
 
 from .swap import OptimizerSwap, build_adarank_from, rebind_lr_scheduler  # noqa: F401  (were defined here)
 from .checkpoint_io import VerifiedCheckpointIO
 from .typed import split_settings, with_adarank_settings
 
-__all__ = ["AdaRankGradDDPStrategy", "AdaRankGradStrategy", "AdaRankGradStrategyMixin"]
+__all__ = ["AdaRankGradDDPStrategy", "AdaRankGradModelParallelStrategy", "AdaRankGradStrategy", "AdaRankGradStrategyMixin"]
 
 
 class AdaRankGradStrategyMixin:
@@ -180,6 +180,39 @@ class AdaRankGradDDPStrategy(AdaRankGradStrategyMixin, DDPStrategy):
         super().__init__(*args, **ddp_kwargs)
         if self._checkpoint_io is None:  # atomic saves, CRC-checked loads (a Trainer plugin wins)
             self._checkpoint_io = VerifiedCheckpointIO()
+
+
+@with_adarank_settings(ModelParallelStrategy.__init__)
+class AdaRankGradModelParallelStrategy(AdaRankGradStrategyMixin, ModelParallelStrategy):
+    """:class:`AdaRankGradStrategy` over Lightning's ``ModelParallelStrategy`` (FSDP2): its arguments plus every
+    AdaRankGrad setting.
+
+    The LightningModule's ``configure_model`` applies ``torch.distributed.fsdp.fully_shard`` (on
+    ``self.device_mesh["data_parallel"]``, e.g. with ``data_parallel_size=2, tensor_parallel_size=1``); the module's
+    optimizer, built over the DTensor parameters, is replaced by AdaRankGrad, which steps each row shard without
+    gathering it (:mod:`lightning_adarank.distributed`). Tensor parallelism (``tensor_parallel_size > 1`` with
+    sharded placements other than FSDP2's ``Shard(0)``) is refused at the first step. Checkpoints: with
+    ``save_distributed_checkpoint=True`` (default) a DCP directory with each rank's shards, else one full file;
+    both resume exactly.
+
+    Args:
+        target_modules: which weights are projected (see :class:`AdaRankGradStrategy`).
+        include_embeddings: also project ``nn.Embedding`` tables.
+        layerwise: not supported with FSDP2 (refused at fit start, with the reason).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        target_modules: str | list[str] = "all-linear",
+        include_embeddings: bool = False,
+        layerwise: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        settings, mp_kwargs = split_settings(kwargs)
+        self._adarank = OptimizerSwap("AdaRankGradModelParallelStrategy", target_modules, include_embeddings,
+                                      layerwise, settings)
+        super().__init__(*args, **mp_kwargs)
 
 
 def _register(registry: Any = StrategyRegistry) -> None:

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from ..optim.config import SETTING_NAMES, AdaRankGradConfig
 from ..optim.groups import target_parameter_names
-from ..optim.layerwise import LayerwiseUpdater
+from ..optim.layerwise import LayerwiseUpdater, check_layerwise_params
 from ..optim.optimizer import AdaRankGrad
 from .typed import FROM_MODULE
 
@@ -146,20 +146,25 @@ def rebind_lr_scheduler(scheduler: Any, old: Optimizer, new: Optimizer, origin: 
 
 # ------------------------------------------------------------------------------------------- checks
 def check_strategy(strategy: Any, owner: str) -> None:
-    """Refuse strategies AdaRankGrad cannot run under: it needs every rank to hold whole weight matrices and
-    their whole optimizer state (single device or DDP)."""
+    """Refuse strategies AdaRankGrad cannot run under. It runs on one device, under DDP (every rank holds whole
+    matrices) and under ``ModelParallelStrategy`` with FSDP2's ``fully_shard`` (its DTensor row shards are stepped
+    by :mod:`lightning_adarank.distributed` without gathering them). FSDP1 (``FSDPStrategy``: flat parameters)
+    and DeepSpeed (flattened, partitioned fp32 groups) hide the matrix shapes a projection needs."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy  # noqa: PLC0415
 
-    sharding = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
-    if isinstance(strategy, sharding):
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
         raise ValueError(
-            f"{owner}: {type(strategy).__name__} shards the parameters or the optimizer state across ranks, and"
-            " AdaRankGrad projects whole weight matrices; it is not supported yet (FSDP2 support is planned)."
-            " Use a single device or a DDP strategy (strategy='ddp', 'ddp_spawn', ...)."
+            f"{owner}: {type(strategy).__name__} flattens the parameters (and shards them as flat buffers), so"
+            " AdaRankGrad cannot see the weight matrices it projects; it is not supported. For sharded training use"
+            " ModelParallelStrategy with FSDP2 (torch.distributed.fsdp.fully_shard in configure_model), or a DDP"
+            " strategy."
         )
+    if isinstance(strategy, ModelParallelStrategy):
+        return
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or "XLA" in type(strategy).__name__:
         raise ValueError(
-            f"{owner}: runs under single-device and DDP strategies only, not {type(strategy).__name__}"
+            f"{owner}: runs under single-device, DDP and ModelParallel (FSDP2) strategies only, not"
+            f" {type(strategy).__name__}"
         )
 
 
@@ -271,6 +276,7 @@ class OptimizerSwap:
         if len(strategy.optimizers) != 1 or not isinstance(strategy.optimizers[0], AdaRankGrad):
             raise ValueError(f"{who} needs exactly one AdaRankGrad optimizer")
         model = strategy.model
+        check_layerwise_params(strategy.optimizers[0], who)
         is_ddp = isinstance(model, DistributedDataParallel)
         if is_ddp and getattr(strategy, "_ddp_comm_hook", None) is not None:
             raise ValueError(f"{who} installs its own DDP communication hook; remove ddp_comm_hook from the strategy")

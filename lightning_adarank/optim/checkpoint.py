@@ -117,15 +117,14 @@ def _check_param(where: str, p: Tensor, group: dict, saved: dict, projected: boo
         )
     width = basis[1]
     r = int(saved["rank"]) if "rank" in saved else width
-    if r < width == min(group["max_rank"], s):  # padded to max_rank (FSDP2 states: lightning_adarank.distributed)
-        pass
-    elif r != width:
+    for rank in (width, r):  # the basis width, and the true rank of a basis padded to max_rank (FSDP2 states)
+        if not group["min_rank"] <= rank <= min(group["max_rank"], s):
+            raise ValueError(
+                f"AdaRankGrad state: {where} {shape} has a saved rank-{rank} basis, outside [min_rank="
+                f"{group['min_rank']}, max_rank={group['max_rank']}]"
+            )
+    if r != width and width != min(group["max_rank"], s):
         raise ValueError(f"AdaRankGrad state: {where} has saved rank {saved['rank']} but a rank-{width} basis")
-    if not group["min_rank"] <= r <= min(group["max_rank"], s):
-        raise ValueError(
-            f"AdaRankGrad state: {where} {shape} has a saved rank-{r} basis, outside [min_rank={group['min_rank']},"
-            f" max_rank={group['max_rank']}]"
-        )
     want = (width, shape[1]) if projection_side(shape) == "left" else (shape[0], width)
     for k in _MOMENTS:
         if not _fits(saved.get(k), want):

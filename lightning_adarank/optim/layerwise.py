@@ -40,7 +40,26 @@ from torch import Tensor, nn
 
 from .optimizer import AdaRankGrad
 
-__all__ = ["LayerwiseUpdater"]
+__all__ = ["LayerwiseUpdater", "check_layerwise_params"]
+
+
+def check_layerwise_params(optimizer: AdaRankGrad, who: str) -> None:
+    """Refuse layer-wise mode on FSDP2 (DTensor) parameters.
+
+    FSDP2 does call a sharded parameter's post-accumulate-grad hooks once its reduce-scattered gradient shard is
+    in ``p.grad`` (torch 2.13, ``_fsdp_collectives.foreach_reduce``), so the hook would see the shard. But the
+    layer-wise accumulation of projected gradients over micro-batches runs the single-process projection
+    (``project_grad``/``update_projected``), which does not know about shards, and a per-parameter sharded step
+    would issue its all-reduces one matrix at a time inside backward, between FSDP2's own reduce-scatters.
+    """
+    from .optimizer import _is_dtensor  # noqa: PLC0415
+
+    if any(_is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(
+            f"{who}: layer-wise mode is not supported with FSDP2 (fully_shard) parameters: its per-micro-batch"
+            " projected accumulation does not run on shards yet. Use layerwise=False (FSDP2 already frees each"
+            " unsharded gradient after its reduce-scatter)."
+        )
 
 
 class LayerwiseUpdater:
@@ -89,6 +108,7 @@ class LayerwiseUpdater:
         is registered); otherwise each parameter gets a post-accumulate-grad hook."""
         if self._handles or self._ddp is not None:
             raise RuntimeError("LayerwiseUpdater is already attached")
+        check_layerwise_params(self.optimizer, "LayerwiseUpdater")
         from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
         if isinstance(module, DistributedDataParallel):

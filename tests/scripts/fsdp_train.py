@@ -12,7 +12,9 @@ One launch runs every raw-torch check, each rank writing ``OUT_DIR/rank{r}.pt``:
 * ``full``: the same through full state dicts (``StateDictOptions(full_state_dict=True)``), saved by rank 0
   with ``torch.save`` and loaded with ``weights_only=True``;
 * ``linalg``: the distributed CholeskyQR2 basis of a row-sharded matrix (well conditioned, and rank-deficient:
-  the gather fallback), with the gathered matrix, for a comparison with ``torch.linalg.svd``.
+  the gather fallback), with the gathered matrix, for a comparison with ``torch.linalg.svd``;
+* ``errors``: the messages of what is refused on DTensor parameters (``subspace_source="gradient"``,
+  ``state_bits=8``, layer-wise mode).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from lightning_adarank import AdaRankGrad, param_groups  # noqa: E402
+from lightning_adarank import AdaRankGrad, LayerwiseUpdater, param_groups  # noqa: E402
 from lightning_adarank.distributed import sharded_left_singular  # noqa: E402
 from scripts.fsdp_model import SETTINGS, TinyLM, batches, shard  # noqa: E402
 
@@ -139,6 +141,20 @@ def main() -> None:
         parts = [None] * world
         dist.all_gather_object(parts, u)
         out["linalg"][name] = {"y": y, "u": torch.cat(parts), "sv": sv, "gathered": gathered}
+    # what is refused on DTensor parameters, with the message
+    out["errors"] = {}
+    for name, kw in (("gradient", {"subspace_source": "gradient"}), ("bits8", {"state_bits": 8})):
+        model = shard(TinyLM(), mesh)
+        opt = AdaRankGrad(param_groups(model, include_embeddings=True), **{**SETTINGS, **kw})
+        model.loss(data[0][:4]).backward()
+        try:
+            opt.step()
+        except NotImplementedError as err:
+            out["errors"][name] = str(err)
+    try:
+        LayerwiseUpdater(opt).attach(model)
+    except ValueError as err:
+        out["errors"]["layerwise"] = str(err)
     torch.save(out, os.path.join(args.out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
