@@ -81,3 +81,15 @@ def test_llama_pretrain_smoke(tmp_path):
     for r in rows:
         assert all(NUM.match(c) for c in r[1:5]), r
     assert (tmp_path / "llama_pretrain_smoke_cpu.png").is_file()
+
+
+def test_fsdp_memory_smoke(tmp_path):
+    """benchmarks/fsdp_memory.py --smoke: 2 gloo processes per method; a row per method with numbers, and ratio rows
+    (the per-rank state of AdaRankGrad with every matrix projected is below AdamW's: a property, not a number)."""
+    out = _run("fsdp_memory.py", tmp_path)
+    rows = {r[0]: r for r in _rows(out, "optimizer")}
+    for label in ("adamw", "adarankgrad", "adarankgrad_emb"):
+        assert rows[label][1] == "2" and all(NUM.match(rows[label][i]) for i in (3, 4, 5, 6, 7)), rows[label]
+    for label in ("adarankgrad / adamw", "adarankgrad_emb / adamw"):
+        assert all(NUM.match(rows[label][i]) for i in (3, 4, 5, 6, 7)), rows[label]
+    assert float(rows["adarankgrad_emb / adamw"][3].rstrip("×")) < 1.0

@@ -98,7 +98,8 @@ class AdaRankGradConfig:
             normal step) and a batched refresh, so the operators per step do not grow with the number of
             matrices. ``False``: the per-matrix loop. ``None`` (default): grouped on accelerators, the loop on
             CPU, where the stacked copies cost more memory traffic than the saved operator launches
-            (measured: ``benchmarks/README.md``, "Grouped step"). The two agree to fp32 rounding.
+            (measured: ``benchmarks/README.md``, "Grouped step"). The two agree to fp32 rounding. FSDP2 (DTensor)
+            parameters always take the per-matrix loop (:mod:`lightning_adarank.distributed`).
         refresh_check_every: how often (in calls of the step) the device-side refresh flags and skip counts
             are read on the host; the refresh of a flagged matrix happens at the step after the read, so a
             refresh may come up to ``refresh_check_every − 1`` steps after its test fired (``max_gap`` is
