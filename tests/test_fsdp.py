@@ -162,3 +162,17 @@ def test_fsdp1_and_deepspeed_are_refused_with_the_way_out():
     with pytest.raises(ValueError, match="FSDPStrategy flattens.*ModelParallelStrategy with FSDP2"):
         check_strategy(FSDPStrategy(), "AdaRankGradCallback")
     check_strategy(ModelParallelStrategy(), "AdaRankGradCallback")  # FSDP2: allowed
+
+
+@pytest.mark.slow
+def test_nonfinite_shard_skips_the_parameter_on_every_rank(runs):
+    """``inf`` in one rank's rows only: the skip is decided on all-reduced sums, so both ranks skip the same
+    parameters (a per-shard decision would update half a matrix and desynchronise replicated state)."""
+    for r in (0, 1):
+        nf = runs[r]["nonfinite"]
+        assert nf["skipped"] == 3, r  # warned about (one warning per parameter group)
+        for name, before in nf["before"].items():
+            same = torch.equal(nf["after"][name], before)
+            assert same == (name in ("up.weight", "down.weight", "norm.weight")), (r, name)
+    for name, t in runs[0]["nonfinite"]["after"].items():
+        assert torch.equal(t, runs[1]["nonfinite"]["after"][name]), name

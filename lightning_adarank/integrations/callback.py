@@ -28,8 +28,10 @@ class AdaRankGradCallback(Callback):
     ``configure_optimizers`` already returns an AdaRankGrad keeps it.
 
     Works on one device and under every DDP flavour (``strategy="ddp"``, ``"ddp_spawn"``, ...: every rank
-    derives the same subspaces, ranks stay bit-identical). Sharding strategies (FSDP, ModelParallel,
-    DeepSpeed) are refused when fit sets up. Every setting is checked when the callback is built.
+    derives the same subspaces, ranks stay bit-identical) and under ``ModelParallelStrategy`` with FSDP2
+    (``fully_shard`` in ``configure_model``: the shards are stepped without gathering them, see
+    :mod:`lightning_adarank.distributed`; layer-wise mode is refused there). FSDP1 (``FSDPStrategy``) and
+    DeepSpeed are refused when fit sets up. Every setting is checked when the callback is built.
 
     Args:
         target_modules: which weights are projected: ``"all-linear"``, a regex searched in module names, or

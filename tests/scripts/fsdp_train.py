@@ -13,6 +13,8 @@ One launch runs every raw-torch check, each rank writing ``OUT_DIR/rank{r}.pt``:
   with ``torch.save`` and loaded with ``weights_only=True``;
 * ``linalg``: the distributed CholeskyQR2 basis of a row-sharded matrix (well conditioned, and rank-deficient:
   the gather fallback), with the gathered matrix, for a comparison with ``torch.linalg.svd``;
+* ``nonfinite``: ``inf`` in rank 0's gradient rows of a right-side, a left-side and a dense parameter: the
+  parameters before and after the step (every rank must skip those three, and only those);
 * ``errors``: the messages of what is refused on DTensor parameters (``subspace_source="gradient"``,
   ``state_bits=8``, layer-wise mode).
 """
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
@@ -37,6 +41,9 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from lightning_adarank import AdaRankGrad, LayerwiseUpdater, param_groups  # noqa: E402
 from lightning_adarank.distributed import sharded_left_singular  # noqa: E402
 from scripts.fsdp_model import SETTINGS, TinyLM, batches, shard  # noqa: E402
+
+
+BAD = ("up.weight", "down.weight", "norm.weight")  # right side, left side, dense
 
 
 def full(t):
@@ -141,6 +148,23 @@ def main() -> None:
         parts = [None] * world
         dist.all_gather_object(parts, u)
         out["linalg"][name] = {"y": y, "u": torch.cat(parts), "sv": sv, "gathered": gathered}
+    # a non-finite gradient in rank 0's shard only: every rank skips that parameter (the decision is all-reduced)
+    model, opt = build(mesh)
+    train(model, opt, data, rank, world, 1)
+    before = params(model)
+    per = data[1].shape[0] // world
+    model.loss(data[1][rank * per: (rank + 1) * per]).backward()
+    if rank == 0:
+        named = dict(model.named_parameters())
+        for name in BAD:
+            named[name].grad.to_local()[0].fill_(float("inf"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    out["nonfinite"] = {"before": before, "after": params(model),
+                        "skipped": sum(int(m.group(1)) for w in caught
+                                       if (m := re.search(r"skipped the step of (\d+) parameter", str(w.message))))}
+
     # what is refused on DTensor parameters, with the message
     out["errors"] = {}
     for name, kw in (("gradient", {"subspace_source": "gradient"}), ("bits8", {"state_bits": 8})):
