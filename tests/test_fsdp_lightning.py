@@ -50,3 +50,18 @@ def test_model_parallel_door_matches_single_process_and_resumes(mode, single, tm
     for kind in ("dcp", "full"):
         for name, t in a[kind].items():
             assert torch.equal(t, a["params"][name]), f"{kind} resume: {name}"
+
+
+def test_model_parallel_strategy_takes_both_argument_sets():
+    """The strategy route: ModelParallelStrategy's arguments and every AdaRankGrad setting, typed (LightningCLI
+    reads the signature), checked when built."""
+    import inspect  # noqa: PLC0415
+
+    from lightning_adarank import AdaRankGradModelParallelStrategy  # noqa: PLC0415
+
+    names = inspect.signature(AdaRankGradModelParallelStrategy.__init__).parameters
+    assert {"data_parallel_size", "save_distributed_checkpoint", "target_modules", "max_rank", "energy"} <= set(names)
+    strategy = AdaRankGradModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, max_rank=3)
+    assert strategy.adarank_settings == {"max_rank": 3} and strategy._data_parallel_size == 2
+    with pytest.raises(ValueError, match="min_gap"):
+        AdaRankGradModelParallelStrategy(min_gap=0)
