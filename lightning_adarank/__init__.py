@@ -15,6 +15,7 @@ import sys
 from .optim.config import AdaRankGradConfig
 from .optim.groups import param_groups, target_parameter_names
 from .optim.optimizer import AdaRankGrad, SubspaceInfo
+from . import distributed as _distributed  # noqa: F401  (registers the FSDP2 step with the optimizer)
 
 __version__ = "0.1.0"
 

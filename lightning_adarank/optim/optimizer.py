@@ -54,6 +54,27 @@ def _is_dtensor(t: object) -> bool:
     return isinstance(t, _DTENSOR[0])
 
 
+_SHARDED: dict[str, Callable] = {}
+
+
+def register_sharded_support(*, step: Callable, pad_states: Callable, unpad_states: Callable) -> None:
+    """Plug in the step and checkpoint layout of DTensor (FSDP2) parameters.
+
+    Called once by :mod:`lightning_adarank.distributed` when it is imported (``import lightning_adarank`` does):
+    the distribution layer sits above this module and registers itself, so nothing here imports upward.
+    """
+    _SHARDED.update(step=step, pad=pad_states, unpad=unpad_states)
+
+
+def _sharded(name: str) -> Callable:
+    if not _SHARDED:
+        raise RuntimeError(
+            "AdaRankGrad: DTensor (FSDP2) parameters are stepped by lightning_adarank.distributed, which is not"
+            " loaded; `import lightning_adarank` (or lightning_adarank.distributed) first"
+        )
+    return _SHARDED[name]
+
+
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
@@ -240,9 +261,7 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
                 raise TypeError("AdaRankGrad does not support sparse gradients (use nn.Embedding(sparse=False))")
         sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
         if sharded:  # FSDP2 parameters: the distribution layer's per-matrix step (never grouped)
-            from ..distributed.step import step_sharded  # noqa: PLC0415  (the hook into the layer above)
-
-            step_sharded(self, [params[i] for i in sharded], group, [grads[i] for i in sharded])
+            _sharded("step")(self, [params[i] for i in sharded], group, [grads[i] for i in sharded])
             if len(sharded) == len(params):
                 return
             keep = [i for i in range(len(params)) if i not in set(sharded)]
@@ -338,9 +357,7 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         }
         sd[STATE_KEY] = format_tag()
         if any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            from ..distributed.checkpoint import pad_states  # noqa: PLC0415
-
-            pad_states(self, sd)  # fixed shapes for distributed checkpoints (DCP loads in place)
+            _sharded("pad")(self, sd)  # fixed shapes for distributed checkpoints (DCP loads in place)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -365,6 +382,4 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
                 if isinstance(v, Tensor):
                     st[k] = v.to(device=p.device if k != "step" or v.device.type != "cpu" else "cpu", copy=True)
         if any("basis" in st and "rank" in st and st["basis"].shape[1] != int(st["rank"]) for st in self.state.values()):
-            from ..distributed.checkpoint import unpad_states  # noqa: PLC0415
-
-            unpad_states(self)  # a state saved padded to max_rank (FSDP2 parameters; see distributed.checkpoint)
+            _sharded("unpad")(self)  # a state saved padded to max_rank (FSDP2 parameters; see distributed.checkpoint)
