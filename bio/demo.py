@@ -61,8 +61,8 @@ def run_demo(
     pretrain_epochs: int = 1,
     epochs: int = 3,
     batch_size: int = 16,
-    lr: float = 1e-2,
-    pretrain_lr: float = 5e-3,
+    lr: float = 1e-3,
+    pretrain_lr: float = 2e-3,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-2, help="fine-tuning learning rate")
-    p.add_argument("--pretrain-lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (AdamW-sized updates)")
+    p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1 is fastest for this tiny model on a shared 2-core machine)")
