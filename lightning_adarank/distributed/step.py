@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..optim.linalg import projection_side, sketch_basis
+from ..optim.linalg import apply_update_, projection_side, sketch_basis, rank_factor
 from .collectives import SumBuffer
 from .layout import ShardLayout, local, shard_layout, sharded_like
 from .linalg import sharded_sketch_basis
@@ -248,24 +248,11 @@ def _update(opt: Any, items: list[_Item], group: dict) -> None:
                        [it.st["step"] for it in items], group, lr=1.0, weight_decay=0.0)
     lr, wd = group["lr"], group["weight_decay"]
     decay = 1.0 - lr * wd
-    rms = group["scale_mode"] == "rms"
     stats = []
     for it, s, d in zip(items, steps, directions):
         it.st["step"] = s
-        r = int(it.st["rank"])
-        alpha = lr * group["scale"] * (math.sqrt(min(it.p.shape) / r) if rms else 1.0)
-        basis = local(it.st["basis"])
-        w = local(it.p)
-        if w.dtype == torch.float32:
-            if it.side == "left":
-                w.addmm_(basis, d, beta=decay, alpha=alpha)
-            else:
-                w.addmm_(d, basis.mT, beta=decay, alpha=alpha)
-        else:
-            if wd:
-                w.mul_(decay)
-            delta = basis @ d if it.side == "left" else d @ basis.mT
-            w.add_(delta.mul_(alpha).to(w.dtype))
+        alpha = lr * group["scale"] * rank_factor(group["scale_mode"], min(it.p.shape), int(it.st["rank"]))
+        apply_update_(local(it.p), local(it.st["basis"]), d, it.side, decay=decay, alpha=alpha)
         pty, ysq = it.stats
         stats += [pty.reshape(-1) @ pty.reshape(-1), ysq.reshape(())]
     values = torch.stack(stats).tolist()  # one host read

@@ -31,13 +31,12 @@ placement to the key and keep the same per-matrix math on local shards.
 from __future__ import annotations
 
 from collections.abc import Callable
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .linalg import projection_side
+from .linalg import projection_side, rank_factor
 
 __all__ = ["ProjectedStore", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA"]
 
@@ -145,7 +144,7 @@ class ProjectedStore:
         self.ids = [id(p) for p in self.params]
         self.device = dev = self.params[0].device
         self.uses_sketch = group["subspace_source"] == "moment"
-        rms = group["scale_mode"] == "rms"
+        scale_mode = group["scale_mode"]
         n = len(self.params)
         shapes = [tuple(p.shape) for p in self.params]
         ranks = [int(st["rank"]) for st in self.states]
@@ -203,7 +202,7 @@ class ProjectedStore:
                 buckets.append(_Bucket(
                     k, h, r, self.basis[boff:boff + bcnt].view(h - k, min(shape), r),
                     self._low[off:off + cnt].view(h - k, *lshape), self._dir[off:off + cnt].view(h - k, *lshape),
-                    math.sqrt(min(shape) / r) if rms else 1.0))
+                    rank_factor(scale_mode, min(shape), r)))
                 off, boff, k = off + cnt, boff + bcnt, h
             sk = None
             if self.uses_sketch:

@@ -16,6 +16,7 @@ Notation: a weight gradient ``G`` of shape ``(m, n)`` is projected on its *small
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -35,6 +36,8 @@ __all__ = [
     "moment_transform",
     "project",
     "project_back",
+    "rank_factor",
+    "apply_update_",
     "cholesky_qr_condition_limit",
     "orthonormalize_batched",
     "oriented_batched",
@@ -213,6 +216,26 @@ def project(grad: Tensor, basis: Tensor, side: Side) -> Tensor:
 def project_back(low_rank: Tensor, basis: Tensor, side: Side) -> Tensor:
     """Adjoint of :func:`project`: ``P N`` (left) or ``N Pᵀ`` (right), back in the weight's shape."""
     return basis @ low_rank if side == "left" else low_rank @ basis.mT
+
+
+def rank_factor(scale_mode: str, side_len: int, rank: int) -> float:
+    """``c`` in the projected update's ``α = lr·scale·c``: ``√(s/r)`` for ``scale_mode="rms"`` (the update's RMS
+    is then ``lr·scale·rms(N)`` whatever the rank ``r`` and projected side ``s``), ``1`` for ``"galore"``."""
+    return math.sqrt(side_len / rank) if scale_mode == "rms" else 1.0
+
+
+def apply_update_(weight: Tensor, basis: Tensor, direction: Tensor, side: Side, *, decay: float, alpha: float) -> None:
+    """``W ← decay·W + α·project_back(N)`` in place: one ``addmm_`` pass over an fp32 ``W``; for fp16/bf16 the
+    product is formed in fp32 and added once (``decay`` applied first when it is not 1)."""
+    if weight.dtype == torch.float32:
+        if side == "left":
+            weight.addmm_(basis, direction, beta=decay, alpha=alpha)
+        else:
+            weight.addmm_(direction, basis.mT, beta=decay, alpha=alpha)
+        return
+    if decay != 1.0:
+        weight.mul_(decay)
+    weight.add_(project_back(direction, basis, side).mul_(alpha).to(weight.dtype))
 
 
 # ----------------------------------------------------------------------------- batched (a stack of same-shape matrices)

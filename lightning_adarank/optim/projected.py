@@ -14,6 +14,7 @@ from torch import Tensor
 from . import quant
 from .grouped import EMA as _EMA  # the refresh test's smoothing, shared with the grouped step
 from .linalg import (
+    apply_update_,
     low_rank_basis,
     moment_transform,
     project,
@@ -21,6 +22,7 @@ from .linalg import (
     sketch_basis,
     sketch_side,
     subspace_seed,
+    rank_factor,
 )
 
 __all__ = ["ProjectedStep"]
@@ -185,21 +187,11 @@ class ProjectedStep:
         )
         lr, wd = group["lr"], group["weight_decay"]
         decay = 1.0 - lr * wd
-        rms = group["scale_mode"] == "rms"
         for p, st, s, d in zip(params, states, steps, directions):
             st["step"] = s
             basis = st["basis"].float()  # [state_bits] bf16 below 32 bits
-            alpha = lr * group["scale"] * (math.sqrt(basis.shape[0] / basis.shape[1]) if rms else 1.0)
-            if p.dtype == torch.float32:  # decay and update in one pass over W: W ← decay·W + α·P d
-                if p.shape[0] <= p.shape[1]:
-                    p.addmm_(basis, d, beta=decay, alpha=alpha)
-                else:
-                    p.addmm_(d, basis.mT, beta=decay, alpha=alpha)
-            else:
-                if wd:
-                    p.mul_(decay)
-                delta = basis @ d if p.shape[0] <= p.shape[1] else d @ basis.mT
-                p.add_(delta.mul_(alpha).to(p.dtype))
+            alpha = lr * group["scale"] * rank_factor(group["scale_mode"], basis.shape[0], basis.shape[1])
+            apply_update_(p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha)
         if group["subspace_source"] == "moment":
             proj_norms, shares = self._sketch_stats(states, params)
         elif proj_norms is None:
