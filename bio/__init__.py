@@ -9,7 +9,8 @@ Command line: ``python -m bio tokenize|pretrain|fit|validate|test|demo``.
 """
 
 from .dictionaries import GeneDictionaries, load_dictionaries
-from .data import CellClassificationDataModule, MaskedGeneDataModule, split_indices
+from .data import CellClassificationDataModule, split_indices
+from .pretrain_data import MaskedGeneDataModule
 from .model import GeneformerClassifier
 from .pretrain import GeneformerPretrainer
 from .tokenizer import TokenizationReport, tokenize_anndata, tokenize_anndata_with_report, tokenize_h5ad

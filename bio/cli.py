@@ -17,7 +17,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from .data import CellClassificationDataModule, MaskedGeneDataModule
+from .data import CellClassificationDataModule
+from .pretrain_data import MaskedGeneDataModule
 from .model import GeneformerClassifier
 from .pretrain import GeneformerPretrainer
 

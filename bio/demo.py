@@ -70,7 +70,8 @@ def run_demo(
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from .data import BUILTIN_PBMC, CellClassificationDataModule, MaskedGeneDataModule, default_dictionary_dir, load_cells
+    from .data import BUILTIN_PBMC, CellClassificationDataModule, default_dictionary_dir, load_cells
+    from .pretrain_data import MaskedGeneDataModule
     from .model import GeneformerClassifier
     from .pretrain import GeneformerPretrainer
 
