@@ -61,7 +61,10 @@ def method_spec(method: str, lr: float, rank: int) -> dict:
         spec = method_spec("adarankgrad", lr, rank)
         for item in method.split(":", 1)[1].split(";"):
             key, value = item.split("=")
-            value = value if value.isalpha() else (float(value) if "." in value or "e" in value else int(value))
+            if value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            elif not value.isalpha():
+                value = float(value) if "." in value or "e" in value else int(value)
             if key == "scale":
                 spec["scale"] = float(value)
             else:

@@ -8,8 +8,10 @@ Two runs from the same initial weights, data order and seed, ``k`` micro-batches
   the window's first micro-batch instead of the sum.
 
 Between refreshes both are the same update (projection is linear), so the gap comes from the refresh steps.
+``--seeds 0,1,2`` repeats the pair with other seeds (initial head, data order, dropout) and reports the mean ±
+sd of each and of the per-seed difference, so that a gap can be told from seed noise.
 
-    python benchmarks/layerwise_accumulation.py --quick
+    python benchmarks/layerwise_accumulation.py --quick [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--min-gap", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each runs both modes")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.quick:
@@ -103,17 +105,35 @@ def main() -> None:
     dx, dy = load_sst2(args.data_dir, "dev", 872)
     enc = lambda xs: dict(tok(xs, padding="max_length", truncation=True, max_length=64, return_tensors="pt"))  # noqa: E731
     data = ((enc(tx), torch.tensor(ty)), (enc(dx), torch.tensor(dy)))
-    full, low = run(False, args, data), run(True, args, data)
-    diff = max((full["params"][n] - low["params"][n]).abs().max().item() for n in full["params"])
-    rel = max(((full["params"][n] - low["params"][n]).norm() / full["params"][n].norm()).item() for n in full["params"])
-    rows = [[name, f"{r['acc']:.3f}", f"{r['loss']:.4f}", f"{r['avg_rank']:.2f}", r["refreshes"], f"{r['wall']:.0f}"]
-            for name, r in (("full accumulation (opt.step)", full), ("layer-wise, low-rank accumulation", low))]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    rows, pairs = [], []
+    for seed in seeds:
+        args.seed = seed
+        full, low = run(False, args, data), run(True, args, data)
+        pairs.append((full, low))
+        rel = max(((full["params"][n] - low["params"][n]).norm() / full["params"][n].norm()).item()
+                  for n in full["params"])
+        total = (sum((full["params"][n] - low["params"][n]).square().sum() for n in full["params"]).sqrt()
+                 / sum(full["params"][n].square().sum() for n in full["params"]).sqrt()).item()
+        for name, r in (("full accumulation (opt.step)", full), ("layer-wise, low-rank accumulation", low)):
+            rows.append([seed, name, f"{r['acc']:.3f}", f"{r['loss']:.4f}", f"{r['avg_rank']:.2f}", r["refreshes"],
+                         f"{r['wall']:.0f}", f"{rel:.2e} / {total:.2e}" if r is low else ""])
     notes = [f"MiniLM (all-MiniLM-L6-v2) on SST-2: {args.steps} steps x {args.k} micro-batches of "
              f"{args.micro_batch} (max_length 64), lr {args.lr}, max_rank {args.rank}; dev = all 872 sentences",
-             f"largest parameter difference between the runs: {diff:.2e} absolute, {rel:.2e} relative (Frobenius)"]
+             "parameter difference between the two runs of a seed: largest relative (Frobenius) over tensors / "
+             "whole model"]
     text = common.header("Low-rank vs full gradient accumulation (AdaRankGrad)", torch.device("cpu"), threads, notes)
-    text += common.markdown_table(["run", "dev accuracy", "train loss (last 10 steps)", "avg rank",
-                                   "refreshes (all matrices)", "wall s"], rows)
+    text += common.markdown_table(["seed", "run", "dev accuracy", "train loss (last 10 steps)", "avg rank",
+                                   "refreshes (all matrices)", "wall s", "param. difference"], rows)
+    if len(pairs) > 1:
+        import statistics
+
+        def ms(xs):
+            return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+        acc_full, acc_low = [f["acc"] for f, _ in pairs], [lo["acc"] for _, lo in pairs]
+        text += (f"\nover {len(pairs)} seeds: dev accuracy full {ms(acc_full)}, layer-wise {ms(acc_low)}, "
+                 f"layer-wise − full {ms([b - a for a, b in zip(acc_full, acc_low)])}\n")
     print(text)
     common.save("layerwise_accumulation", torch.device("cpu"), text)
 

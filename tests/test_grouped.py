@@ -28,11 +28,13 @@ def _set_grads(params, t):
         p.grad = (base * (0.9 ** (t % 7))).to(p.dtype)
 
 
-@pytest.mark.parametrize("source,weight_decay,scale_mode", [("moment", 0.0, "rms"), ("moment", 0.1, "galore"),
-                                                             ("gradient", 0.1, "rms")])
-def test_grouped_step_matches_the_per_matrix_loop(source, weight_decay, scale_mode):
+@pytest.mark.parametrize("source,weight_decay,scale_mode,noise_floor", [
+    ("moment", 0.0, "rms", False), ("moment", 0.1, "galore", False), ("gradient", 0.1, "rms", False),
+    ("moment", 0.0, "rms", True),
+])
+def test_grouped_step_matches_the_per_matrix_loop(source, weight_decay, scale_mode, noise_floor):
     settings = dict(lr=1e-2, max_rank=6, energy=0.9, min_gap=2, max_gap=6, tol=0.8, weight_decay=weight_decay, seed=3,
-                    subspace_source=source, scale_mode=scale_mode)
+                    subspace_source=source, scale_mode=scale_mode, noise_floor=noise_floor)
     a, b = _params(), _params()
     opt_a = AdaRankGrad(a, grouped=True, **settings)
     opt_b = AdaRankGrad(b, grouped=False, **settings)

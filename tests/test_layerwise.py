@@ -31,10 +31,11 @@ def _loss(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def test_layerwise_equals_normal_step_and_frees_gradients():
+@pytest.mark.parametrize("noise_floor", [False, True])
+def test_layerwise_equals_normal_step_and_frees_gradients(noise_floor):
     ref, lw = _model(), _model()
-    ref_opt = AdaRankGrad(param_groups(ref), **SETTINGS)
-    opt = AdaRankGrad(param_groups(lw), **SETTINGS)
+    ref_opt = AdaRankGrad(param_groups(ref), **SETTINGS, noise_floor=noise_floor)
+    opt = AdaRankGrad(param_groups(lw), **SETTINGS, noise_floor=noise_floor)
     updater = LayerwiseUpdater(opt).attach(lw)
     for t in range(12):  # spans several refreshes (min_gap=2, max_gap=4)
         ref_opt.zero_grad()

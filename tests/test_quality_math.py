@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_adarank import AdaRankGrad
-from lightning_adarank.optim.linalg import sketch_basis
+from lightning_adarank.optim.linalg import signal_spectrum, sketch_basis, sketch_noise
 
 
 def _rms(x: torch.Tensor) -> float:
@@ -151,3 +151,71 @@ def test_sketch_basis_recovers_exact_low_rank_and_flat_spectra():
     flat = torch.linalg.qr(torch.randn(40, 40, generator=gen))[0] @ torch.linalg.qr(torch.randn(40, 70, generator=gen).T)[0].T
     basis, _ = sketch_basis(flat @ omega, energy=0.9, min_rank=1, max_rank=8)
     assert basis.shape[1] == 8  # no structure: the maximum rank
+
+
+def test_sketch_noise_estimates_the_noise_left_in_the_average():
+    """``ν = (1−β1)/2·‖GΩ − Y_prev‖²`` against the noise energy actually left in the average, ``‖Y − S‖²``,
+    on a stream of fresh sketches ``S + E_t`` whose mean ``S`` is known."""
+    gen = torch.Generator().manual_seed(6)
+    beta = 0.9
+    s, k, sigma2 = 64, 12, 4.0
+    mean = torch.randn(s, k, generator=gen)
+    y = mean.clone()
+    estimates, truths = [], []
+    for t in range(600):
+        fresh = mean + torch.randn(s, k, generator=gen) * math.sqrt(sigma2 / (s * k))
+        if t >= 100:  # the average has forgotten its start
+            estimates.append(float(sketch_noise(torch.linalg.vector_norm(fresh - y).square(), beta)))
+            truths.append(float((y - mean).square().sum()))
+        y = beta * y + (1 - beta) * fresh
+    expected = sigma2 * (1 - beta) / (1 + beta)  # the EMA's share of the per-step noise
+    assert sum(truths) / len(truths) == pytest.approx(expected, rel=0.1)
+    assert sum(estimates) / len(estimates) == pytest.approx(expected, rel=0.1)
+
+
+def test_signal_spectrum_removes_the_floor_of_pure_noise():
+    gen = torch.Generator().manual_seed(7)
+    s, k = 400, 12
+    noise = torch.randn(s, k, generator=gen)
+    sv = torch.linalg.svdvals(noise)
+    nu = float(noise.square().sum())
+    # the k squared singular values average ν/k and spread up to the Marchenko–Pastur edge (1 + √(k/s))²·ν/k
+    edge = (1 + math.sqrt(k / s)) ** 2 * nu / k
+    assert float(sv.min().square()) < nu / k < float(sv.max().square()) < 1.05 * edge
+    assert float(signal_spectrum(sv, nu, s).sum()) < 0.01 * nu
+    strong = torch.linalg.qr(torch.randn(s, 2, generator=gen))[0] @ torch.randn(2, k, generator=gen) * 10.0
+    sig = signal_spectrum(torch.linalg.svdvals(strong + noise), nu, s)
+    assert (sig[2:] == 0).all()
+    assert float(sig[:2].sum()) == pytest.approx(float(strong.square().sum()), rel=0.1)
+
+
+def test_rank_chosen_above_the_noise_floor():
+    """Noise of 6× the signal's energy per batch: even the averaged sketch keeps a noise share (≈ 6/19 of the
+    signal) spread over every direction, so 90 % of its whole energy (the default) needs more than the signal's
+    rank 2. With ``noise_floor=True`` the rank above the measured floor is the signal's; pure noise gets
+    ``min_rank``."""
+    gen = torch.Generator().manual_seed(8)
+    mean = _signal(48, 80, 2, gen)
+    noise = math.sqrt(6.0) * float(mean.norm())
+    for signal, want, without_floor in ((mean, 2, 4), (torch.zeros_like(mean), 1, 8)):
+        ranks = {}
+        for floor in (True, False):
+            w = nn.Parameter(torch.zeros(48, 80))
+            opt = AdaRankGrad([w], lr=1e-6, max_rank=8, energy=0.9, min_gap=10, max_gap=10, noise_floor=floor)
+            _stream(w, opt, [signal] * 81, noise, gen)  # refreshes every 10 steps; the last at step 80
+            ranks[floor] = opt.state[w]["rank"]
+        st = opt.state[w]
+        assert ranks[True] == want
+        assert ranks[False] >= without_floor  # the default: the rank of the whole averaged energy
+        # the same (default) sketch through the functional core: the floor measured from a fresh batch
+        whole, _ = sketch_basis(st["sketch"], energy=0.9, min_rank=1, max_rank=8)
+        assert whole.shape[1] == ranks[False]
+        fresh = (signal + noise * torch.randn(48, 80, generator=gen) / math.sqrt(48 * 80)) @ opt._test_matrix(80, 12, w.device)
+        nu = sketch_noise(torch.linalg.vector_norm(fresh - st["sketch"]).square(), 0.9)
+        above, _ = sketch_basis(st["sketch"], energy=0.9, min_rank=1, max_rank=8, noise=nu)
+        assert above.shape[1] == want
+
+
+def test_noise_floor_setting_checked():
+    with pytest.raises(TypeError, match="noise_floor"):
+        AdaRankGrad([nn.Parameter(torch.zeros(8, 8))], noise_floor=1)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optim.linalg import cholesky_qr_condition_limit, select_rank
+from ..optim.linalg import cholesky_qr_condition_limit, sketch_rank
 from .collectives import all_gather_rows
 
 __all__ = ["sharded_left_singular", "sharded_sketch_basis"]
@@ -70,15 +70,18 @@ def sharded_left_singular(y_local: Tensor, group: object) -> tuple[Tensor, Tenso
 
 @torch.no_grad()
 def sharded_sketch_basis(
-    y_local: Tensor, group: object, *, energy: float, min_rank: int, max_rank: int
+    y_local: Tensor, group: object, *, energy: float, min_rank: int, max_rank: int,
+    noise: Tensor | float | None = None, rows: int | None = None,
 ) -> tuple[Tensor, float, bool]:
     """:func:`~lightning_adarank.optim.linalg.sketch_basis` for a row-sharded sketch.
 
     Returns this rank's rows of the top-``r`` left singular vectors (fp32, ``m_i × r``), the share of ``‖Y‖²`` they
-    keep, and whether the sketch was gathered. ``r`` and the share are identical on every rank.
+    keep, and whether the sketch was gathered. ``r`` and the share are identical on every rank. ``noise``: the whole
+    sketch's noise energy (all-reduced by the caller) and ``rows`` its number of rows (all shards), as in
+    ``sketch_basis``.
     """
     u, sv, gathered = sharded_left_singular(y_local, group)
-    total = float(sv.square().sum())
-    r = min(select_rank(sv, total, energy, min_rank, max_rank), u.shape[1])
-    kept = float(sv[:r].square().sum()) / total if total > 0 else 1.0
+    if noise is not None and rows is None:
+        raise ValueError("sharded_sketch_basis: a noise floor needs the sketch's total number of rows")
+    r, kept = sketch_rank(sv, rows or y_local.shape[0], energy=energy, min_rank=min_rank, max_rank=max_rank, noise=noise)
     return u[:, :r].float().contiguous(), kept, gathered

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..optim.linalg import apply_update_, projection_side, sketch_basis, rank_factor
+from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_noise
 from .collectives import SumBuffer
 from .layout import ShardLayout, local, shard_layout, sharded_like
 from .linalg import sharded_sketch_basis
@@ -81,6 +81,8 @@ class _Item:
     h_fresh: int = -1  # right: Σ G_iᵀ Ω_i
     h_proj: int = -1  # left: Σ P_iᵀ [G_i | Y_i]
     h_ysq: int = -1  # left: Σ ‖Y_i‖²
+    h_dev: int = -1  # left, refresh: Σ ‖G_i Ω − Y_i‖² (the sketch's noise floor)
+    noise: Tensor | None = None  # left, refresh: the sketch's noise energy (all-reduced)
     sketch: Tensor | None = None  # left: the new local sketch rows
     low: Tensor | None = None  # projected gradient (right: local rows; left: replicated)
     stats: tuple[Tensor, Tensor] | None = field(default=None)  # (PᵀY, ‖Y‖²) for the refresh test
@@ -135,7 +137,11 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
                 it.h_sq = buf.add_square_sum(it.low)
         else:
             old = st.get("sketch")
-            it.sketch = _blend(None if old is None else local(old), g @ opt._test_matrix(n, it.k, g.device), beta1)
+            old = None if old is None else local(old)
+            fresh = g @ opt._test_matrix(n, it.k, g.device)
+            if it.pending and group.get("noise_floor", False) and old is not None and old.shape == fresh.shape:
+                it.h_dev = buf.add_square_sum(fresh - old)
+            it.sketch = _blend(old, fresh, beta1)
             if it.pending:
                 it.h_sq = buf.add_square_sum(g)
             else:
@@ -162,17 +168,22 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
     for it in ok_items:
         n = it.p.shape[1]
         if it.side == "right":
-            y = _blend(it.st.get("sketch"), buf[it.h_fresh].clone(), beta1)
+            old, fresh = it.st.get("sketch"), buf[it.h_fresh].clone()
+            noise = None
+            if it.pending and group.get("noise_floor", False) and old is not None and old.shape == fresh.shape:
+                noise = sketch_noise(torch.linalg.vector_norm(fresh - old).square(), beta1)
+            y = _blend(old, fresh, beta1)
             it.st["sketch"] = y
             if it.pending:
                 basis, kept = sketch_basis(y, energy=group["energy"], min_rank=group["min_rank"],
-                                           max_rank=group["max_rank"])
+                                           max_rank=group["max_rank"], noise=noise)
                 it.low = it.g @ basis
                 _install(opt, it, group, basis, kept, None)
             it.stats = (it.st["basis"].mT @ y, y.reshape(-1) @ y.reshape(-1))
         else:
             _store_sketch(it)
             if it.pending:
+                it.noise = sketch_noise(buf[it.h_dev][0], beta1) if it.h_dev >= 0 else None
                 refresh_left.append(it)
             else:
                 red = buf[it.h_proj]
@@ -199,7 +210,8 @@ def _refresh_left(opt: Any, items: list[_Item], group: dict) -> None:
     handles = []
     for it in items:
         basis, kept, _ = sharded_sketch_basis(it.sketch, it.lay.group, energy=group["energy"],
-                                              min_rank=group["min_rank"], max_rank=group["max_rank"])
+                                              min_rank=group["min_rank"], max_rank=group["max_rank"], noise=it.noise,
+                                              rows=it.p.shape[0])
         old = it.st.get("basis")
         parts = [it.g, it.sketch] + ([local(old).float()] if old is not None else [])
         handles.append((basis, kept, buf.add(basis.mT @ torch.cat(parts, 1)), buf.add_square_sum(it.sketch)))

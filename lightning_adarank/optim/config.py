@@ -37,8 +37,8 @@ class AdaRankGradConfig:
             (they get plain AdamW).
         min_rank: smallest rank of a projection (``>= 1``).
         energy: the fraction η of the energy a subspace must keep (adaptive rank; the paper's Algorithm 2),
-            in ``(0, 1]``: of the smoothed gradient's sketch with ``subspace_source="moment"``, of ``‖G‖²_F``
-            with ``"gradient"``.
+            in ``(0, 1]``: of the smoothed gradient's sketch with ``subspace_source="moment"`` (above its noise
+            floor with ``noise_floor=True``), of ``‖G‖²_F`` with ``"gradient"``.
         scale: α, a user multiplier on the projected update, ``> 0``. With ``scale_mode="rms"`` (default)
             ``scale=1`` means "the update RMS of AdamW at this ``lr``"; with ``"galore"`` it is GaLore's
             ``scale`` (GaLore's GLUE recipes use 4, its pre-training recipes 0.25).
@@ -65,6 +65,18 @@ class AdaRankGradConfig:
             iterations need the matrix itself, which is never stored).
             ``"gradient"``: the paper's Algorithm 1–2 on the current gradient (range finder with
             ``power_iters`` power iterations, energy of ``‖G‖²_F``).
+        noise_floor: with ``subspace_source="moment"``, choose the rank on the sketch's energy above its
+            mini-batch noise floor (default ``False``: on its whole energy). At a refresh the noise left in the
+            average is measured from that step's deviation, ``ν = (1−β1)/2·‖GΩ − Y‖²``
+            (:func:`~lightning_adarank.optim.linalg.sketch_noise`), and the Marchenko–Pastur edge of that much
+            noise is taken off every squared singular value of ``Y``
+            (:func:`~lightning_adarank.optim.linalg.signal_spectrum`); nothing above the floor gives ``min_rank``.
+            Why: averaging leaves about ``(1−β1)/(1+β1)`` of the noise, spread over every direction; as the signal
+            shrinks against it the rank chosen on the whole energy rises towards ``max_rank``. Above the floor
+            the rank follows the signal and falls during training, as the paper's Lemma 2 predicts. Why it is
+            not the default: on GLUE at 189 steps the ranks fall (≈ 2.6 → 1.6, against 5.4 → 6.1) but the
+            scores drop by 1–3 points (``benchmarks/README.md``), and on a noiseless full-batch problem the
+            drift between steps counts as noise. Use it when optimizer memory matters more than the last point.
         min_gap: a matrix's subspace is refreshed no more often than every ``min_gap`` steps; the first
             ``min_gap − 1`` steps after a refresh (never the refresh step itself) calibrate the refresh test.
         max_gap: ... and at least every ``max_gap`` steps (never staler than GaLore's fixed schedule).
@@ -117,6 +129,7 @@ class AdaRankGradConfig:
     scale: float = 1.0
     scale_mode: ScaleMode = "rms"
     subspace_source: SubspaceSource = "moment"
+    noise_floor: bool = False
     min_gap: int = 10
     max_gap: int = 200
     tol: float = 0.7
@@ -217,5 +230,7 @@ def check_group_settings(group: dict[str, Any]) -> None:
     for key, allowed in (("scale_mode", get_args(ScaleMode)), ("subspace_source", get_args(SubspaceSource))):
         if group[key] not in allowed:
             raise ValueError(f"AdaRankGrad: {key}={group[key]!r} must be one of {', '.join(map(repr, allowed))}")
+    if not isinstance(group.get("noise_floor", False), bool):
+        raise TypeError(f"AdaRankGrad: noise_floor must be a bool, got {group['noise_floor']!r}")
     if not isinstance(group["transform_moments"], bool):
         raise TypeError(f"AdaRankGrad: transform_moments must be a bool, got {group['transform_moments']!r}")

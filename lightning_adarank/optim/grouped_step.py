@@ -39,7 +39,7 @@ class GroupedStep:
         low = [i for i, is_low in enumerate(projected) if is_low]
         dense = [i for i, is_low in enumerate(projected) if not is_low]
         skipped = 0
-        pending = []
+        pending, noises = [], []
         moment = group["subspace_source"] == "moment"
         for i in low:
             st = self.state[params[i]]
@@ -49,13 +49,12 @@ class GroupedStep:
                 st["pending"] = True
             if st["pending"]:
                 pending.append(i)
-                if moment:
-                    self._update_sketch(params[i], grads[i].float(), group, st, True)
+                noises.append(self._update_sketch(params[i], grads[i].float(), group, st, True) if moment else None)
         refreshed: set[int] = set()
         if pending:
             done = refresh_batched([params[i] for i in pending], [grads[i] for i in pending],
                                    [self.state[params[i]] for i in pending], group,
-                                   lambda p, refresh: subspace_seed(self.seed, self._index[id(p)], refresh))
+                                   lambda p, refresh: subspace_seed(self.seed, self._index[id(p)], refresh), noises)
             bad = {i for i, ok in zip(pending, done) if not ok}
             skipped += len(bad)
             low = [i for i in low if i not in bad]

@@ -199,8 +199,11 @@ class LayerwiseUpdater:
             self._acc.pop(p, None)
             return
         if opt.is_projected(p, group):
-            # a pending refresh uses this, the window's first; later micro-batches add to the moment sketch
-            low = opt.project_grad(p, grad, group, gsq, new_step=p not in self._acc)
+            # a pending refresh uses this, the window's first; later micro-batches add to the moment sketch.
+            # One micro-batch of several is not a step's gradient: its deviation from the sketch's average
+            # would overstate the noise floor (``noise_floor`` setting), so windows of several go without it.
+            low = opt.project_grad(p, grad, group, gsq, new_step=p not in self._acc,
+                                   measure_noise=self.accumulate_grad_batches == 1)
             pn2 = float(torch.linalg.vector_norm(low)) ** 2
             share = pn2 / gsq if gsq > 0 else 1.0
             if p in self._acc:

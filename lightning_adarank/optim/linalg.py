@@ -9,6 +9,8 @@ Notation: a weight gradient ``G`` of shape ``(m, n)`` is projected on its *small
   Never a full SVD of the gradient: the only SVD is of a ``(k, l)`` sketch with ``k = rank + oversample``.
 - :func:`sketch_basis` — basis and rank from an accumulated sketch ``Y = M Ω`` of the smoothed gradient
   ``M`` (the optimizer's default ``subspace_source="moment"``): one small SVD of ``Y``, no pass over ``G``.
+- :func:`sketch_noise` / :func:`signal_spectrum` — the sketch's mini-batch noise floor, removed before the rank
+  is chosen (the rank follows the smoothed gradient's structure, not its noise).
 - :func:`select_rank` — Algorithm 2: smallest rank that keeps a fraction ``energy`` of ``‖G‖²_F``.
 - :func:`moment_transform` — Algorithm 3, block 2: carry Adam's moments into a new subspace.
 - :func:`project` / :func:`project_back` — the projection and its adjoint.
@@ -32,6 +34,9 @@ __all__ = [
     "select_rank",
     "low_rank_basis",
     "sketch_basis",
+    "sketch_noise",
+    "signal_spectrum",
+    "sketch_rank",
     "sketch_side",
     "moment_transform",
     "project",
@@ -168,7 +173,37 @@ def sketch_side(grad: Tensor, side: Side) -> Tensor:
 
 
 @torch.no_grad()
-def sketch_basis(sketch: Tensor, *, energy: float, min_rank: int, max_rank: int) -> tuple[Tensor, float]:
+def sketch_noise(deviation_sq: Tensor, beta1: float) -> Tensor:
+    """The mini-batch noise energy ``ν`` in the moment sketch ``Y = EMA_β1(G Ω)``, from one step's deviation.
+
+    ``deviation_sq = ‖G_t Ω − Y_{t−1}‖²``: this step's fresh sketch against the average before it. If the fresh
+    sketches are a slowly moving mean plus independent noise of energy ``σ²`` per step, the average keeps
+    ``ν = σ²·(1−β1)/(1+β1)`` of it and the deviation has ``E‖D‖² = σ² + ν``, hence ``ν = (1−β1)/2 · E‖D‖²``. One
+    step's ``‖D‖²`` sums ``s·k`` entries, so it estimates that well. Drift of the mean adds to ``‖D‖²`` only damped
+    by the same ``(1−β1)/2``; it can only overstate ``ν``.
+    """
+    return deviation_sq * (0.5 * (1.0 - beta1))
+
+
+def signal_spectrum(singular_values: Tensor, noise: Tensor | float, rows: int) -> Tensor:
+    """The sketch's energy per direction above its noise floor: ``max(σ_i² − c·ν/k, 0)`` over the last dimension.
+
+    ``singular_values`` is ``(…, k)`` of an ``rows × k`` sketch, ``noise`` (``ν``, :func:`sketch_noise`) a number or
+    a ``(…)`` tensor. The noise part of ``Y`` is a ``rows × k`` matrix of roughly independent entries (noise through
+    a Gaussian ``Ω``) with energy ``ν``: its ``k`` squared singular values average ``ν/k`` and spread up to the
+    Marchenko–Pastur edge ``c·ν/k``, ``c = (1 + √(k/rows))²``. Only energy above that edge is signal; pure noise
+    leaves (almost) nothing. Noise stronger along some directions than others shows up as signal there (a higher
+    rank: the safe side).
+    """
+    k = singular_values.shape[-1]
+    edge = (1.0 + math.sqrt(k / max(rows, k))) ** 2 / k
+    noise = torch.as_tensor(noise, dtype=torch.float64, device=singular_values.device)
+    return (singular_values.double().square() - edge * noise.unsqueeze(-1)).clamp(min=0.0)
+
+
+def sketch_basis(
+    sketch: Tensor, *, energy: float, min_rank: int, max_rank: int, noise: Tensor | float | None = None
+) -> tuple[Tensor, float]:
     """Basis and adaptive rank from a sketch ``Y = M Ω`` (``s × k``) of a matrix ``M`` (``s × l``).
 
     ``Ω`` is an ``l × k`` Gaussian test matrix, so ``Y``'s range approximates ``M``'s dominant column space
@@ -176,17 +211,33 @@ def sketch_basis(sketch: Tensor, *, energy: float, min_rank: int, max_rank: int)
     ``M``'s energy is spread over directions. Returns the top-``r`` left singular vectors of ``Y`` (orthonormal,
     ``s × r``) and the share ``Σ_{i<=r} σ_i(Y)² / ‖Y‖²_F`` they keep, with ``r`` the smallest rank in
     ``[min_rank, max_rank]`` whose share reaches ``energy`` (:func:`select_rank` with ``‖Y‖²_F`` as total).
+    With ``noise`` (``ν``, :func:`sketch_noise`) the rank is chosen on the energy above the noise floor
+    (:func:`signal_spectrum`): the smallest ``r`` keeping ``energy`` of the signal; pure noise gives ``min_rank``.
 
     A rank-``ρ`` ``M`` (``ρ <= k``) gives a rank-``ρ`` ``Y``, hence ``r = ρ`` at any ``energy < 1``; a flat
     spectrum of more than ``k`` directions gives a flat ``σ(Y)``, hence ``r ≈ energy · k`` (capped at
     ``max_rank``). Only the ``k`` sampled directions are seen: the share is of ``‖Y‖²``, not of ``‖M‖²``.
     """
     u, sv, _ = torch.linalg.svd(sketch, full_matrices=False)
-    total = float(sv.double().square().sum())
-    r = select_rank(sv, total, energy, min_rank, max_rank)
-    r = min(r, u.shape[1])
-    kept = float(sv[:r].double().square().sum()) / total if total > 0 else 1.0
+    r, kept = sketch_rank(sv, sketch.shape[0], energy=energy, min_rank=min_rank, max_rank=max_rank, noise=noise)
     return u[:, :r].contiguous(), kept
+
+
+def sketch_rank(
+    singular_values: Tensor, rows: int, *, energy: float, min_rank: int, max_rank: int,
+    noise: Tensor | float | None = None,
+) -> tuple[int, float]:
+    """:func:`sketch_basis`'s rank and kept share from the singular values of a ``rows × k`` sketch (shared with
+    the sharded sketch basis): the rank on the energy above the noise floor when ``noise`` is given."""
+    sv = singular_values
+    total = float(sv.double().square().sum())
+    if noise is None:
+        r = select_rank(sv, total, energy, min_rank, max_rank)
+    else:
+        signal = signal_spectrum(sv, noise, rows)
+        r = select_rank(signal.sqrt(), float(signal.sum()), energy, min_rank, max_rank)
+    r = min(r, sv.numel())
+    return r, float(sv[:r].double().square().sum()) / total if total > 0 else 1.0
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from .linalg import (
     project,
     projection_side,
     sketch_basis,
+    sketch_noise,
     sketch_side,
     subspace_seed,
     rank_factor,
@@ -33,7 +34,7 @@ class ProjectedStep:
 
     def project_grad(
         self, p: Tensor, grad: Tensor, group: dict, grad_sq_norm: float | None = None, *, new_step: bool = True,
-        sketch: bool = True,
+        sketch: bool = True, measure_noise: bool = True,
     ) -> Tensor | None:
         """Refresh ``p``'s subspace if one is pending (from this gradient), then return the projected gradient.
 
@@ -45,6 +46,10 @@ class ProjectedStep:
 
         ``sketch=False``: on a step without a refresh the caller updates the moment sketch itself
         (:meth:`_update_sketch`) once it knows the step is not skipped (the per-matrix loop does).
+        ``measure_noise=False``: with the ``noise_floor`` setting, a refresh from this gradient chooses its rank on
+        the whole sketch energy, without a noise floor measured from it
+        (:func:`~lightning_adarank.optim.linalg.sketch_noise`), for a gradient that is one micro-batch's share of
+        a step (the layer-wise mode's accumulation windows)
         """
         st = self.state[p]
         g = grad.float()
@@ -58,9 +63,8 @@ class ProjectedStep:
                 grad_sq_norm = self._norms([g])[0] ** 2
             if not math.isfinite(grad_sq_norm):
                 return None
-            if moment:
-                self._update_sketch(p, g, group, st, new_step)
-            return self._refresh(p, g, group, st, grad_sq_norm)
+            noise = self._update_sketch(p, g, group, st, new_step) if moment else None
+            return self._refresh(p, g, group, st, grad_sq_norm, noise if measure_noise else None)
         if moment and sketch:
             self._update_sketch(p, g, group, st, new_step)
         return project(g, st["basis"].float(), projection_side(p.shape))  # [state_bits] bf16 below 32 bits
@@ -86,9 +90,12 @@ class ProjectedStep:
         y = st["sketch"]
         return y.float() if type(y) is Tensor else quant.load(y, (min(p.shape), st["sketch_cols"]))
 
-    def _update_sketch(self, p: Tensor, g: Tensor, group: dict, st: dict, new_step: bool) -> None:
+    def _update_sketch(self, p: Tensor, g: Tensor, group: dict, st: dict, new_step: bool) -> Tensor | None:
         """``Y ← β1·Y + (1−β1)·A Ω`` (``A = G`` or ``Gᵀ``): by linearity ``Y`` is the sketch ``M Ω`` of the full first
         moment. A non-finite ``G`` leaves ``Y`` as it was (checked on the device, no synchronisation).
+
+        With the ``noise_floor`` setting, on a refresh step (``st["pending"]``) of a new step with a sketch to compare
+        to, returns the sketch's noise energy :func:`~lightning_adarank.optim.linalg.sketch_noise` (a 0-d device tensor), else ``None``.
 
         Below 32 ``state_bits`` the sketch is stored like the moments (bf16, or 8-bit blocks with ``sketch_cols``
         recording its width) and updated on its dequantized values.
@@ -103,29 +110,37 @@ class ProjectedStep:
                 y = None
             else:
                 y = quant.load(y, fresh.shape)
+        noise = None
         if y is None or y.shape != fresh.shape:  # the average starts at the first sketch (no zero-bias)
             y, new = None, torch.where(torch.isfinite(fresh).all(), fresh, torch.zeros_like(fresh))
         else:
             beta1 = group["betas"][0]
+            if new_step and st.get("pending") and group.get("noise_floor", False):
+                noise = sketch_noise(torch.linalg.vector_norm(fresh - y).square(), beta1)
             new = torch.add(y, fresh, alpha=1.0 - beta1) if not new_step else fresh.mul_(1.0 - beta1).add_(y, alpha=beta1)
             new = torch.where(torch.isfinite(new).all(), new, y)
         if bits == 32 and y is not None:
             y.copy_(new)
-            return
+            return noise
         if bits != 32:
             st["sketch_cols"] = k
             new = quant.store(st.get("sketch") if y is not None else None, new, bits, signed=True)
         st["sketch"] = new
+        return noise
 
-    def _refresh(self, p: Tensor, g: Tensor, group: dict, st: dict, grad_sq_norm: float) -> Tensor:
+    def _refresh(
+        self, p: Tensor, g: Tensor, group: dict, st: dict, grad_sq_norm: float, noise: Tensor | None = None
+    ) -> Tensor:
         """Subspace refresh: a basis and rank from the moment sketch (or from ``g``), then the moment transform.
+
+        ``noise``: the sketch's noise energy (:meth:`_update_sketch`); the rank is chosen above that floor.
 
         Returns the projected gradient in the new subspace.
         """
         side = projection_side(p.shape)
         if group["subspace_source"] == "moment":
             basis, kept = sketch_basis(self._sketch(st, p), energy=group["energy"], min_rank=group["min_rank"],
-                                       max_rank=group["max_rank"])
+                                       max_rank=group["max_rank"], noise=noise)
             low = project(g, basis, side)
         else:
             gen = torch.Generator(device=g.device)

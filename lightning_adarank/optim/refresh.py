@@ -18,7 +18,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .linalg import moment_transform, oriented_batched, projection_side, range_finder_batched, select_ranks_batched
+from .linalg import (
+    moment_transform,
+    oriented_batched,
+    projection_side,
+    range_finder_batched,
+    select_ranks_batched,
+    signal_spectrum,
+)
 
 __all__ = ["refresh_batched", "reset_statistics"]
 
@@ -52,12 +59,15 @@ def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_
 
 @torch.no_grad()
 def refresh_batched(
-    params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, seed_of: Callable[[Tensor, int], int]
+    params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, seed_of: Callable[[Tensor, int], int],
+    noises: list[Tensor | None] | None = None,
 ) -> list[bool]:
     """Refresh the subspace of every ``params[i]`` from ``grads[i]`` (or from its moment sketch, already updated
     with this gradient); ``False`` where the gradient is not finite (that matrix's state is left untouched).
 
     ``seed_of(p, refresh_count)`` gives the range finder's test-matrix seed (``subspace_source="gradient"``).
+    ``noises[i]``: the noise energy of ``params[i]``'s sketch (``None``: not measured); the rank is chosen above
+    that floor (:func:`~lightning_adarank.optim.linalg.signal_spectrum`), as in the per-matrix refresh.
     """
     done = [False] * len(params)
     keys: dict[tuple, list[int]] = {}
@@ -88,7 +98,14 @@ def refresh_batched(
                 omegas.append(torch.randn(l, k, generator=gen, device=device, dtype=torch.float32))
             u, sv, _, _ = range_finder_batched(a, torch.stack(omegas), group["power_iters"])
             total = gn2.double()
-        ranks = select_ranks_batched(sv, total, group["energy"], group["min_rank"], max_rank).clamp(max=u.shape[-1])
+        rank_sv, rank_total = sv, total
+        nu = [noises[i] for i in idx] if moment and noises is not None else []
+        if any(v is not None for v in nu):  # the rank above the sketch's noise floor (as sketch_basis)
+            zero = torch.zeros((), device=device)
+            signal = signal_spectrum(sv, torch.stack([zero if v is None else v.reshape(()) for v in nu]), y.shape[1])
+            rank_sv, rank_total = signal.sqrt(), signal.sum(-1)
+        ranks = select_ranks_batched(rank_sv, rank_total, group["energy"], group["min_rank"], max_rank)
+        ranks = ranks.clamp(max=u.shape[-1])
         kept_sq = torch.cumsum(sv.double().square(), -1).gather(1, (ranks - 1).unsqueeze(1)).squeeze(1)
         host = torch.cat((ranks.double(), total.double(), kept_sq, gn2.double())).tolist()  # one read per shape
         n = len(idx)

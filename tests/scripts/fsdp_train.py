@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from lightning_adarank import AdaRankGrad, LayerwiseUpdater, param_groups  # noqa: E402
 from lightning_adarank.distributed import sharded_left_singular  # noqa: E402
-from scripts.fsdp_model import SETTINGS, TinyLM, batches, shard  # noqa: E402
+from scripts.fsdp_model import RAW_SETTINGS as SETTINGS, TinyLM, batches, shard  # noqa: E402
 
 
 BAD = ("up.weight", "down.weight", "norm.weight")  # right side, left side, dense
