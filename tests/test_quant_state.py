@@ -92,7 +92,7 @@ def test_8bit_stays_close_to_32bit():
     """Tolerance: the mean loss of the last 20 of 200 steps at 8 (and 16) bits is within 15 % of the 32-bit
     run's, and their gap is under 1 % of the 32-bit run's fall in loss (which is ~75×), with many refreshes
     (moment transforms on dequantized values). Measured at lr 1e-3 (AdamW-sized updates, ``scale_mode="rms"``):
-    8-bit -4.9 %, bf16 +0.2 % of the 32-bit end loss. At lr 3e-3 every run, 32-bit included, has loss spikes
+    8-bit -1.5 % (8-bit basis too), bf16 +0.3 % of the 32-bit end loss. At lr 3e-3 every run, 32-bit included, has loss spikes
     of ±50 % near the end, so the window mean is no longer a measure of the storage."""
     l32, o32, _ = _train(32, 32)
     assert l32[-1] < l32[0] / 20
@@ -103,7 +103,10 @@ def test_8bit_stays_close_to_32bit():
         assert abs(endq - end32) < 0.15 * end32, (bits, endq, end32)
         assert abs(endq - end32) < 0.01 * (l32[0].item() - end32), (bits, endq, end32)
         st = next(s for s in oq.state.values() if "basis" in s)
-        assert st["basis"].dtype == torch.bfloat16
+        if bits == 8:  # 8-bit blocks, the linear code map (quant.store_basis)
+            assert type(st["basis"]) is not torch.Tensor and float(st["basis"].qmap[1] - st["basis"].qmap[0]) > 1e-3
+        else:
+            assert st["basis"].dtype == torch.bfloat16
         bias = oq.state[model[2].bias]["exp_avg"]  # a dense moment of 300 elements (dense_state_bits)
         for moment in (st["exp_avg"], bias):
             if bits == 8:
@@ -127,14 +130,14 @@ def test_refresh_transforms_dequantized_moments():
     st = opt.state[w]
     assert st["pending"]  # max_gap=3 reached: the next step refreshes
     side = projection_side(w.shape)
-    old_basis = st["basis"].float()
+    old_basis = quant.load(st["basis"], (96, st["rank"])).clone()  # 8-bit blocks: loaded as the step loads it
     shape = (old_basis.shape[1], 128) if side == "left" else (96, old_basis.shape[1])
     m_old, v_old = quant.load(st["exp_avg"], shape).clone(), quant.load(st["exp_avg_sq"], shape).clone()
     opt.zero_grad()
     ((w - target) ** 2).sum().backward()
     grad = w.grad.clone()
     opt.step()
-    new_basis = st["basis"].float()
+    new_basis = quant.load(st["basis"], (96, st["rank"]))
     m_ref, v_ref = moment_transform(old_basis, new_basis, m_old, v_old, side)
     b1, b2 = opt.param_groups[0]["betas"]
     r = new_basis.mT @ grad if side == "left" else grad @ new_basis
@@ -165,8 +168,8 @@ def test_state_bytes_bert_base_with_embeddings():
             diff = {k: r - ranks[k] for k, r in opt.ranks().items() if r != ranks[k]}
             assert opt.ranks().keys() == ranks.keys() and all(abs(d) <= 1 for d in diff.values()), diff
             assert len(diff) <= len(ranks) // 10, diff
-    assert sizes[8, 8] <= 0.35 * sizes[32, 32], sizes  # measured 0.277 (moment sketch included)
-    assert sizes[8, 32] <= 0.37 * sizes[32, 32], sizes  # measured 0.352: the fp32 biases/norms are the rest
+    assert sizes[8, 8] <= 0.35 * sizes[32, 32], sizes  # measured 0.256 (moment sketch and 8-bit basis included)
+    assert sizes[8, 32] <= 0.37 * sizes[32, 32], sizes  # measured 0.330: the fp32 biases/norms are the rest
 
 
 def test_checkpoint_weights_only_and_resume(tmp_path):

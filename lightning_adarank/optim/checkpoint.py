@@ -14,7 +14,7 @@ and the optimizer it is loaded into:
   ``max_rank`` changes which matrices are projected and how large their bases may be, and torch would
   silently put the checkpoint's value back into the group, so it is refused rather than ignored;
 * every parameter's state: an unprojected parameter needs AdamW moments of the parameter's shape; a
-  projected ``(m, n)`` matrix needs a basis ``(min(m, n), r)`` with ``min_rank <= r <= max_rank``
+  projected ``(m, n)`` matrix needs a basis ``(min(m, n), r)`` (or, 8-bit, its flattened whole blocks) with ``min_rank <= r <= max_rank``
   (``r <= min(m, n)``), moments ``(r, n)`` (``m <= n``) or ``(m, r)`` (``m > n``) and ``rank == r``, or the same
   tensors zero-padded to ``max_rank`` columns/rows with ``rank`` the true rank (the fixed-shape layout of FSDP2
   states, :mod:`lightning_adarank.distributed.checkpoint`; shapes are the global ones of DTensors). A state
@@ -110,6 +110,8 @@ def _check_param(where: str, p: Tensor, group: dict, saved: dict, projected: boo
         )
     s = min(shape)
     basis = _shape(saved["basis"])
+    if basis is not None and len(basis) == 1 and "rank" in saved and _fits(saved["basis"], (s, int(saved["rank"]))):
+        basis = (s, int(saved["rank"]))  # an 8-bit basis: flattened whole blocks of the (s, rank) matrix
     if basis is None or len(basis) != 2 or basis[0] != s:
         raise ValueError(
             f"AdaRankGrad state: {where} {shape} needs a basis of shape ({s}, r) but the saved basis has shape"

@@ -381,5 +381,6 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
             for k, v in saved.items():
                 if isinstance(v, Tensor):
                     st[k] = v.to(device=p.device if k != "step" or v.device.type != "cpu" else "cpu", copy=True)
-        if any("basis" in st and "rank" in st and st["basis"].shape[1] != int(st["rank"]) for st in self.state.values()):
+        if any("basis" in st and "rank" in st and st["basis"].dim() == 2 and st["basis"].shape[1] != int(st["rank"])
+               for st in self.state.values()):
             _sharded("unpad")(self)  # a state saved padded to max_rank (FSDP2 parameters; see distributed.checkpoint)

@@ -67,7 +67,13 @@ class ProjectedStep:
             return self._refresh(p, g, group, st, grad_sq_norm, noise if measure_noise else None)
         if moment and sketch:
             self._update_sketch(p, g, group, st, new_step)
-        return project(g, st["basis"].float(), projection_side(p.shape))  # [state_bits] bf16 below 32 bits
+        return project(g, self._basis(st, p), projection_side(p.shape))
+
+    @staticmethod
+    def _basis(st: dict, p: Tensor) -> Tensor:
+        """``p``'s projection basis ``P`` (``min(shape) × rank``) as fp32: the stored tensor itself at 32
+        ``state_bits``, else loaded (bf16, or 8-bit blocks with the linear code map: :func:`quant.store_basis`)."""
+        return quant.load(st["basis"], (min(p.shape), int(st["rank"])))
 
     def _test_matrix(self, rows: int, cols: int, device: torch.device) -> Tensor:
         """The fixed Gaussian ``Ω`` (``rows × cols``) of the moment sketches; depends only on (seed, shape).
@@ -150,7 +156,7 @@ class ProjectedStep:
                 oversample=group["oversample"], power_iters=group["power_iters"], generator=gen,
                 total_energy=grad_sq_norm,
             )
-        old = st.get("basis")
+        old = self._basis(st, p) if "basis" in st else None
         # [state_bits] moments are loaded (dequantized) for the transform and stored (re-quantized) after it
         bits = group.get("state_bits", 32)
         shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
@@ -159,11 +165,11 @@ class ProjectedStep:
             st["exp_avg_sq"] = quant.zeros(shape, bits, signed=False, device=p.device)
         elif group["transform_moments"]:
             old_shape = (old.shape[1], p.shape[1]) if side == "left" else (p.shape[0], old.shape[1])
-            m, v = moment_transform(old.float(), basis, quant.load(st["exp_avg"], old_shape),
+            m, v = moment_transform(old, basis, quant.load(st["exp_avg"], old_shape),
                                     quant.load(st["exp_avg_sq"], old_shape), side)
             st["exp_avg"] = quant.store(None, m, bits, signed=True)
             st["exp_avg_sq"] = quant.store(None, v, bits, signed=False)
-        st["basis"] = basis if bits == 32 else basis.bfloat16()
+        st["basis"] = quant.store_basis(basis, bits)
         self._mark_refreshed(st, basis.shape[1], kept)
         return low
 
@@ -204,7 +210,7 @@ class ProjectedStep:
         decay = 1.0 - lr * wd
         for p, st, s, d in zip(params, states, steps, directions):
             st["step"] = s
-            basis = st["basis"].float()  # [state_bits] bf16 below 32 bits
+            basis = self._basis(st, p)
             alpha = lr * group["scale"] * rank_factor(group["scale_mode"], basis.shape[0], basis.shape[1])
             apply_update_(p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha)
         if group["subspace_source"] == "moment":
@@ -222,7 +228,7 @@ class ProjectedStep:
         gradient the subspace captures). One synchronisation for all; mini-batch noise is averaged out already.
         """
         sketches = [self._sketch(st, p) for st, p in zip(states, params)]
-        norms = self._norms([st["basis"].float().mT @ y for st, y in zip(states, sketches)] + sketches)
+        norms = self._norms([self._basis(st, p).mT @ y for st, y, p in zip(states, sketches, params)] + sketches)
         n = len(states)
         inside, total = norms[:n], norms[n:]
         return inside, [a * a / (b * b) if b > 0 else 1.0 for a, b in zip(inside, total)]

@@ -25,6 +25,14 @@ under 4,096 elements in fp32: their reason is a 1 KiB code map per tensor, which
 4,096 the adaptive low-rank moments (``r × 768`` with ``r ≤ 5``) and BERT's biases would stay fp32 and hold a
 third of the 8-bit state.
 
+The projection basis ``P`` (orthonormal columns, entries roughly Gaussian, not heavy-tailed like a moment) is
+stored by :func:`store_basis`: bf16 at 16 bits, and at 8 bits the same blockwise format with a **linear** code map
+(256 evenly spaced codes in ``[−1, 1]`` of each block's absmax) instead of the dynamic tree, whose resolution is
+spent near zero. Measured on orthonormal ``P`` (192 × 24, 768 × 8, 768 × 48): relative error 0.66 % (linear)
+against 1.1 % (dynamic tree) and 0.17 % (bf16), and ``‖PᵀP − I‖_F`` of 0.3–3.5 % (192 × 48). The step uses the loaded ``P`` as
+it is: a projection, its adjoint and the moment rotation are all linear in ``P``, so a slightly non-orthonormal
+basis only changes the subspace's coordinates a little, and the update stays inside its span.
+
 Checkpoints: the 8-bit state holds ``OptimState8bit`` tensors; ``torch.load(..., weights_only=True)`` needs
 exactly the allow-list :func:`weights_only_globals` (``[OptimState8bit]``): pass it to
 ``torch.serialization.safe_globals(...)`` or call :func:`allow_weights_only_loading` once.
@@ -38,7 +46,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BLOCK_SIZE", "MIN_QUANT_NUMEL", "STATE_BITS", "allow_weights_only_loading", "load", "store",
+    "BLOCK_SIZE", "MIN_QUANT_NUMEL", "STATE_BITS", "allow_weights_only_loading", "load", "store", "store_basis",
     "stored_bytes", "weights_only_globals", "zeros",
 ]
 
@@ -67,13 +75,16 @@ def allow_weights_only_loading() -> None:
     torch.serialization.add_safe_globals(weights_only_globals())
 
 
-def _qmap(device: torch.device, signed: bool) -> Tensor:
-    key = (str(device), signed)
+def _qmap(device: torch.device, signed: bool, linear: bool = False) -> Tensor:
+    key = (str(device), signed, linear)
     if key not in _QMAPS:
-        from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+        if linear:  # evenly spaced codes (the basis); sorted, as torchao's binary search needs
+            _QMAPS[key] = torch.linspace(-1.0 if signed else 0.0, 1.0, 256, dtype=torch.float32, device=device)
+        else:
+            from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
 
-        _QMAPS[key] = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32,
-                                   device=device)
+            _QMAPS[key] = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32,
+                                       device=device)
     return _QMAPS[key]
 
 
@@ -81,8 +92,9 @@ def _quantized(numel: int, bits: int) -> bool:
     return bits == 8 and numel >= MIN_QUANT_NUMEL
 
 
-def zeros(shape: tuple[int, ...], bits: int, *, signed: bool, device: torch.device | str) -> Tensor:
-    """Storage for a fresh (all-zero) moment of ``shape`` at ``bits``; ``signed=False`` for ``v``."""
+def zeros(shape: tuple[int, ...], bits: int, *, signed: bool, device: torch.device | str, linear: bool = False) -> Tensor:
+    """Storage for a fresh (all-zero) moment of ``shape`` at ``bits``; ``signed=False`` for ``v``; ``linear``: the
+    linear code map (the basis) instead of the dynamic tree."""
     numel = math.prod(shape)
     if bits == 32 or (bits == 8 and not _quantized(numel, bits)):
         return torch.zeros(shape, dtype=torch.float32, device=device)
@@ -91,7 +103,7 @@ def zeros(shape: tuple[int, ...], bits: int, *, signed: bool, device: torch.devi
     padded = -(-numel // BLOCK_SIZE) * BLOCK_SIZE
     codes = torch.zeros(padded, dtype=torch.uint8, device=device)
     scale = torch.zeros(padded // BLOCK_SIZE, dtype=torch.float32, device=device)
-    return _state8()(codes, scale, _qmap(codes.device, signed), signed, dtype=torch.float32)
+    return _state8()(codes, scale, _qmap(codes.device, signed, linear), signed, dtype=torch.float32)
 
 
 def is_fp32(stored: Tensor) -> bool:
@@ -130,6 +142,17 @@ def store(stored: Tensor | None, value: Tensor, bits: int, *, signed: bool) -> T
         flat = torch.cat([flat, flat.new_zeros(padded - numel)])
     stored.copy_(flat)  # torchao: per-block absmax scale, then the nearest code of the map
     return stored
+
+
+def store_basis(basis: Tensor, bits: int) -> Tensor:
+    """Storage of a projection basis at ``bits``: fp32 at 32, bf16 (round to nearest) at 16, 8-bit blocks with the
+    linear code map at 8 (bases under one block stay fp32). :func:`load` reads it back given ``(s, r)``."""
+    if bits == 32 or (bits == 8 and not _quantized(basis.numel(), bits)):
+        return basis if basis.dtype == torch.float32 else basis.float()
+    if bits == 16:
+        return basis.bfloat16()
+    stored = zeros(tuple(basis.shape), 8, signed=True, device=basis.device, linear=True)
+    return store(stored, basis, 8, signed=True)
 
 
 def stored_bytes(stored: Tensor) -> int:
