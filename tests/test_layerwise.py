@@ -2,6 +2,7 @@
 projecting the full accumulated gradient while the subspace is fixed; 2-process DDP stays bit-identical."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,7 +103,10 @@ def test_updater_rejects_other_optimizers():
 @pytest.mark.slow
 def test_ddp_layerwise_two_processes_bit_identical(tmp_path):
     script = Path(__file__).parent / "scripts" / "layerwise_ddp.py"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    with socket.socket() as sock:  # a free port, not a fixed one another run may still hold
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), LW_PORT=str(port))
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

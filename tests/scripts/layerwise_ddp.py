@@ -45,6 +45,9 @@ def worker(rank, out):
     opt = AdaRankGrad(param_groups(net), **SETTINGS)
     train(ddp, LayerwiseUpdater(opt, accumulate_grad_batches=K).attach(ddp), shard=rank)
     torch.save({n: p.detach() for n, p in net.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+    # both ranks leave together: a rank tearing gloo down while the other is still in it can abort the other
+    # ("terminate called without an active exception", seen once in a full-suite run)
+    dist.barrier()
     dist.destroy_process_group()
 
 
