@@ -70,18 +70,16 @@ def sharded_left_singular(y_local: Tensor, group: object) -> tuple[Tensor, Tenso
 
 @torch.no_grad()
 def sharded_sketch_basis(
-    y_local: Tensor, group: object, *, energy: float, min_rank: int, max_rank: int,
-    noise: Tensor | float | None = None, rows: int | None = None,
+    y_local: Tensor, group: object, *, rows: int, energy: float, min_rank: int, max_rank: int,
+    noise: Tensor | float | None = None,
 ) -> tuple[Tensor, float, bool]:
     """:func:`~lightning_adarank.optim.linalg.sketch_basis` for a row-sharded sketch.
 
     Returns this rank's rows of the top-``r`` left singular vectors (fp32, ``m_i × r``), the share of ``‖Y‖²`` they
-    keep, and whether the sketch was gathered. ``r`` and the share are identical on every rank. ``noise``: the whole
-    sketch's noise energy (all-reduced by the caller) and ``rows`` its number of rows (all shards), as in
+    keep, and whether the sketch was gathered. ``r`` and the share are identical on every rank. ``rows``: the whole
+    sketch's number of rows (all shards); ``noise``: its noise energy (all-reduced by the caller), as in
     ``sketch_basis``.
     """
     u, sv, gathered = sharded_left_singular(y_local, group)
-    if noise is not None and rows is None:
-        raise ValueError("sharded_sketch_basis: a noise floor needs the sketch's total number of rows")
-    r, kept = sketch_rank(sv, rows or y_local.shape[0], energy=energy, min_rank=min_rank, max_rank=max_rank, noise=noise)
+    r, kept = sketch_rank(sv, rows, energy=energy, min_rank=min_rank, max_rank=max_rank, noise=noise)
     return u[:, :r].float().contiguous(), kept, gathered

@@ -88,6 +88,12 @@ class _Item:
     stats: tuple[Tensor, Tensor] | None = field(default=None)  # (PᵀY, ‖Y‖²) for the refresh test
 
 
+def _measures_noise(it: _Item, group: dict, old: Tensor | None, fresh: Tensor) -> bool:
+    """Whether this step's sketch measures the noise floor (``noise_floor`` setting): a refresh step with an
+    average to compare the fresh sketch to (``_update_sketch``'s rule)."""
+    return it.pending and group.get("noise_floor", False) and old is not None and old.shape == fresh.shape
+
+
 def _blend(old: Tensor | None, fresh: Tensor, beta1: float) -> Tensor:
     """The moment sketch's average, with the single process's arithmetic (``_update_sketch``)."""
     if old is None or old.shape != fresh.shape:
@@ -139,7 +145,7 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
             old = st.get("sketch")
             old = None if old is None else local(old)
             fresh = g @ opt._test_matrix(n, it.k, g.device)
-            if it.pending and group.get("noise_floor", False) and old is not None and old.shape == fresh.shape:
+            if _measures_noise(it, group, old, fresh):
                 it.h_dev = buf.add_square_sum(fresh - old)
             it.sketch = _blend(old, fresh, beta1)
             if it.pending:
@@ -170,7 +176,7 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
         if it.side == "right":
             old, fresh = it.st.get("sketch"), buf[it.h_fresh].clone()
             noise = None
-            if it.pending and group.get("noise_floor", False) and old is not None and old.shape == fresh.shape:
+            if _measures_noise(it, group, old, fresh):
                 noise = sketch_noise(torch.linalg.vector_norm(fresh - old).square(), beta1)
             y = _blend(old, fresh, beta1)
             it.st["sketch"] = y

@@ -208,13 +208,15 @@ class ProjectedStep:
         )
         lr, wd = group["lr"], group["weight_decay"]
         decay = 1.0 - lr * wd
+        bases = []
         for p, st, s, d in zip(params, states, steps, directions):
             st["step"] = s
-            basis = self._basis(st, p)
+            basis = self._basis(st, p)  # loaded once per step (a dequantization at 8 bits)
+            bases.append(basis)
             alpha = lr * group["scale"] * rank_factor(group["scale_mode"], basis.shape[0], basis.shape[1])
             apply_update_(p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha)
         if group["subspace_source"] == "moment":
-            proj_norms, shares = self._sketch_stats(states, params)
+            proj_norms, shares = self._sketch_stats(states, params, bases)
         elif proj_norms is None:
             proj_norms = self._norms(lowrank)
         if shares is None:
@@ -222,13 +224,16 @@ class ProjectedStep:
         for st, pn, share in zip(states, proj_norms, shares):
             self._refresh_test(st, group, pn, share)
 
-    def _sketch_stats(self, states: list[dict], params: list[Tensor]) -> tuple[list[float], list[float]]:
+    def _sketch_stats(
+        self, states: list[dict], params: list[Tensor], bases: list[Tensor]
+    ) -> tuple[list[float], list[float]]:
         """The refresh test's statistics with ``subspace_source="moment"``, from the sketch ``Y = M Ω``:
         ``‖PᵀY‖`` (the smoothed projected gradient, sketched) and ``‖PᵀY‖²/‖Y‖²`` (the share of the smoothed
         gradient the subspace captures). One synchronisation for all; mini-batch noise is averaged out already.
+        ``bases``: the loaded (fp32) bases of ``params``, as the update used them.
         """
         sketches = [self._sketch(st, p) for st, p in zip(states, params)]
-        norms = self._norms([self._basis(st, p).mT @ y for st, y, p in zip(states, sketches, params)] + sketches)
+        norms = self._norms([basis.mT @ y for basis, y in zip(bases, sketches)] + sketches)
         n = len(states)
         inside, total = norms[:n], norms[n:]
         return inside, [a * a / (b * b) if b > 0 else 1.0 for a, b in zip(inside, total)]
