@@ -195,16 +195,16 @@ def _fit_stats(model, before: dict, losses: list[float]) -> dict:
     for name, p in _encoder_weights(model).items():
         if name not in deltas:
             deltas[name] = (p.detach() - before[name]).float()
-    sq = sum(float(d.square().sum()) for d in deltas.values())
+    squares = [float(d.square().sum()) for d in deltas.values()]
     numel = sum(d.numel() for d in deltas.values())
     sranks = []
-    for d in deltas.values():
+    for d, sq in zip(deltas.values(), squares):
         top = float(torch.linalg.matrix_norm(d, ord=2))
         if top > 0:
-            sranks.append(float(d.square().sum()) / top**2)
+            sranks.append(sq / top**2)
     third = max(1, len(losses) // 3)
     return dict(loss_first=statistics.fmean(losses[:third]), loss_last=statistics.fmean(losses[-third:]),
-                delta_rms=(sq / max(1, numel)) ** 0.5, delta_stable_rank=statistics.fmean(sranks) if sranks else 0.0)
+                delta_rms=(sum(squares) / max(1, numel)) ** 0.5, delta_stable_rank=statistics.fmean(sranks) if sranks else 0.0)
 
 
 def _loss_recorder():
