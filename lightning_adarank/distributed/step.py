@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_noise
+from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_ema, sketch_noise
 from .collectives import SumBuffer
 from .layout import ShardLayout, local, shard_layout, sharded_like
 from .linalg import sharded_sketch_basis
@@ -98,7 +98,7 @@ def _blend(old: Tensor | None, fresh: Tensor, beta1: float) -> Tensor:
     """The moment sketch's average, with the single process's arithmetic (``_update_sketch``)."""
     if old is None or old.shape != fresh.shape:
         return fresh
-    return fresh.mul_(1.0 - beta1).add_(old, alpha=beta1)
+    return sketch_ema(old, fresh, beta1)
 
 
 @torch.no_grad()

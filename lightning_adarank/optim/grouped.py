@@ -1,31 +1,28 @@
-"""Grouped execution of the projected step: the cost of a normal step is flat in the number of matrices.
+"""Grouped execution of the projected step: a normal step's operators do not grow with the number of matrices,
+its transient memory is bounded, and it never reads a value on the host.
 
-:class:`ProjectedStore` holds the optimizer state of every projected matrix of one parameter group on one
-device in a few flat buffers, and steps them together:
+:class:`ShapeStore` holds the optimizer state of every projected matrix of one ``(parameter group, device, shape,
+dtype)`` in a few flat buffers and steps them together:
 
-* **storage** — the moments ``M``, ``V``, the bases ``P``, the step counters and the refresh-test statistics
-  live in flat device buffers; each parameter's ``optimizer.state[p]`` entries are *views* into them, so
-  ``state_dict()``, :meth:`~lightning_adarank.AdaRankGrad.subspaces` and the per-matrix (layer-wise) code see
-  ordinary tensors. The moments are read and written at one place (:meth:`ProjectedStore.moments`), where a
-  quantized storage (issue 15) can decode/encode them;
-* **buckets** — matrices are ordered by a key ``(shape, dtype, side, rank)``; same-shape matrices form a
-  *shape group* (one ``torch.stack`` of their gradients, one batched ``‖G‖``), and within it same-rank matrices
-  form a *bucket* (one ``bmm`` to project, one ``bmm`` to project back). Ranks are kept exact, not padded: a
-  padded bucket would cut the operators of a shape group from one per distinct rank to one, but store every
-  matrix at its group's largest rank — the state memory that adaptive rank saves. The number of buckets is
-  bounded by ``shapes × distinct ranks``, which does not grow with depth;
-* **one fused Adam call** for all matrices of the store (torch's fused kernel on lists of views; per-matrix
-  step counters, so a skipped matrix keeps its own bias correction);
-* **the moment sketch** (``subspace_source="moment"``): ``Y ← β1·Y + (1−β1)·A Ω`` for a whole shape group in
-  one product (``Ω`` is shared by the group), and the refresh test's ``‖PᵀY‖``, ``‖Y‖`` batched;
-* **no host synchronisation**: the refresh-test inputs (``‖PᵀY‖``/``‖Y‖``, or ``‖PᵀG‖``/``‖G‖``) are device
-  vectors, the test runs on them on the device and leaves a sticky per-matrix flag; the optimizer reads the flags once every
-  ``refresh_check_every`` steps. A matrix whose gradient is not finite is skipped on the device
+* **storage** — the moments ``M``, ``V``, the bases ``P``, the moment sketches ``Y``, the step counters and the
+  refresh-test statistics live in flat device buffers; each parameter's ``optimizer.state[p]`` entries are
+  *views* into them, so ``state_dict()``, :meth:`~lightning_adarank.AdaRankGrad.subspaces` and the per-matrix
+  (layer-wise) code see ordinary tensors. A store holds one shape, so a refresh (which changes a matrix's rank,
+  hence its storage) rebuilds only the store of that shape;
+* **buckets** — within a store, same-rank matrices form a *bucket* (one ``bmm`` to project, one ``baddbmm`` to
+  project back). Ranks are exact, not padded (padding would store every matrix at the largest rank: the state
+  memory adaptive rank saves). Buckets are bounded by ``shapes × distinct ranks``, which does not grow with depth;
+* **chunks** — the gradients of a store are stacked (one fp32 copy) a *chunk* at a time: consecutive members
+  whose stacked gradients fit in ``stack_bytes`` (:data:`STACK_BYTES`; at least one matrix). Each chunk is
+  projected, sketched, stepped by one fused Adam call and written back before the next is stacked, and the
+  back-projected update of a chunk is written into that same stack buffer. **Bound**: the step's transient
+  memory is one chunk's stack, at most ``max(stack_bytes, 4·m·n)`` bytes, plus state-sized workspaces
+  (the projected gradients and directions, ``r × n`` per matrix). A one-matrix fp32 chunk is not copied at all;
+* **no host synchronisation** — the refresh-test inputs (``‖PᵀY‖``/``‖Y‖``, or ``‖PᵀG‖``/``‖G‖``) are device
+  vectors; the test runs on them on the device and leaves a sticky per-matrix flag, which the optimizer reads
+  once every ``refresh_check_every`` steps. A matrix whose gradient is not finite is skipped on the device
   (``torch.where`` restores its moments, step counter and statistics; its update is masked to zero and its
   weight decay to one), and counted; the count is read with the flags.
-
-The placement of a store is ``(param group, device)``; sharded parameters (DTensor, issue 14) would add their
-placement to the key and keep the same per-matrix math on local shards.
 """
 
 from __future__ import annotations
@@ -36,14 +33,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import projection_side, rank_factor
+from .linalg import add_to_weight_, projection_side, rank_factor, sketch_ema
 
-__all__ = ["ProjectedStore", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA"]
+__all__ = ["ShapeStore", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA", "STACK_BYTES"]
 
 EMA = 0.9  # smoothing of ‖PᵀG‖ and of the share in the refresh test (about ten steps of memory)
 #: the refresh-test statistics of a matrix (calibration sums and counts, moving averages), in the column order
 #: of the store's ``(N, 6)`` statistics buffer; the same keys as the per-matrix test's plain numbers
 STAT_KEYS = ("ref_norm", "ref_count", "ref_share", "ref_share_count", "ema_norm", "ema_share")
+#: default byte budget of one chunk's stacked fp32 gradients (the grouped step's transient memory)
+STACK_BYTES = 64 * 2**20
 
 
 @torch.no_grad()
@@ -80,7 +79,8 @@ def refresh_statistics(
 
 
 def captured_share(pn2: Tensor, gn2: Tensor) -> Tensor:
-    """``‖PᵀG‖²/‖G‖²`` (1 where ``‖G‖ = 0``)."""
+    """``‖PᵀG‖²/‖G‖²`` (1 where ``‖G‖ = 0``); elementwise, for tensors or (through ``torch.as_tensor``) numbers."""
+    pn2, gn2 = torch.as_tensor(pn2), torch.as_tensor(gn2)
     return torch.where(gn2 > 0, pn2 / torch.where(gn2 > 0, gn2, 1.0), 1.0)
 
 
@@ -89,32 +89,6 @@ def _vector(values: list, device: torch.device) -> Tensor:
     if all(isinstance(v, Tensor) for v in values):
         return torch.stack([v.reshape(()).to(device, torch.float32) for v in values])
     return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
-
-
-@dataclass
-class _Bucket:
-    """Matrices ``lo:hi`` of the store (same shape, dtype, side and rank)."""
-
-    lo: int
-    hi: int
-    rank: int
-    bases: Tensor  # (B, s, r) view of the basis buffer
-    low: Tensor  # (B, r, n) or (B, m, r): view of the projected-gradient workspace
-    direction: Tensor  # same, view of the direction workspace (-m̂/(√v̂+ε))
-    scale: float  # c of the update lr·α·c·P N (√(s/r) with scale_mode="rms", else 1)
-
-
-@dataclass
-class _ShapeGroup:
-    """Matrices ``lo:hi`` of the store with the same shape and dtype (their gradients are stacked once)."""
-
-    lo: int
-    hi: int
-    shape: tuple[int, int]
-    dtype: torch.dtype
-    side: str
-    buckets: list[_Bucket]
-    sketch: Tensor | None  # (B, s, k) view of the sketch buffer (subspace_source="moment")
 
 
 def _layout(shape: tuple[int, int], rank: int) -> tuple[int, int]:
@@ -127,91 +101,102 @@ def _flat(tensors: list[Tensor], dev: torch.device) -> Tensor:
     return torch.cat([t.reshape(-1).to(dev, torch.float32) for t in tensors])
 
 
-class ProjectedStore:
-    """Flat device state and the batched normal step of the projected matrices of one group on one device.
+@dataclass
+class _Bucket:
+    """Members ``lo:hi`` of the store (same rank)."""
+
+    lo: int
+    hi: int
+    rank: int
+    bases: Tensor  # (B, s, r) view of the basis buffer
+    low: Tensor  # (B, r, n) or (B, m, r): view of the projected-gradient workspace
+    direction: Tensor  # same, view of the direction workspace (-m̂/(√v̂+ε))
+    scale: float  # c of the update lr·α·c·P N (√(s/r) with scale_mode="rms", else 1)
+
+    def piece(self, lo: int, hi: int) -> tuple[int, int] | None:
+        """This bucket's members inside ``[lo, hi)``, as offsets into the bucket (``None`` if none)."""
+        a, b = max(lo, self.lo), min(hi, self.hi)
+        return (a - self.lo, b - self.lo) if a < b else None
+
+
+class ShapeStore:
+    """Flat device state and the batched normal step of the projected matrices of one shape and dtype.
 
     Built from (and bound into) the per-parameter state dicts, which must hold ``basis``, ``exp_avg``,
     ``exp_avg_sq``, ``step``, the statistics of :data:`STAT_KEYS` (numbers or 0-d tensors), ``sketch`` when
-    ``sketch=True``, and the host integers ``since_refresh`` and ``rank``. After binding, the tensor entries
-    and the statistics are views into the store.
+    ``sketch=True``, and the host integers ``since_refresh`` and ``rank`` (and, when parked,
+    ``unread_skips``). After binding, the tensor entries and the statistics are views into the store.
     """
 
-    def __init__(self, params: list[Tensor], states: list[dict], group: dict, *, step_device: torch.device) -> None:
-        order = sorted(range(len(params)), key=lambda i: (tuple(params[i].shape), str(params[i].dtype),
-                                                          int(states[i]["rank"]), i))
+    def __init__(self, params: list[Tensor], states: list[dict], group: dict, *, step_device: torch.device,
+                 stack_bytes: int = STACK_BYTES) -> None:
+        order = sorted(range(len(params)), key=lambda i: (int(states[i]["rank"]), i))
         self.params = [params[i] for i in order]
         self.states = [states[i] for i in order]
         self.ids = [id(p) for p in self.params]
         self.device = dev = self.params[0].device
+        self.shape: tuple[int, int] = tuple(self.params[0].shape)
+        self.dtype = self.params[0].dtype
+        if any(tuple(p.shape) != self.shape or p.dtype != self.dtype for p in self.params):
+            raise ValueError("ShapeStore: every member must have the same shape and dtype")
+        self.side = projection_side(self.shape)
         self.uses_sketch = group["subspace_source"] == "moment"
-        scale_mode = group["scale_mode"]
         n = len(self.params)
-        shapes = [tuple(p.shape) for p in self.params]
+        s = min(self.shape)
         ranks = [int(st["rank"]) for st in self.states]
-        sizes = [math_prod(_layout(sh, r)) for sh, r in zip(shapes, ranks)]
-        self.sizes = torch.tensor(sizes, dtype=torch.int64, device=dev)
-        self.total = sum(sizes)
+        sizes = [_layout(self.shape, r)[0] * _layout(self.shape, r)[1] for r in ranks]
+        self.offsets = [0]
+        for size in sizes:
+            self.offsets.append(self.offsets[-1] + size)
         # flat buffers: fp32 moments, bases, sketches; one step counter and six statistics per matrix
         self.exp_avg = _flat([st["exp_avg"] for st in self.states], dev)
         self.exp_avg_sq = _flat([st["exp_avg_sq"] for st in self.states], dev)
         self.basis = _flat([st["basis"] for st in self.states], dev)
-        self.sketch = _flat([st["sketch"] for st in self.states], dev) if self.uses_sketch else None
+        self.sketch = torch.stack([st["sketch"].to(dev, torch.float32) for st in self.states]) \
+            if self.uses_sketch else None
         self.step_counts = _vector([st["step"] for st in self.states], step_device)
         self.stats = torch.stack([_vector([st[k] for st in self.states], dev) for k in STAT_KEYS], dim=1)
-        self.since = torch.tensor([float(st["since_refresh"]) for st in self.states], dtype=torch.float32, device=dev)
+        self.since = torch.tensor([float(st["since_refresh"] - st.get("unread_skips", 0)) for st in self.states],
+                                  dtype=torch.float32, device=dev)
         self.flag = torch.zeros(n, dtype=torch.bool, device=dev)
         self.skipped = torch.zeros(n, dtype=torch.int32, device=dev)
-        self._low = torch.zeros(self.total, dtype=torch.float32, device=dev)  # workspace: PᵀG of every matrix
-        self._dir = torch.zeros(self.total, dtype=torch.float32, device=dev)  # workspace: the directions
+        self._low = torch.zeros(self.offsets[-1], dtype=torch.float32, device=dev)  # workspace: PᵀG per matrix
+        self._dir = torch.zeros(self.offsets[-1], dtype=torch.float32, device=dev)  # workspace: the directions
         self.all_true = torch.ones(n, dtype=torch.bool, device=dev)
         # per-matrix views, bound into the state dicts
         self.m_views, self.v_views, self.low_views, self.dir_views, self.basis_views = [], [], [], [], []
-        self.sketch_views: list[Tensor] = []
-        off = boff = koff = 0
-        for st, sh, r, size in zip(self.states, shapes, ranks, sizes):
-            shape = _layout(sh, r)
-            self.m_views.append(self.exp_avg[off:off + size].view(shape))
-            self.v_views.append(self.exp_avg_sq[off:off + size].view(shape))
-            self.low_views.append(self._low[off:off + size].view(shape))
-            self.dir_views.append(self._dir[off:off + size].view(shape))
-            self.basis_views.append(self.basis[boff:boff + min(sh) * r].view(min(sh), r))
-            off += size
-            boff += min(sh) * r
-            if self.uses_sketch:
-                kshape = tuple(st["sketch"].shape)
-                self.sketch_views.append(self.sketch[koff:koff + math_prod(kshape)].view(kshape))
-                koff += math_prod(kshape)
+        boff = 0
+        for i, r in enumerate(ranks):
+            lo, hi, shape = self.offsets[i], self.offsets[i + 1], _layout(self.shape, r)
+            self.m_views.append(self.exp_avg[lo:hi].view(shape))
+            self.v_views.append(self.exp_avg_sq[lo:hi].view(shape))
+            self.low_views.append(self._low[lo:hi].view(shape))
+            self.dir_views.append(self._dir[lo:hi].view(shape))
+            self.basis_views.append(self.basis[boff:boff + s * r].view(s, r))
+            boff += s * r
         self.step_views = list(self.step_counts.unbind(0))
         self.stat_views = [list(row.unbind(0)) for row in self.stats.unbind(0)]
+        self.sketch_views = list(self.sketch.unbind(0)) if self.uses_sketch else []
         self._bind()
-        # shape groups and buckets (consecutive runs of the sort key)
-        self.groups: list[_ShapeGroup] = []
-        i = off = boff = koff = 0
+        # buckets: consecutive runs of one rank
+        self.buckets: list[_Bucket] = []
+        i = boff = 0
         while i < n:
-            shape, dtype = shapes[i], self.params[i].dtype
-            j = i
-            while j < n and shapes[j] == shape and self.params[j].dtype == dtype:
-                j += 1
-            buckets, k = [], i
-            while k < j:
-                r, h = ranks[k], k
-                while h < j and ranks[h] == r:
-                    h += 1
-                lshape = _layout(shape, r)
-                cnt, bcnt = (h - k) * math_prod(lshape), (h - k) * min(shape) * r
-                buckets.append(_Bucket(
-                    k, h, r, self.basis[boff:boff + bcnt].view(h - k, min(shape), r),
-                    self._low[off:off + cnt].view(h - k, *lshape), self._dir[off:off + cnt].view(h - k, *lshape),
-                    rank_factor(scale_mode, min(shape), r)))
-                off, boff, k = off + cnt, boff + bcnt, h
-            sk = None
-            if self.uses_sketch:
-                kshape = tuple(self.sketch_views[i].shape)
-                kcnt = (j - i) * math_prod(kshape)
-                sk = self.sketch[koff:koff + kcnt].view(j - i, *kshape)
-                koff += kcnt
-            self.groups.append(_ShapeGroup(i, j, shape, dtype, projection_side(shape), buckets, sk))
-            i = j
+            r, h = ranks[i], i
+            while h < n and ranks[h] == r:
+                h += 1
+            lshape = _layout(self.shape, r)
+            lo, hi = self.offsets[i], self.offsets[h]
+            self.buckets.append(_Bucket(
+                i, h, r, self.basis[boff:boff + (h - i) * s * r].view(h - i, s, r),
+                self._low[lo:hi].view(h - i, *lshape), self._dir[lo:hi].view(h - i, *lshape),
+                rank_factor(group["scale_mode"], s, r)))
+            boff += (h - i) * s * r
+            i = h
+        # chunks: consecutive members whose stacked fp32 gradients fit in stack_bytes (at least one)
+        per = max(1, stack_bytes // (4 * self.shape[0] * self.shape[1]))
+        self.chunks = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+        self._chunk_sizes = [torch.tensor(sizes[lo:hi], device=dev) for lo, hi in self.chunks]
 
     # ------------------------------------------------------------------ binding
     def _bind(self) -> None:
@@ -238,17 +223,6 @@ class ProjectedStore:
                 return False
         return True
 
-    def moments(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The per-matrix first and second moments, as the Adam kernel reads and writes them.
-
-        The single load/store point of the moments: a quantized storage would decode here and encode in
-        :meth:`store_moments`.
-        """
-        return self.m_views, self.v_views
-
-    def store_moments(self) -> None:
-        """Counterpart of :meth:`moments` (fp32 storage: the kernel wrote in place, nothing to do)."""
-
     # ------------------------------------------------------------------ the normal step
     @torch.no_grad()
     def step(
@@ -266,105 +240,111 @@ class ProjectedStore:
         sketches; ``sketch_mask`` ``(N,)`` bool (member order) where the sketch takes this step's gradient
         (default all: a matrix refreshed this step already took it).
         """
-        beta1 = group["betas"][0]
-        stacks, gn2_parts, pn2_parts, yn2_parts = [], [], [], []
-        for sg in self.groups:
-            # a shape of one matrix is not stacked (no copy of G): a view with a batch dimension of one
-            g = torch.stack([grads[id(p)] for p in self.params[sg.lo:sg.hi]]) if sg.hi - sg.lo > 1 \
-                else grads[id(self.params[sg.lo])].unsqueeze(0)
-            if g.dtype != torch.float32:
-                g = g.float()
-            stacks.append(g)
-            for b in sg.buckets:
-                gb = g[b.lo - sg.lo:b.hi - sg.lo]
-                if sg.side == "left":
-                    torch.bmm(b.bases.mT, gb, out=b.low)
-                else:
-                    torch.bmm(gb, b.bases, out=b.low)
-            if self.uses_sketch:  # Y ← β1·Y + (1−β1)·A Ω, A = G or Gᵀ; a non-finite update leaves Y as it was
-                y = sg.sketch
-                omega = test_matrix(max(sg.shape), y.shape[2], self.device)
-                fresh = torch.matmul(g, omega) if sg.side == "left" else torch.matmul(omega.mT, g).mT
-                new = fresh.mul_(1.0 - beta1).add_(y, alpha=beta1)
-                keep = torch.isfinite(new).all(dim=(1, 2))
-                if sketch_mask is not None:
-                    keep &= sketch_mask[sg.lo:sg.hi]
-                torch.where(keep[:, None, None], new, y, out=y)
-                for b in sg.buckets:  # the refresh test reads the sketch: ‖PᵀY‖ and ‖Y‖
-                    pn2_parts.append(torch.bmm(b.bases.mT, y[b.lo - sg.lo:b.hi - sg.lo]).square().sum(dim=(1, 2)))
-                yn2_parts.append(y.square().sum(dim=(1, 2)))
-            else:  # the batch's share needs ‖G‖ every step
-                gn2_parts.append(torch.linalg.vector_norm(g, dim=(1, 2)).square())
-        low2 = torch.segment_reduce(self._low.square(), "sum", lengths=self.sizes)  # ‖PᵀG‖² per matrix
-        if self.uses_sketch:
-            ok = torch.isfinite(low2)
-            pn2, total2 = torch.cat(pn2_parts), torch.cat(yn2_parts)
-        else:
-            gn2 = torch.cat(gn2_parts)
-            ok = torch.isfinite(low2 + gn2)
-            pn2, total2 = low2, gn2
-        # Adam on the projected gradients; a matrix with a non-finite gradient gets its state back afterwards
-        m_old, v_old = self.exp_avg.clone(), self.exp_avg_sq.clone()
-        self._dir.zero_()
-        m_list, v_list = self.moments()
-        steps = adamw(self.dir_views, self.low_views, m_list, v_list, list(self.step_views), group, lr=1.0,
-                      weight_decay=0.0)
-        if any(s is not v for s, v in zip(steps, self.step_views)):
-            raise RuntimeError("AdaRankGrad: step counters moved device inside the Adam kernel")
-        bad = ~ok
-        bad_elem = bad.repeat_interleave(self.sizes, output_size=self.total)
-        torch.where(bad_elem, m_old, self.exp_avg, out=self.exp_avg)
-        torch.where(bad_elem, v_old, self.exp_avg_sq, out=self.exp_avg_sq)
-        self._dir.masked_fill_(bad_elem, 0.0)
-        self.store_moments()
-        self.step_counts.sub_(bad.to(self.step_counts.device, self.step_counts.dtype))
-        self.skipped.add_(bad.int())
-        # back-projection and decoupled weight decay: W ← decay·W + lr·α·c·P N (decay 1 where skipped)
-        lr, wd = group["lr"], group["weight_decay"]
-        alpha = lr * group["scale"]
-        decays = list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)) if wd else None
-        for sg, g in zip(self.groups, stacks):
-            if sg.hi - sg.lo == 1 and sg.dtype == torch.float32:  # one matrix: update W in place (no delta buffer)
-                p, b = self.params[sg.lo], sg.buckets[0]
-                if decays is not None:
-                    p.mul_(decays[sg.lo])
-                if sg.side == "left":
-                    p.addmm_(b.bases[0], b.direction[0], alpha=alpha * b.scale)
-                else:
-                    p.addmm_(b.direction[0], b.bases[0].mT, alpha=alpha * b.scale)
-                continue
-            delta = torch.empty(g.shape, dtype=torch.float32, device=self.device)
-            for b in sg.buckets:
-                out = delta[b.lo - sg.lo:b.hi - sg.lo]
-                if sg.side == "left":
-                    torch.baddbmm(out, b.bases, b.direction, beta=0.0, alpha=alpha * b.scale, out=out)
-                else:
-                    torch.baddbmm(out, b.direction, b.bases.mT, beta=0.0, alpha=alpha * b.scale, out=out)
-            params = self.params[sg.lo:sg.hi]
-            if decays is not None:
-                torch._foreach_mul_(params, decays[sg.lo:sg.hi])
-            if sg.dtype == torch.float32:
-                torch._foreach_add_(params, list(delta.unbind(0)))
-            else:
-                torch._foreach_add_(params, list(delta.to(sg.dtype).unbind(0)))
+        parts = [self._step_chunk(lo, hi, sizes, grads, group, adamw, test_matrix, sketch_mask)
+                 for (lo, hi), sizes in zip(self.chunks, self._chunk_sizes)]
+        pn2, total2, ok = (torch.cat(col) for col in zip(*parts))
         test = refresh_statistics(self.stats, self.since, pn2.sqrt(), captured_share(pn2, total2), self.all_true,
                                   ok, tol=group["tol"], min_gap=group["min_gap"])
         self.flag.logical_or_(test)
         for st in self.states:
             st["since_refresh"] += 1
 
+
+    def _step_chunk(self, lo: int, hi: int, sizes: Tensor, grads: dict[int, Tensor], group: dict,
+                    adamw: Callable[..., list[Tensor]], test_matrix: Callable | None,
+                    sketch_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Members ``lo:hi``: stack (or view) their gradients, project, sketch, Adam, update; the stack is freed on
+        return. Returns the refresh test's ``‖PᵀY‖²`` (or ``‖PᵀG‖²``), ``‖Y‖²`` (or ``‖G‖²``) and the finite mask."""
+        beta1 = group["betas"][0]
+        lr, wd = group["lr"], group["weight_decay"]
+        alpha = lr * group["scale"]
+        left = self.side == "left"
+        params = self.params[lo:hi]
+        if hi - lo == 1:  # one matrix: a view with a batch dimension of one (no copy of an fp32 G)
+            g = grads[self.ids[lo]].unsqueeze(0)
+            own = g.dtype != torch.float32
+            g = g.float() if own else g
+        else:
+            g, own = torch.stack([grads[i].float() for i in self.ids[lo:hi]]), True
+        pieces = [(b, b.piece(lo, hi)) for b in self.buckets]
+        pieces = [(b, a, z) for b, pc in pieces if pc is not None for a, z in [pc]]
+        low2, pn2 = [], []
+        for b, a, z in pieces:  # R = PᵀG (or G P)
+            gb = g[b.lo + a - lo:b.lo + z - lo]
+            if left:
+                torch.bmm(b.bases[a:z].mT, gb, out=b.low[a:z])
+            else:
+                torch.bmm(gb, b.bases[a:z], out=b.low[a:z])
+            low2.append(b.low[a:z].square().sum(dim=(1, 2)))
+        low2 = torch.cat(low2)
+        if self.uses_sketch:  # Y ← β1·Y + (1−β1)·A Ω (A = G or Gᵀ); a non-finite update leaves Y as it was
+            y = self.sketch[lo:hi]
+            omega = test_matrix(max(self.shape), y.shape[2], self.device)
+            fresh = torch.matmul(g, omega) if left else torch.matmul(omega.mT, g).mT
+            new = sketch_ema(y, fresh, beta1)
+            keep = torch.isfinite(new).all(dim=(1, 2))
+            if sketch_mask is not None:
+                keep &= sketch_mask[lo:hi]
+            torch.where(keep[:, None, None], new, y, out=y)
+            for b, a, z in pieces:  # the refresh test reads the sketch: ‖PᵀY‖ and ‖Y‖
+                yb = y[b.lo + a - lo:b.lo + z - lo]
+                pn2.append(torch.bmm(b.bases[a:z].mT, yb).square().sum(dim=(1, 2)))
+            pn2, total2 = torch.cat(pn2), y.square().sum(dim=(1, 2))
+            ok = torch.isfinite(low2)
+        else:  # the batch's share needs ‖G‖ every step
+            pn2, total2 = low2, g.square().sum(dim=(1, 2))
+            ok = torch.isfinite(low2 + total2)
+        # Adam on the projected gradients; a matrix with a non-finite gradient gets its state back afterwards
+        m0, m1 = self.offsets[lo], self.offsets[hi]
+        m_old, v_old = self.exp_avg[m0:m1].clone(), self.exp_avg_sq[m0:m1].clone()
+        self._dir[m0:m1].zero_()
+        steps = adamw(self.dir_views[lo:hi], self.low_views[lo:hi], self.m_views[lo:hi], self.v_views[lo:hi],
+                      self.step_views[lo:hi], group, lr=1.0, weight_decay=0.0)
+        if any(s is not v for s, v in zip(steps, self.step_views[lo:hi])):
+            raise RuntimeError("AdaRankGrad: step counters moved device inside the Adam kernel")
+        bad = ~ok
+        bad_elem = bad.repeat_interleave(sizes, output_size=m1 - m0)
+        torch.where(bad_elem, m_old, self.exp_avg[m0:m1], out=self.exp_avg[m0:m1])
+        torch.where(bad_elem, v_old, self.exp_avg_sq[m0:m1], out=self.exp_avg_sq[m0:m1])
+        self._dir[m0:m1].masked_fill_(bad_elem, 0.0)
+        self.step_counts[lo:hi].sub_(bad.to(self.step_counts.device, self.step_counts.dtype))
+        self.skipped[lo:hi].add_(bad.int())
+        # back-projection and decoupled weight decay: W ← decay·W + lr·α·c·P N (decay 1 where skipped)
+        if wd:
+            torch._foreach_mul_(params, list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)))
+        if not own:  # the stack is a view of an fp32 gradient: add into the weight directly
+            b, a, _ = pieces[0]
+            if left:
+                params[0].addmm_(b.bases[a], b.direction[a], alpha=alpha * b.scale)
+            else:
+                params[0].addmm_(b.direction[a], b.bases[a].mT, alpha=alpha * b.scale)
+            return pn2, total2, ok
+        for b, a, z in pieces:  # the update, written into the chunk's own stack (G is no longer needed)
+            out = g[b.lo + a - lo:b.lo + z - lo]
+            if left:
+                torch.baddbmm(out, b.bases[a:z], b.direction[a:z], beta=0.0, alpha=alpha * b.scale, out=out)
+            else:
+                torch.baddbmm(out, b.direction[a:z], b.bases[a:z].mT, beta=0.0, alpha=alpha * b.scale, out=out)
+        if self.dtype == torch.float32:
+            torch._foreach_add_(params, list(g.unbind(0)))
+        else:
+            for p, d in zip(params, g.unbind(0)):
+                add_to_weight_(p, d)
+        return pn2, total2, ok
+
     # ------------------------------------------------------------------ host reads
-    def read_flags(self) -> tuple[list[bool], list[int]]:
-        """One host read of the sticky refresh flags and the skip counts (then reset to zero)."""
-        both = torch.cat((self.flag.int(), self.skipped)).tolist()
+    def device_flags(self) -> Tensor:
+        """The sticky refresh flags and skip counts as one ``(2N,)`` int device vector (read with the others)."""
+        return torch.cat((self.flag.int(), self.skipped))
+
+    def park(self, values: list[int]) -> None:
+        """Move the flags and skip counts just read (``values``, from :meth:`device_flags`) into the host state:
+        ``flagged`` and ``unread_skips`` of each member; the device vectors restart at zero."""
+        n = len(self.params)
+        for st, flag, skips in zip(self.states, values[:n], values[n:]):
+            if flag:
+                st["flagged"] = True
+            if skips:
+                st["unread_skips"] = st.get("unread_skips", 0) + int(skips)
         self.flag.zero_()
         self.skipped.zero_()
-        n = len(self.params)
-        return [bool(x) for x in both[:n]], both[n:]
-
-
-def math_prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out

@@ -1,7 +1,14 @@
 """The grouped step's driver, mixed into :class:`~lightning_adarank.AdaRankGrad` (kept apart from the per-matrix
 code in ``optimizer.py``): refresh the pending matrices in batches, step every projected matrix of a group
-through its :class:`~lightning_adarank.optim.grouped.ProjectedStore`, read the device-side flags every
+through the :class:`~lightning_adarank.optim.grouped.ShapeStore` of its shape, read the device-side flags every
 ``refresh_check_every`` calls.
+
+**The flag cadence is part of the state.** A refresh flagged on the device is acted on at the next read, and the
+reads come every ``refresh_check_every`` grouped steps of a parameter group, counted from the start of training
+(not from the last rebuild). Whenever flags must be read off-cadence (a store is rebuilt, or ``state_dict()``
+is taken) they are *parked* in the host state (``flagged``, ``unread_skips``) and acted on at the next regular
+read, so that reading them changes nothing; the counter of each group is saved in the state dict. A run that is
+saved and resumed at any step is therefore bit-identical to one that was not.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .grouped import ProjectedStore
+from .grouped import ShapeStore
 from .linalg import subspace_seed
 from .refresh import refresh_batched
 
@@ -22,9 +29,12 @@ class GroupedStep:
     """Mixin: ``_step_params_grouped`` and its bookkeeping (needs the optimizer's state, settings and kernels)."""
 
     def _init_grouped(self) -> None:
-        self._stores: dict[tuple[int, torch.device], ProjectedStore] = {}  # (group, device) → store
-        self._calls: dict[tuple, int] = {}
+        self._stores: dict[tuple, ShapeStore] = {}  # (group, device, shape, dtype) → store
+        self._calls: dict[int, int] = {}  # group index → grouped steps taken (the flag-read cadence)
         self._unread_skips: list[Tensor] = []  # device counts of skipped unprojected parameters
+
+    def _group_index(self, group: dict) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
 
     @torch.no_grad()
     def _step_params_grouped(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
@@ -49,9 +59,13 @@ class GroupedStep:
                 st["pending"] = True
             if st["pending"]:
                 pending.append(i)
-                noises.append(self._update_sketch(params[i], grads[i].float(), group, st, True) if moment else None)
         refreshed: set[int] = set()
         if pending:
+            ids = {id(params[i]) for i in pending}  # their stores' unread flags go to the host before they change
+            self._park([s for s in self._group_stores(group) if ids & set(s.ids)])
+            for i in pending:
+                st = self.state[params[i]]
+                noises.append(self._update_sketch(params[i], grads[i].float(), group, st, True) if moment else None)
             done = refresh_batched([params[i] for i in pending], [grads[i] for i in pending],
                                    [self.state[params[i]] for i in pending], group,
                                    lambda p, refresh: subspace_seed(self.seed, self._index[id(p)], refresh), noises)
@@ -61,68 +75,88 @@ class GroupedStep:
             refreshed = {id(params[i]) for i, ok in zip(pending, done) if ok}
         if dense:  # first, so that its skip count is read with the projected matrices' flags
             self.update_dense([params[i] for i in dense], [grads[i] for i in dense], group, check_finite=True)
-        by_device: dict[torch.device, list[int]] = {}
+        by_key: dict[tuple, list[int]] = {}
         for i in low:
-            by_device.setdefault(params[i].device, []).append(i)
-        for device, idx in by_device.items():
-            store = self._store(group, device, [params[i] for i in idx])
+            p = params[i]
+            by_key.setdefault((p.device, tuple(p.shape), p.dtype), []).append(i)
+        for key, idx in by_key.items():
+            store = self._store(group, key, [params[i] for i in idx])
             mask = None
-            if moment and refreshed:  # their sketches took this gradient already (a refresh step: H2D is fine)
-                mask = torch.tensor([id(p) not in refreshed for p in store.params], device=device)
+            if moment and refreshed & set(store.ids):  # their sketches took this gradient already (a refresh step)
+                mask = torch.tensor([id(p) not in refreshed for p in store.params], device=store.device)
             store.step({id(params[i]): grads[i] for i in idx}, group, self._adamw, self._test_matrix, mask)
-            self._after_step(group, store)
-        if not by_device and self._unread_skips:  # no store to read with: keep the same cadence
-            key = (id(group), None)
-            self._calls[key] = self._calls.get(key, 0) + 1
-            if self._calls[key] % self._check_every(self._unread_skips[0].device) == 0:
-                skipped += int(sum(int(t) for t in self._unread_skips))
-                self._unread_skips.clear()
+            for st in store.states:  # host rule: never staler than max_gap (no read needed)
+                if st["since_refresh"] >= group["max_gap"]:
+                    st["pending"] = True
+        gi = self._group_index(group)
+        self._calls[gi] = self._calls.get(gi, 0) + 1
+        device = params[0].device
+        if self._calls[gi] % self._check_every(device) == 0:
+            skipped += self._drain(group)
         if skipped:
             self._warn_skipped(skipped)
 
-    def _store(self, group: dict, device: torch.device, params: list[Tensor]) -> ProjectedStore:
-        """The bound store of ``params`` (built, and any stale one drained, when membership or state changed)."""
-        key = (id(group), device)
-        store = self._stores.get(key)
+    def _group_stores(self, group: dict) -> list[ShapeStore]:
+        return [s for key, s in self._stores.items() if key[0] == id(group)]
+
+    def _store(self, group: dict, key: tuple, params: list[Tensor]) -> ShapeStore:
+        """The bound store of ``params`` (built, and a stale one parked, when membership or state changed)."""
+        full = (id(group), *key)
+        store = self._stores.get(full)
         if store is not None and store.is_bound(params, self.state, group):
             return store
         if store is not None:
-            self._drain(store)
+            self._park([store])
+        device = key[0]
         step_device = device if self._use_fused(device) else torch.device("cpu")
-        store = self._stores[key] = ProjectedStore(params, [self.state[p] for p in params], group,
-                                                   step_device=step_device)
-        self._calls[key] = 0
+        store = self._stores[full] = ShapeStore(params, [self.state[p] for p in params], group,
+                                                step_device=step_device)
         return store
 
     def _check_every(self, device: torch.device) -> int:
         k = self.config.refresh_check_every
         return k if k is not None else (1 if device.type == "cpu" else 8)
 
-    def _after_step(self, group: dict, store: ProjectedStore) -> None:
-        key = (id(group), store.device)
-        self._calls[key] = self._calls.get(key, 0) + 1
-        max_gap = group["max_gap"]
-        for st in store.states:  # host rule: never staler than max_gap (no read needed)
-            if st["since_refresh"] >= max_gap:
-                st["pending"] = True
-        if self._calls[key] % self._check_every(store.device) == 0:
-            self._drain(store)
+    def _park(self, stores: list[ShapeStore], *, dense_skips: bool = False) -> int:
+        """One host read of ``stores``' device flags and skip counts, moved into the host state (no action).
 
-    def _drain(self, store: ProjectedStore) -> None:
-        """Read ``store``'s refresh flags and skip counts (one host synchronisation) and act on them."""
-        flags, skips = store.read_flags()
-        skipped = 0
-        for st, flag, n in zip(store.states, flags, skips):
-            if n:
-                st["since_refresh"] -= n  # the host counted the skipped steps
-                skipped += n
-            if flag:
-                st["pending"] = True
-        if self._unread_skips:
-            skipped += int(sum(int(t) for t in self._unread_skips))
+        ``dense_skips``: the unprojected parameters' unread skip counts come in the same read; returns their sum.
+        """
+        parts = [s.device_flags() for s in stores]
+        if dense_skips and self._unread_skips:
+            dev = parts[0].device if parts else self._unread_skips[0].device
+            parts.append(torch.stack([t.reshape(()).to(dev) for t in self._unread_skips]).int())
             self._unread_skips.clear()
-        if skipped:
-            self._warn_skipped(skipped)
+        if not parts:
+            return 0
+        values = torch.cat(parts).tolist()
+        at = 0
+        for s in stores:
+            n = 2 * len(s.params)
+            s.park(values[at:at + n])
+            at += n
+        return int(sum(values[at:]))
+
+    def _drain(self, group: dict) -> int:
+        """The regular read (one host synchronisation): flags become pending refreshes, skip counts correct the
+        host's step counts; returns the number of skipped parameter steps to warn about."""
+        stores = self._group_stores(group)
+        skipped = self._park(stores, dense_skips=True)
+        for store in stores:
+            for st in store.states:
+                if st.pop("flagged", False):
+                    st["pending"] = True
+                n = st.pop("unread_skips", 0)
+                if n:
+                    st["since_refresh"] -= n  # the host counted the skipped steps
+                    skipped += n
+        return skipped
+
+    def _park_all(self) -> None:
+        """Park every store's flags (``state_dict()``): the saved state then holds everything not yet read."""
+        n = self._park(list(self._stores.values()), dense_skips=True)
+        if n:  # only a warning depends on these: give it now
+            self._warn_skipped(n)
 
     @staticmethod
     def _warn_skipped(n: int) -> None:

@@ -43,6 +43,8 @@ __all__ = [
     "project_back",
     "rank_factor",
     "apply_update_",
+    "add_to_weight_",
+    "sketch_ema",
     "cholesky_qr_condition_limit",
     "orthonormalize_batched",
     "oriented_batched",
@@ -269,6 +271,23 @@ def project_back(low_rank: Tensor, basis: Tensor, side: Side) -> Tensor:
     return basis @ low_rank if side == "left" else low_rank @ basis.mT
 
 
+def sketch_ema(y: Tensor, fresh: Tensor, beta1: float, *, new_step: bool = True) -> Tensor:
+    """The moment sketch's average: ``β1·Y + (1−β1)·A Ω`` (``fresh = A Ω``, overwritten and returned).
+
+    ``new_step=False`` (one more micro-batch's share of the same step, the layer-wise accumulation) adds
+    ``(1−β1)·A Ω`` without decaying ``Y`` again. By linearity ``Y`` stays the sketch ``M Ω`` of the first moment.
+    Every path (per-matrix, grouped, layer-wise, FSDP2) averages with this one function.
+    """
+    if not new_step:
+        return fresh.mul_(1.0 - beta1).add_(y)
+    return fresh.mul_(1.0 - beta1).add_(y, alpha=beta1)
+
+
+def add_to_weight_(weight: Tensor, delta: Tensor) -> None:
+    """``W ← W + Δ`` for an fp32 ``Δ``: in place for fp32 ``W``; fp16/bf16 ``W`` takes ``Δ`` rounded to its dtype."""
+    weight.add_(delta if weight.dtype == delta.dtype else delta.to(weight.dtype))
+
+
 def rank_factor(scale_mode: str, side_len: int, rank: int) -> float:
     """``c`` in the projected update's ``α = lr·scale·c``: ``√(s/r)`` for ``scale_mode="rms"`` (the update's RMS
     is then ``lr·scale·rms(N)`` whatever the rank ``r`` and projected side ``s``), ``1`` for ``"galore"``."""
@@ -286,7 +305,7 @@ def apply_update_(weight: Tensor, basis: Tensor, direction: Tensor, side: Side, 
         return
     if decay != 1.0:
         weight.mul_(decay)
-    weight.add_(project_back(direction, basis, side).mul_(alpha).to(weight.dtype))
+    add_to_weight_(weight, project_back(direction, basis, side).mul_(alpha))
 
 
 # ----------------------------------------------------------------------------- batched (a stack of same-shape matrices)

@@ -350,12 +350,13 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         A checkpoint then holds exactly the state of each matrix (no shared storages), in the per-matrix
         layout; :meth:`load_state_dict` drops the storage, and the next grouped step rebuilds it.
         """
+        self._park_all()  # flags not read yet travel in the state, to be acted on at the same step after a resume
         sd = super().state_dict()
         sd["state"] = {
             k: {n: v.clone() if isinstance(v, Tensor) and v._base is not None else v for n, v in st.items()}
             for k, st in sd["state"].items()
         }
-        sd[STATE_KEY] = format_tag()
+        sd[STATE_KEY] = {**format_tag(), "flag_reads": [self._calls.get(i, 0) for i in range(len(self.param_groups))]}
         if any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):
             _sharded("pad")(self, sd)  # fixed shapes for distributed checkpoints (DCP loads in place)
         return sd
@@ -371,6 +372,8 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         super().load_state_dict(state_dict)
         self._group_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
         self._init_grouped()
+        calls = (state_dict.get(STATE_KEY) or {}).get("flag_reads") or []
+        self._calls = {i: int(c) for i, c in enumerate(calls)}
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for sid, p in zip(saved_ids, params):

@@ -20,6 +20,7 @@ from .linalg import (
     project,
     projection_side,
     sketch_basis,
+    sketch_ema,
     sketch_noise,
     sketch_side,
     subspace_seed,
@@ -123,7 +124,7 @@ class ProjectedStep:
             beta1 = group["betas"][0]
             if new_step and st.get("pending") and group.get("noise_floor", False):
                 noise = sketch_noise(torch.linalg.vector_norm(fresh - y).square(), beta1)
-            new = torch.add(y, fresh, alpha=1.0 - beta1) if not new_step else fresh.mul_(1.0 - beta1).add_(y, alpha=beta1)
+            new = sketch_ema(y, fresh, beta1, new_step=new_step)
             new = torch.where(torch.isfinite(new).all(), new, y)
         if bits == 32 and y is not None:
             y.copy_(new)

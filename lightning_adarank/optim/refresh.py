@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .grouped import STACK_BYTES
 from .linalg import (
     moment_transform,
     oriented_batched,
@@ -54,18 +55,21 @@ def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_
     st["refreshes"] += 1
     st["pending"] = False
     st["since_refresh"] = 0
+    st.pop("flagged", None)  # parked flags and skips of the old subspace are moot
+    st.pop("unread_skips", None)
     reset_statistics(st, p.device)
 
 
 @torch.no_grad()
 def refresh_batched(
     params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, seed_of: Callable[[Tensor, int], int],
-    noises: list[Tensor | None] | None = None,
+    noises: list[Tensor | None] | None = None, *, stack_bytes: int = STACK_BYTES,
 ) -> list[bool]:
     """Refresh the subspace of every ``params[i]`` from ``grads[i]`` (or from its moment sketch, already updated
     with this gradient); ``False`` where the gradient is not finite (that matrix's state is left untouched).
 
     ``seed_of(p, refresh_count)`` gives the range finder's test-matrix seed (``subspace_source="gradient"``).
+    The gradients of one shape are stacked ``stack_bytes`` at a time (the grouped step's bound).
     ``noises[i]``: the noise energy of ``params[i]``'s sketch (``None``: not measured); the rank is chosen above
     that floor (:func:`~lightning_adarank.optim.linalg.signal_spectrum`), as in the per-matrix refresh.
     """
@@ -75,12 +79,17 @@ def refresh_batched(
         keys.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
     max_rank, oversample = group["max_rank"], group["oversample"]
     moment = group["subspace_source"] == "moment"
-    for (shape, _, device), idx in keys.items():
+    chunks = []  # at most stack_bytes of stacked fp32 gradients at once (at least one matrix)
+    for (shape, dtype, device), idx in keys.items():
+        per = max(1, stack_bytes // (4 * shape[0] * shape[1]))
+        chunks += [((shape, dtype, device), idx[lo:lo + per]) for lo in range(0, len(idx), per)]
+    for (shape, _, device), idx in chunks:
         side = projection_side(shape)
-        g = torch.stack([grads[i] for i in idx])
-        if g.dtype != torch.float32:
-            g = g.float()
-        gn2 = torch.linalg.vector_norm(g, dim=(1, 2)).square()
+        if moment:  # ‖G‖² only (the non-finite check): no stack of the gradients
+            gn2 = torch.stack([torch.linalg.vector_norm(grads[i], dtype=torch.float32) for i in idx]).square()
+        else:
+            g = torch.stack([grads[i].float() for i in idx])
+            gn2 = torch.linalg.vector_norm(g, dim=(1, 2)).square()
         if moment:
             y = torch.stack([states[i]["sketch"] for i in idx])
             u, sv, _ = torch.linalg.svd(y, full_matrices=False)
@@ -98,6 +107,7 @@ def refresh_batched(
                 omegas.append(torch.randn(l, k, generator=gen, device=device, dtype=torch.float32))
             u, sv, _, _ = range_finder_batched(a, torch.stack(omegas), group["power_iters"])
             total = gn2.double()
+            del g, a  # the next chunk's stack must not coexist with this one
         rank_sv, rank_total = sv, total
         nu = [noises[i] for i in idx] if moment and noises is not None else []
         if any(v is not None for v in nu):  # the rank above the sketch's noise floor (as sketch_basis)
