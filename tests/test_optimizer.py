@@ -192,6 +192,7 @@ def test_state_bytes_counts_projection_and_moments():
             s, l = min(p.shape), max(p.shape)
             expected += 4 * (s * 4 + 2 * 4 * l)  # basis (s×r) + two (r×l) moments, fp32
             expected += 4 * s * min(s, 4 + 4)  # moment sketch: s × (max_rank + oversample)
+            expected += 4 * 6  # refresh-test statistics: six fp32 scalars (sums, counts, averages)
         else:
             expected += 4 * 2 * p.numel()
         expected += 4  # step counter

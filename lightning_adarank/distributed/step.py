@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_ema, sketch_noise
+from ..optim.refresh_test import captured_share, mark_refreshed, run_refresh_tests
 from .collectives import SumBuffer
 from .layout import ShardLayout, local, shard_layout, sharded_like
 from .linalg import sharded_sketch_basis
@@ -254,7 +255,7 @@ def _install(opt: Any, it: _Item, group: dict, basis: Tensor, kept: float, rot_l
     else:  # moments replicated (r × n), basis rows sharded
         st["exp_avg"], st["exp_avg_sq"] = m.contiguous(), v.contiguous()
         st["basis"] = sharded_like(basis, lay)
-    opt._mark_refreshed(st, r, kept)
+    mark_refreshed(st, r, kept, it.g.device)
 
 
 def _update(opt: Any, items: list[_Item], group: dict) -> None:
@@ -274,6 +275,6 @@ def _update(opt: Any, items: list[_Item], group: dict) -> None:
         pty, ysq = it.stats
         stats += [pty.reshape(-1) @ pty.reshape(-1), ysq.reshape(())]
     values = torch.stack(stats).tolist()  # one host read
-    for j, it in enumerate(items):
-        inside, total = math.sqrt(values[2 * j]), math.sqrt(values[2 * j + 1])
-        opt._refresh_test(it.st, group, inside, inside * inside / (total * total) if total > 0 else 1.0)
+    inside = [math.sqrt(values[2 * j]) for j in range(len(items))]
+    run_refresh_tests([it.st for it in items], group, inside,
+                      [captured_share(values[2 * j], values[2 * j + 1]).item() for j in range(len(items))])

@@ -33,55 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import add_to_weight_, projection_side, rank_factor, sketch_ema
+from .linalg import add_to_weight_, projected_shape, projection_side, rank_factor, sketch_ema
+from .refresh_test import EMA, STAT_KEYS, captured_share, refresh_statistics
 
 __all__ = ["ShapeStore", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA", "STACK_BYTES"]
 
-EMA = 0.9  # smoothing of ‖PᵀG‖ and of the share in the refresh test (about ten steps of memory)
-#: the refresh-test statistics of a matrix (calibration sums and counts, moving averages), in the column order
-#: of the store's ``(N, 6)`` statistics buffer; the same keys as the per-matrix test's plain numbers
-STAT_KEYS = ("ref_norm", "ref_count", "ref_share", "ref_share_count", "ema_norm", "ema_share")
 #: default byte budget of one chunk's stacked fp32 gradients (the grouped step's transient memory)
 STACK_BYTES = 64 * 2**20
-
-
-@torch.no_grad()
-def refresh_statistics(
-    stats: Tensor, since: Tensor, pn: Tensor, share: Tensor, due: Tensor, ok: Tensor, *, tol: float, min_gap: int
-) -> Tensor:
-    """The calibrated refresh test of :class:`~lightning_adarank.AdaRankGrad` for ``N`` matrices, on the device.
-
-    The same rule as the per-matrix ``AdaRankGrad._refresh_test``, as tensor operations: ``stats`` ``(N, 6)``
-    (columns :data:`STAT_KEYS`) and ``since`` ``(N,)`` (the step ``j`` of the subspace, 0 = the refresh step)
-    are updated in place where ``ok``. From ``j = 1`` ``pn`` (and ``share`` where ``due``: where it was
-    measured) enter the moving averages (β = :data:`EMA`; a negative average takes the first value); steps
-    ``1 … K`` (``K = max(1, min_gap − 1)``) also add to the reference sums and counts. Returns the ``(N,)``
-    bool test: ``j + 1 >= min_gap``, the calibration complete, and either average at or below ``tol`` × its
-    reference mean. ``max_gap`` is the caller's (host) rule.
-    """
-    calib = max(1, min_gap - 1)
-    ref_n, ref_c, ref_s, ref_sc, ema_n, ema_s = stats.unbind(1)
-    active = ok & (since >= 1)
-    incal = active & (since <= calib)
-    sh_act, sh_cal = active & due, incal & due
-    new_ema_n = torch.where(ema_n < 0, pn, ema_n * EMA + pn * (1 - EMA))
-    new_ema_s = torch.where(ema_s < 0, share, ema_s * EMA + share * (1 - EMA))
-    new = torch.stack((
-        ref_n + torch.where(incal, pn, 0.0), ref_c + incal.float(),
-        ref_s + torch.where(sh_cal, share, 0.0), ref_sc + sh_cal.float(),
-        torch.where(active, new_ema_n, ema_n), torch.where(sh_act, new_ema_s, ema_s),
-    ), dim=1)
-    stats.copy_(new)
-    since.add_(ok.to(since.dtype))
-    ref_n, ref_c, ref_s, ref_sc, ema_n, ema_s = stats.unbind(1)
-    fell = (ema_n <= tol * ref_n / ref_c.clamp(min=1)) | ((ref_sc > 0) & (ema_s <= tol * ref_s / ref_sc.clamp(min=1)))
-    return fell & (since >= min_gap) & (ref_c >= calib) & ok
-
-
-def captured_share(pn2: Tensor, gn2: Tensor) -> Tensor:
-    """``‖PᵀG‖²/‖G‖²`` (1 where ``‖G‖ = 0``); elementwise, for tensors or (through ``torch.as_tensor``) numbers."""
-    pn2, gn2 = torch.as_tensor(pn2), torch.as_tensor(gn2)
-    return torch.where(gn2 > 0, pn2 / torch.where(gn2 > 0, gn2, 1.0), 1.0)
 
 
 def _vector(values: list, device: torch.device) -> Tensor:
@@ -89,12 +47,6 @@ def _vector(values: list, device: torch.device) -> Tensor:
     if all(isinstance(v, Tensor) for v in values):
         return torch.stack([v.reshape(()).to(device, torch.float32) for v in values])
     return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
-
-
-def _layout(shape: tuple[int, int], rank: int) -> tuple[int, int]:
-    """Shape of a projected gradient / moment (:func:`~.linalg.project`'s layout)."""
-    m, n = shape
-    return (rank, n) if m <= n else (m, rank)
 
 
 def _flat(tensors: list[Tensor], dev: torch.device) -> Tensor:
@@ -144,7 +96,7 @@ class ShapeStore:
         n = len(self.params)
         s = min(self.shape)
         ranks = [int(st["rank"]) for st in self.states]
-        sizes = [_layout(self.shape, r)[0] * _layout(self.shape, r)[1] for r in ranks]
+        sizes = [projected_shape(self.shape, r)[0] * projected_shape(self.shape, r)[1] for r in ranks]
         self.offsets = [0]
         for size in sizes:
             self.offsets.append(self.offsets[-1] + size)
@@ -167,7 +119,7 @@ class ShapeStore:
         self.m_views, self.v_views, self.low_views, self.dir_views, self.basis_views = [], [], [], [], []
         boff = 0
         for i, r in enumerate(ranks):
-            lo, hi, shape = self.offsets[i], self.offsets[i + 1], _layout(self.shape, r)
+            lo, hi, shape = self.offsets[i], self.offsets[i + 1], projected_shape(self.shape, r)
             self.m_views.append(self.exp_avg[lo:hi].view(shape))
             self.v_views.append(self.exp_avg_sq[lo:hi].view(shape))
             self.low_views.append(self._low[lo:hi].view(shape))
@@ -185,7 +137,7 @@ class ShapeStore:
             r, h = ranks[i], i
             while h < n and ranks[h] == r:
                 h += 1
-            lshape = _layout(self.shape, r)
+            lshape = projected_shape(self.shape, r)
             lo, hi = self.offsets[i], self.offsets[h]
             self.buckets.append(_Bucket(
                 i, h, r, self.basis[boff:boff + (h - i) * s * r].view(h - i, s, r),

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .optimizer import AdaRankGrad
+from .refresh_test import captured_share
 
 __all__ = ["LayerwiseUpdater", "check_layerwise_params"]
 
@@ -205,7 +206,7 @@ class LayerwiseUpdater:
             low = opt.project_grad(p, grad, group, gsq, new_step=p not in self._acc,
                                    measure_noise=self.accumulate_grad_batches == 1)
             pn2 = float(torch.linalg.vector_norm(low)) ** 2
-            share = pn2 / gsq if gsq > 0 else 1.0
+            share = float(captured_share(pn2, gsq))
             if p in self._acc:
                 self._acc[p].add_(low)
                 self._share[p] += share

@@ -40,6 +40,7 @@ __all__ = [
     "sketch_side",
     "moment_transform",
     "project",
+    "projected_shape",
     "project_back",
     "rank_factor",
     "apply_update_",
@@ -259,6 +260,13 @@ def moment_transform(
     if side == "left":
         return rot @ exp_avg, rot.square() @ exp_avg_sq
     return exp_avg @ rot.mT, exp_avg_sq @ rot.square().mT
+
+
+def projected_shape(shape: tuple[int, ...] | torch.Size, rank: int) -> tuple[int, int]:
+    """Shape of a projected gradient and of its moments at ``rank`` (:func:`project`'s layout): ``(r, n)`` when
+    ``m <= n``, else ``(m, r)``."""
+    m, n = shape
+    return (rank, n) if m <= n else (m, rank)
 
 
 def project(grad: Tensor, basis: Tensor, side: Side) -> Tensor:

@@ -36,6 +36,7 @@ from .config import AdaRankGradConfig
 from .checkpoint import STATE_KEY, check_state_dict, format_tag
 from .grouped_step import GroupedStep
 from .projected import ProjectedStep
+from .refresh_test import captured_share
 from .settings import normalize_params, validate_group
 
 __all__ = ["AdaRankGrad", "SubspaceInfo"]
@@ -330,7 +331,7 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
             shares = []
             for k in ok_low:
                 gn = grad_norms.get(low[k])
-                shares.append(None if gn is None else (proj_norms[k] ** 2 / gn**2 if gn > 0 else 1.0))
+                shares.append(None if gn is None else float(captured_share(proj_norms[k] ** 2, gn**2)))
             self.update_projected([params[low[k]] for k in ok_low], [lowrank[k] for k in ok_low], group,
                                   proj_norms=[proj_norms[k] for k in ok_low], shares=shares)
 

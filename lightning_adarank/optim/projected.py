@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .grouped import EMA as _EMA  # the refresh test's smoothing, shared with the grouped step
+from .refresh import install_subspace
+from .refresh_test import captured_share, run_refresh_tests
 from .linalg import (
     apply_update_,
     low_rank_basis,
@@ -157,35 +158,8 @@ class ProjectedStep:
                 oversample=group["oversample"], power_iters=group["power_iters"], generator=gen,
                 total_energy=grad_sq_norm,
             )
-        old = self._basis(st, p) if "basis" in st else None
-        # [state_bits] moments are loaded (dequantized) for the transform and stored (re-quantized) after it
-        bits = group.get("state_bits", 32)
-        shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
-        if old is None or (not group["transform_moments"] and old.shape != basis.shape):
-            st["exp_avg"] = quant.zeros(shape, bits, signed=True, device=p.device)
-            st["exp_avg_sq"] = quant.zeros(shape, bits, signed=False, device=p.device)
-        elif group["transform_moments"]:
-            old_shape = (old.shape[1], p.shape[1]) if side == "left" else (p.shape[0], old.shape[1])
-            m, v = moment_transform(old, basis, quant.load(st["exp_avg"], old_shape),
-                                    quant.load(st["exp_avg_sq"], old_shape), side)
-            st["exp_avg"] = quant.store(None, m, bits, signed=True)
-            st["exp_avg_sq"] = quant.store(None, v, bits, signed=False)
-        st["basis"] = quant.store_basis(basis, bits)
-        self._mark_refreshed(st, basis.shape[1], kept)
+        install_subspace(st, p, basis, kept, group["transform_moments"], group.get("state_bits", 32))
         return low
-
-    @staticmethod
-    def _mark_refreshed(st: dict, rank: int, kept: float) -> None:
-        """The bookkeeping of a refresh (shared with the sharded step): rank, kept share, counters, and the
-        refresh test's statistics restarted (calibration sums and counts, then moving averages)."""
-        st["rank"] = rank
-        st["energy_kept"] = kept
-        st["refreshes"] += 1
-        st["pending"] = False
-        st["since_refresh"] = 0
-        st["ref_norm"] = st["ref_share"] = 0.0
-        st["ref_count"] = st["ref_share_count"] = 0
-        st["ema_norm"] = st["ema_share"] = -1.0
 
     def update_projected(
         self,
@@ -222,8 +196,7 @@ class ProjectedStep:
             proj_norms = self._norms(lowrank)
         if shares is None:
             shares = [None] * len(params)
-        for st, pn, share in zip(states, proj_norms, shares):
-            self._refresh_test(st, group, pn, share)
+        run_refresh_tests(states, group, proj_norms, shares)
 
     def _sketch_stats(
         self, states: list[dict], params: list[Tensor], bases: list[Tensor]
@@ -236,38 +209,5 @@ class ProjectedStep:
         sketches = [self._sketch(st, p) for st, p in zip(states, params)]
         norms = self._norms([basis.mT @ y for basis, y in zip(bases, sketches)] + sketches)
         n = len(states)
-        inside, total = norms[:n], norms[n:]
-        return inside, [a * a / (b * b) if b > 0 else 1.0 for a, b in zip(inside, total)]
-
-    @staticmethod
-    def _refresh_test(st: dict, group: dict, proj_norm: float, share: float | None) -> None:
-        """Adaptive subspace refresh (Algorithm 3, block 3), calibrated: flag a refresh for the next step.
-
-        Step ``j`` of a subspace (``j = 0``: the refresh step, left out: its gradient chose the subspace).
-        Steps ``1 … K`` (``K = max(1, min_gap − 1)``) add ``‖PᵀG‖`` and the share to the reference sums; from step
-        1 both enter moving averages (β = ``_EMA``). From ``min_gap`` steps on, a refresh is flagged when an
-        average has fallen to ``tol`` × its reference mean (and always at ``max_gap``). ``share`` is ``None``
-        when it was not measured this step; the share statistic then does not move.
-        """
-        j = st["since_refresh"]
-        calib = max(1, group["min_gap"] - 1)
-        if j >= 1:
-            st["ema_norm"] = proj_norm if st["ema_norm"] < 0 else _EMA * st["ema_norm"] + (1 - _EMA) * proj_norm
-            if j <= calib:
-                st["ref_norm"] += proj_norm
-                st["ref_count"] += 1
-            if share is not None:
-                ema = st["ema_share"]
-                st["ema_share"] = share if ema < 0 else _EMA * ema + (1 - _EMA) * share
-                if j <= calib:
-                    st["ref_share"] += share
-                    st["ref_share_count"] += 1
-        st["since_refresh"] = gap = j + 1
-        if gap >= group["max_gap"]:
-            st["pending"] = True
-        elif gap >= group["min_gap"] and st["ref_count"] >= calib:
-            tol = group["tol"]
-            fell = st["ema_norm"] <= tol * st["ref_norm"] / st["ref_count"]
-            if st["ref_share_count"]:
-                fell = fell or st["ema_share"] <= tol * st["ref_share"] / st["ref_share_count"]
-            st["pending"] = fell
+        inside, total = torch.tensor(norms[:n], dtype=torch.float64), torch.tensor(norms[n:], dtype=torch.float64)
+        return norms[:n], captured_share(inside.square(), total.square()).tolist()

@@ -19,8 +19,11 @@ import torch
 from torch import Tensor
 
 from .grouped import STACK_BYTES
+from .refresh_test import mark_refreshed
+from . import quant
 from .linalg import (
     moment_transform,
+    projected_shape,
     oriented_batched,
     projection_side,
     range_finder_batched,
@@ -28,36 +31,30 @@ from .linalg import (
     signal_spectrum,
 )
 
-__all__ = ["refresh_batched", "reset_statistics"]
+__all__ = ["refresh_batched", "install_subspace"]
 
 
-def reset_statistics(st: dict, device: torch.device) -> None:
-    """Refresh-test statistics of a fresh subspace, as 0-d device tensors (the per-matrix test's numbers:
-    empty calibration sums and counts, moving averages not started)."""
-    zero = torch.zeros(4, device=device)
-    st["ref_norm"], st["ref_count"], st["ref_share"], st["ref_share_count"] = zero.clone().unbind(0)
-    st["ema_norm"], st["ema_share"] = torch.full((2,), -1.0, device=device).unbind(0)
+def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_moments: bool, bits: int = 32) -> None:
+    """Put a new basis into ``p``'s state, carrying the moments into it (``M ← R M``, ``V ← (R∘R) V``,
+    :func:`~lightning_adarank.optim.linalg.moment_transform`) or starting them at zero, stored at ``bits``
+    (:mod:`.quant`: loaded for the rotation, stored after it); then the bookkeeping (:func:`mark_refreshed`).
 
-
-def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_moments: bool) -> None:
-    """Put a new basis into ``p``'s state, carrying (or resetting) the moments; reset the refresh test."""
+    The one installer of a subspace for the per-matrix, grouped and layer-wise paths (FSDP2 rotates its sharded
+    moments itself, then calls :func:`mark_refreshed`)."""
     side = projection_side(p.shape)
-    old = st.get("basis")
-    shape = (basis.shape[1], p.shape[1]) if side == "left" else (p.shape[0], basis.shape[1])
-    if old is None or (not transform_moments and old.shape != basis.shape):
-        st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+    s, r = min(p.shape), basis.shape[1]
+    r_old = int(st["rank"]) if "basis" in st else None
+    if r_old is None or (not transform_moments and r_old != r):
+        st["exp_avg"] = quant.zeros(projected_shape(p.shape, r), bits, signed=True, device=p.device)
+        st["exp_avg_sq"] = quant.zeros(projected_shape(p.shape, r), bits, signed=False, device=p.device)
     elif transform_moments:
-        st["exp_avg"], st["exp_avg_sq"] = moment_transform(old, basis, st["exp_avg"], st["exp_avg_sq"], side)
-    st["basis"] = basis
-    st["rank"] = basis.shape[1]
-    st["energy_kept"] = kept
-    st["refreshes"] += 1
-    st["pending"] = False
-    st["since_refresh"] = 0
-    st.pop("flagged", None)  # parked flags and skips of the old subspace are moot
-    st.pop("unread_skips", None)
-    reset_statistics(st, p.device)
+        old_shape = projected_shape(p.shape, r_old)
+        m, v = moment_transform(quant.load(st["basis"], (s, r_old)), basis, quant.load(st["exp_avg"], old_shape),
+                                quant.load(st["exp_avg_sq"], old_shape), side)
+        st["exp_avg"] = quant.store(None, m, bits, signed=True)
+        st["exp_avg_sq"] = quant.store(None, v, bits, signed=False)
+    st["basis"] = quant.store_basis(basis, bits)
+    mark_refreshed(st, r, kept, p.device)
 
 
 @torch.no_grad()

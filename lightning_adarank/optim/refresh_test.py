@@ -1,0 +1,106 @@
+"""The refresh test (the paper's Algorithm 3, block 3, calibrated) and the bookkeeping of a new subspace: one
+implementation for every path. The grouped step runs :func:`refresh_statistics` on device vectors of a whole
+shape; the per-matrix paths (the loop, the layer-wise mode, FSDP2) run the same function through
+:func:`run_refresh_tests` on the matrices they stepped. Every path starts a subspace with :func:`mark_refreshed`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["EMA", "STAT_KEYS", "refresh_statistics", "captured_share", "reset_statistics", "mark_refreshed",
+           "run_refresh_tests"]
+
+EMA = 0.9  # smoothing of ‖PᵀG‖ and of the share in the refresh test (about ten steps of memory)
+#: the refresh-test statistics of a matrix (calibration sums and counts, moving averages), in the column order
+#: of the store's ``(N, 6)`` statistics buffer; the same keys as the per-matrix test's plain numbers
+STAT_KEYS = ("ref_norm", "ref_count", "ref_share", "ref_share_count", "ema_norm", "ema_share")
+
+
+@torch.no_grad()
+def refresh_statistics(
+    stats: Tensor, since: Tensor, pn: Tensor, share: Tensor, due: Tensor, ok: Tensor, *, tol: float, min_gap: int
+) -> Tensor:
+    """The calibrated refresh test of :class:`~lightning_adarank.AdaRankGrad` for ``N`` matrices, on the device.
+
+    The same rule as the per-matrix ``AdaRankGrad._refresh_test``, as tensor operations: ``stats`` ``(N, 6)``
+    (columns :data:`STAT_KEYS`) and ``since`` ``(N,)`` (the step ``j`` of the subspace, 0 = the refresh step)
+    are updated in place where ``ok``. From ``j = 1`` ``pn`` (and ``share`` where ``due``: where it was
+    measured) enter the moving averages (β = :data:`EMA`; a negative average takes the first value); steps
+    ``1 … K`` (``K = max(1, min_gap − 1)``) also add to the reference sums and counts. Returns the ``(N,)``
+    bool test: ``j + 1 >= min_gap``, the calibration complete, and either average at or below ``tol`` × its
+    reference mean. ``max_gap`` is the caller's (host) rule.
+    """
+    calib = max(1, min_gap - 1)
+    ref_n, ref_c, ref_s, ref_sc, ema_n, ema_s = stats.unbind(1)
+    active = ok & (since >= 1)
+    incal = active & (since <= calib)
+    sh_act, sh_cal = active & due, incal & due
+    new_ema_n = torch.where(ema_n < 0, pn, ema_n * EMA + pn * (1 - EMA))
+    new_ema_s = torch.where(ema_s < 0, share, ema_s * EMA + share * (1 - EMA))
+    new = torch.stack((
+        ref_n + torch.where(incal, pn, 0.0), ref_c + incal.float(),
+        ref_s + torch.where(sh_cal, share, 0.0), ref_sc + sh_cal.float(),
+        torch.where(active, new_ema_n, ema_n), torch.where(sh_act, new_ema_s, ema_s),
+    ), dim=1)
+    stats.copy_(new)
+    since.add_(ok.to(since.dtype))
+    ref_n, ref_c, ref_s, ref_sc, ema_n, ema_s = stats.unbind(1)
+    fell = (ema_n <= tol * ref_n / ref_c.clamp(min=1)) | ((ref_sc > 0) & (ema_s <= tol * ref_s / ref_sc.clamp(min=1)))
+    return fell & (since >= min_gap) & (ref_c >= calib) & ok
+
+
+def captured_share(pn2: Tensor, gn2: Tensor) -> Tensor:
+    """``‖PᵀG‖²/‖G‖²`` (1 where ``‖G‖ = 0``); elementwise, for tensors or (through ``torch.as_tensor``) numbers."""
+    pn2, gn2 = torch.as_tensor(pn2), torch.as_tensor(gn2)
+    return torch.where(gn2 > 0, pn2 / torch.where(gn2 > 0, gn2, 1.0), 1.0)
+
+
+def reset_statistics(st: dict, device: torch.device) -> None:
+    """Refresh-test statistics of a fresh subspace, as 0-d device tensors (empty calibration sums and counts,
+    moving averages not started)."""
+    zero = torch.zeros(4, device=device)
+    st["ref_norm"], st["ref_count"], st["ref_share"], st["ref_share_count"] = zero.clone().unbind(0)
+    st["ema_norm"], st["ema_share"] = torch.full((2,), -1.0, device=device).unbind(0)
+
+
+def mark_refreshed(st: dict, rank: int, kept: float, device: torch.device) -> None:
+    """The bookkeeping of a new subspace, on every path: rank, kept share, counters, the refresh test restarted
+    (and any parked flag or skip count of the old subspace dropped)."""
+    st["rank"] = rank
+    st["energy_kept"] = kept
+    st["refreshes"] += 1
+    st["pending"] = False
+    st["since_refresh"] = 0
+    st.pop("flagged", None)
+    st.pop("unread_skips", None)
+    reset_statistics(st, device)
+
+
+@torch.no_grad()
+def run_refresh_tests(states: list[dict], group: dict, proj_norms: list[float],
+                      shares: list[float | None]) -> None:
+    """:func:`refresh_statistics` for matrices stepped one by one (host norms): updates each state's statistics,
+    advances ``since_refresh`` and sets ``pending`` where the test fired or ``max_gap`` is reached.
+
+    ``shares[i]`` is ``None`` when the captured share was not measured this step (that statistic does not move).
+    """
+    if not states:
+        return
+    device = states[0]["ref_norm"].device if isinstance(states[0].get("ref_norm"), Tensor) else torch.device("cpu")
+
+    def vec(values: list) -> Tensor:
+        return torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
+
+    stats = torch.stack([vec([st[k] for st in states]) for k in STAT_KEYS], dim=1)
+    since = vec([st["since_refresh"] for st in states])
+    due = torch.tensor([s is not None for s in shares], device=device)
+    fired = refresh_statistics(stats, since, vec(proj_norms), vec([0.0 if s is None else s for s in shares]), due,
+                               torch.ones(len(states), dtype=torch.bool, device=device), tol=group["tol"],
+                               min_gap=group["min_gap"])
+    for st, row, test in zip(states, stats.unbind(0), fired.tolist()):
+        for k, v in zip(STAT_KEYS, row.unbind(0)):
+            st[k] = v.clone()
+        st["since_refresh"] += 1
+        st["pending"] = bool(test) or st["since_refresh"] >= group["max_gap"]
