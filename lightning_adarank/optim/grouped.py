@@ -34,19 +34,12 @@ import torch
 from torch import Tensor
 
 from .linalg import add_to_weight_, projected_shape, projection_side, rank_factor, sketch_ema
-from .refresh_test import EMA, STAT_KEYS, captured_share, refresh_statistics
+from .refresh_test import EMA, STAT_KEYS, captured_share, refresh_statistics, stat_column
 
-__all__ = ["ShapeStore", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA", "STACK_BYTES"]
+__all__ = ["ShapeStore", "refresh_test_stores", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA", "STACK_BYTES"]
 
 #: default byte budget of one chunk's stacked fp32 gradients (the grouped step's transient memory)
 STACK_BYTES = 64 * 2**20
-
-
-def _vector(values: list, device: torch.device) -> Tensor:
-    """``(N,)`` fp32 on ``device`` from floats or 0-d tensors (one copy, not one per element)."""
-    if all(isinstance(v, Tensor) for v in values):
-        return torch.stack([v.reshape(()).to(device, torch.float32) for v in values])
-    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
 
 
 def _flat(tensors: list[Tensor], dev: torch.device) -> Tensor:
@@ -69,6 +62,66 @@ class _Bucket:
         """This bucket's members inside ``[lo, hi)``, as offsets into the bucket (``None`` if none)."""
         a, b = max(lo, self.lo), min(hi, self.hi)
         return (a - self.lo, b - self.lo) if a < b else None
+
+
+@dataclass
+class _Piece:
+    """One bucket's members within a chunk: their rows ``glo:ghi`` of the chunk's stack and views of the buffers."""
+
+    glo: int
+    ghi: int
+    bases: Tensor  # (B, s, r)
+    bases_t: Tensor  # (B, r, s), a view
+    low: Tensor
+    direction: Tensor
+    scale: float
+
+
+@dataclass
+class _Chunk:
+    """A chunk's members and its views of the store's buffers (made once per store)."""
+
+    lo: int
+    hi: int
+    pieces: list[_Piece]
+    params: list[Tensor]
+    ids: list[int]
+    sizes: Tensor  # (B,) elements of each member's moments
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    direction: Tensor
+    steps: Tensor
+    skipped: Tensor
+    sketch: Tensor | None
+    dir_views: list[Tensor]
+    low_views: list[Tensor]
+    m_views: list[Tensor]
+    v_views: list[Tensor]
+    step_views: list[Tensor]
+
+
+def refresh_test_stores(stores: list[ShapeStore], results: list[tuple[Tensor, Tensor, Tensor]], group: dict) -> None:
+    """The refresh test of every store of a parameter group in one call of :func:`refresh_statistics` (per
+    device): ``results`` are the stores' :meth:`ShapeStore.step` returns; the statistics and step indices are
+    updated in place and the sticky flags raised where the test fired."""
+    by_device: dict[torch.device, list[int]] = {}
+    for k, store in enumerate(stores):
+        by_device.setdefault(store.device, []).append(k)
+    for ks in by_device.values():
+        one = len(ks) == 1
+        stats = stores[ks[0]].stats if one else torch.cat([stores[k].stats for k in ks])
+        since = stores[ks[0]].since if one else torch.cat([stores[k].since for k in ks])
+        pn2, total2, ok = results[ks[0]] if one else (torch.cat(c) for c in zip(*(results[k] for k in ks)))
+        test = refresh_statistics(stats, since, pn2.sqrt(), captured_share(pn2, total2), torch.ones_like(ok), ok,
+                                  tol=group["tol"], min_gap=group["min_gap"])
+        at = 0
+        for k in ks:
+            store, n = stores[k], len(stores[k].params)
+            if not one:
+                store.stats.copy_(stats[at:at + n])
+                store.since.copy_(since[at:at + n])
+            store.flag.logical_or_(test[at:at + n] if not one else test)
+            at += n
 
 
 class ShapeStore:
@@ -106,8 +159,8 @@ class ShapeStore:
         self.basis = _flat([st["basis"] for st in self.states], dev)
         self.sketch = torch.stack([st["sketch"].to(dev, torch.float32) for st in self.states]) \
             if self.uses_sketch else None
-        self.step_counts = _vector([st["step"] for st in self.states], step_device)
-        self.stats = torch.stack([_vector([st[k] for st in self.states], dev) for k in STAT_KEYS], dim=1)
+        self.step_counts = stat_column([st["step"] for st in self.states], step_device)
+        self.stats = torch.stack([stat_column([st[k] for st in self.states], dev) for k in STAT_KEYS], dim=1)
         self.since = torch.tensor([float(st["since_refresh"] - st.get("unread_skips", 0)) for st in self.states],
                                   dtype=torch.float32, device=dev)
         self.flag = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -149,6 +202,7 @@ class ShapeStore:
         per = max(1, stack_bytes // (4 * self.shape[0] * self.shape[1]))
         self.chunks = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
         self._chunk_sizes = [torch.tensor(sizes[lo:hi], device=dev) for lo, hi in self.chunks]
+        self._chunk_views: list[_Chunk] | None = None  # made at the first step (after binding)
 
     # ------------------------------------------------------------------ binding
     def _bind(self) -> None:
@@ -176,6 +230,23 @@ class ShapeStore:
         return True
 
     # ------------------------------------------------------------------ the normal step
+    def _views(self, c: int) -> _Chunk:
+        """Chunk ``c``'s views of the persistent buffers, made once per store (a normal step slices only its stack)."""
+        lo, hi = self.chunks[c]
+        m0, m1 = self.offsets[lo], self.offsets[hi]
+        pieces = []
+        for b in self.buckets:
+            pc = b.piece(lo, hi)
+            if pc is not None:
+                a, z = pc
+                pieces.append(_Piece(b.lo + a - lo, b.lo + z - lo, b.bases[a:z], b.bases[a:z].mT, b.low[a:z],
+                                     b.direction[a:z], b.scale))
+        return _Chunk(
+            lo, hi, pieces, self.params[lo:hi], self.ids[lo:hi], self._chunk_sizes[c], self.exp_avg[m0:m1],
+            self.exp_avg_sq[m0:m1], self._dir[m0:m1], self.step_counts[lo:hi], self.skipped[lo:hi],
+            self.sketch[lo:hi] if self.uses_sketch else None, self.dir_views[lo:hi], self.low_views[lo:hi],
+            self.m_views[lo:hi], self.v_views[lo:hi], self.step_views[lo:hi])
+
     @torch.no_grad()
     def step(
         self,
@@ -184,103 +255,101 @@ class ShapeStore:
         adamw: Callable[..., list[Tensor]],
         test_matrix: Callable[[int, int, torch.device], Tensor] | None = None,
         sketch_mask: Tensor | None = None,
-    ) -> None:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """One normal step of every member: ``grads`` maps ``id(param)`` to its gradient.
 
         ``adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group, lr=, weight_decay=)`` is the optimizer's
         call into torch's Adam kernel; ``test_matrix(rows, cols, device)`` its fixed ``Ω`` of the moment
         sketches; ``sketch_mask`` ``(N,)`` bool (member order) where the sketch takes this step's gradient
-        (default all: a matrix refreshed this step already took it).
+        (default all: a matrix refreshed this step already took it). Returns the refresh test's inputs
+        ``(‖PᵀY‖², ‖Y‖², finite)`` as ``(N,)`` device vectors, for :func:`refresh_test_stores`.
         """
-        parts = [self._step_chunk(lo, hi, sizes, grads, group, adamw, test_matrix, sketch_mask)
-                 for (lo, hi), sizes in zip(self.chunks, self._chunk_sizes)]
-        pn2, total2, ok = (torch.cat(col) for col in zip(*parts))
-        test = refresh_statistics(self.stats, self.since, pn2.sqrt(), captured_share(pn2, total2), self.all_true,
-                                  ok, tol=group["tol"], min_gap=group["min_gap"])
-        self.flag.logical_or_(test)
+        if self._chunk_views is None:
+            self._chunk_views = [self._views(c) for c in range(len(self.chunks))]
+        parts = [self._step_chunk(ch, grads, group, adamw, test_matrix, sketch_mask) for ch in self._chunk_views]
         for st in self.states:
             st["since_refresh"] += 1
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(col) for col in zip(*parts))  # type: ignore[return-value]
 
-
-    def _step_chunk(self, lo: int, hi: int, sizes: Tensor, grads: dict[int, Tensor], group: dict,
+    def _step_chunk(self, ch: _Chunk, grads: dict[int, Tensor], group: dict,
                     adamw: Callable[..., list[Tensor]], test_matrix: Callable | None,
                     sketch_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Members ``lo:hi``: stack (or view) their gradients, project, sketch, Adam, update; the stack is freed on
-        return. Returns the refresh test's ``‖PᵀY‖²`` (or ``‖PᵀG‖²``), ``‖Y‖²`` (or ``‖G‖²``) and the finite mask."""
+        """Members ``ch.lo:ch.hi``: stack (or view) their gradients, project, sketch, Adam, update; the stack is
+        freed on return. Returns the refresh test's ``‖PᵀY‖²`` (or ``‖PᵀG‖²``), ``‖Y‖²`` (or ``‖G‖²``) and the
+        finite mask."""
         beta1 = group["betas"][0]
         lr, wd = group["lr"], group["weight_decay"]
         alpha = lr * group["scale"]
         left = self.side == "left"
-        params = self.params[lo:hi]
-        if hi - lo == 1:  # one matrix: a view with a batch dimension of one (no copy of an fp32 G)
-            g = grads[self.ids[lo]].unsqueeze(0)
+        if ch.hi - ch.lo == 1:  # one matrix: a view with a batch dimension of one (no copy of an fp32 G)
+            g = grads[ch.ids[0]]
             own = g.dtype != torch.float32
-            g = g.float() if own else g
+            g = (g.float() if own else g).unsqueeze(0)
         else:
-            g, own = torch.stack([grads[i].float() for i in self.ids[lo:hi]]), True
-        pieces = [(b, b.piece(lo, hi)) for b in self.buckets]
-        pieces = [(b, a, z) for b, pc in pieces if pc is not None for a, z in [pc]]
+            g, own = torch.stack([grads[i] for i in ch.ids]), True
+            g = g if g.dtype == torch.float32 else g.float()
         low2, pn2 = [], []
-        for b, a, z in pieces:  # R = PᵀG (or G P)
-            gb = g[b.lo + a - lo:b.lo + z - lo]
+        for pc in ch.pieces:  # R = PᵀG (or G P)
+            gb = g[pc.glo:pc.ghi] if len(ch.pieces) > 1 else g
             if left:
-                torch.bmm(b.bases[a:z].mT, gb, out=b.low[a:z])
+                torch.bmm(pc.bases_t, gb, out=pc.low)
             else:
-                torch.bmm(gb, b.bases[a:z], out=b.low[a:z])
-            low2.append(b.low[a:z].square().sum(dim=(1, 2)))
-        low2 = torch.cat(low2)
+                torch.bmm(gb, pc.bases, out=pc.low)
+            low2.append(pc.low.square().sum(dim=(1, 2)))
+        low2 = torch.cat(low2) if len(low2) > 1 else low2[0]
         if self.uses_sketch:  # Y ← β1·Y + (1−β1)·A Ω (A = G or Gᵀ); a non-finite update leaves Y as it was
-            y = self.sketch[lo:hi]
+            y = ch.sketch
             omega = test_matrix(max(self.shape), y.shape[2], self.device)
             fresh = torch.matmul(g, omega) if left else torch.matmul(omega.mT, g).mT
             new = sketch_ema(y, fresh, beta1)
             keep = torch.isfinite(new).all(dim=(1, 2))
             if sketch_mask is not None:
-                keep &= sketch_mask[lo:hi]
+                keep &= sketch_mask[ch.lo:ch.hi]
             torch.where(keep[:, None, None], new, y, out=y)
-            for b, a, z in pieces:  # the refresh test reads the sketch: ‖PᵀY‖ and ‖Y‖
-                yb = y[b.lo + a - lo:b.lo + z - lo]
-                pn2.append(torch.bmm(b.bases[a:z].mT, yb).square().sum(dim=(1, 2)))
-            pn2, total2 = torch.cat(pn2), y.square().sum(dim=(1, 2))
+            for pc in ch.pieces:  # the refresh test reads the sketch: ‖PᵀY‖ and ‖Y‖
+                yb = y[pc.glo:pc.ghi] if len(ch.pieces) > 1 else y
+                pn2.append(torch.bmm(pc.bases_t, yb).square().sum(dim=(1, 2)))
+            pn2, total2 = torch.cat(pn2) if len(pn2) > 1 else pn2[0], y.square().sum(dim=(1, 2))
             ok = torch.isfinite(low2)
         else:  # the batch's share needs ‖G‖ every step
             pn2, total2 = low2, g.square().sum(dim=(1, 2))
             ok = torch.isfinite(low2 + total2)
         # Adam on the projected gradients; a matrix with a non-finite gradient gets its state back afterwards
-        m0, m1 = self.offsets[lo], self.offsets[hi]
-        m_old, v_old = self.exp_avg[m0:m1].clone(), self.exp_avg_sq[m0:m1].clone()
-        self._dir[m0:m1].zero_()
-        steps = adamw(self.dir_views[lo:hi], self.low_views[lo:hi], self.m_views[lo:hi], self.v_views[lo:hi],
-                      self.step_views[lo:hi], group, lr=1.0, weight_decay=0.0)
-        if any(s is not v for s, v in zip(steps, self.step_views[lo:hi])):
+        m_old, v_old = ch.exp_avg.clone(), ch.exp_avg_sq.clone()
+        ch.direction.zero_()
+        steps = adamw(ch.dir_views, ch.low_views, ch.m_views, ch.v_views, ch.step_views, group, lr=1.0,
+                      weight_decay=0.0)
+        if any(s is not v for s, v in zip(steps, ch.step_views)):
             raise RuntimeError("AdaRankGrad: step counters moved device inside the Adam kernel")
         bad = ~ok
-        bad_elem = bad.repeat_interleave(sizes, output_size=m1 - m0)
-        torch.where(bad_elem, m_old, self.exp_avg[m0:m1], out=self.exp_avg[m0:m1])
-        torch.where(bad_elem, v_old, self.exp_avg_sq[m0:m1], out=self.exp_avg_sq[m0:m1])
-        self._dir[m0:m1].masked_fill_(bad_elem, 0.0)
-        self.step_counts[lo:hi].sub_(bad.to(self.step_counts.device, self.step_counts.dtype))
-        self.skipped[lo:hi].add_(bad.int())
+        bad_elem = bad.repeat_interleave(ch.sizes, output_size=ch.exp_avg.numel())
+        torch.where(bad_elem, m_old, ch.exp_avg, out=ch.exp_avg)
+        torch.where(bad_elem, v_old, ch.exp_avg_sq, out=ch.exp_avg_sq)
+        ch.direction.masked_fill_(bad_elem, 0.0)
+        ch.steps.sub_(bad.to(ch.steps.device, ch.steps.dtype))
+        ch.skipped.add_(bad)
         # back-projection and decoupled weight decay: W ← decay·W + lr·α·c·P N (decay 1 where skipped)
         if wd:
-            torch._foreach_mul_(params, list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)))
+            torch._foreach_mul_(ch.params, list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)))
         if not own:  # the stack is a view of an fp32 gradient: add into the weight directly
-            b, a, _ = pieces[0]
+            pc = ch.pieces[0]
             if left:
-                params[0].addmm_(b.bases[a], b.direction[a], alpha=alpha * b.scale)
+                ch.params[0].addmm_(pc.bases[0], pc.direction[0], alpha=alpha * pc.scale)
             else:
-                params[0].addmm_(b.direction[a], b.bases[a].mT, alpha=alpha * b.scale)
+                ch.params[0].addmm_(pc.direction[0], pc.bases_t[0], alpha=alpha * pc.scale)
             return pn2, total2, ok
-        for b, a, z in pieces:  # the update, written into the chunk's own stack (G is no longer needed)
-            out = g[b.lo + a - lo:b.lo + z - lo]
+        for pc in ch.pieces:  # the update, written into the chunk's own stack (G is no longer needed)
+            out = g[pc.glo:pc.ghi] if len(ch.pieces) > 1 else g
             if left:
-                torch.baddbmm(out, b.bases[a:z], b.direction[a:z], beta=0.0, alpha=alpha * b.scale, out=out)
+                torch.baddbmm(out, pc.bases, pc.direction, beta=0.0, alpha=alpha * pc.scale, out=out)
             else:
-                torch.baddbmm(out, b.direction[a:z], b.bases[a:z].mT, beta=0.0, alpha=alpha * b.scale, out=out)
+                torch.baddbmm(out, pc.direction, pc.bases_t, beta=0.0, alpha=alpha * pc.scale, out=out)
         if self.dtype == torch.float32:
-            torch._foreach_add_(params, list(g.unbind(0)))
+            torch._foreach_add_(ch.params, list(g.unbind(0)))
         else:
-            for p, d in zip(params, g.unbind(0)):
+            for p, d in zip(ch.params, g.unbind(0)):
                 add_to_weight_(p, d)
         return pn2, total2, ok
 

@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .grouped import ShapeStore
+from .grouped import ShapeStore, refresh_test_stores
 from .linalg import subspace_seed
 from .refresh import refresh_batched
 
@@ -79,15 +79,20 @@ class GroupedStep:
         for i in low:
             p = params[i]
             by_key.setdefault((p.device, tuple(p.shape), p.dtype), []).append(i)
+        stepped, results = [], []
         for key, idx in by_key.items():
             store = self._store(group, key, [params[i] for i in idx])
             mask = None
             if moment and refreshed & set(store.ids):  # their sketches took this gradient already (a refresh step)
                 mask = torch.tensor([id(p) not in refreshed for p in store.params], device=store.device)
-            store.step({id(params[i]): grads[i] for i in idx}, group, self._adamw, self._test_matrix, mask)
+            results.append(store.step({id(params[i]): grads[i] for i in idx}, group, self._adamw, self._test_matrix,
+                                      mask))
+            stepped.append(store)
             for st in store.states:  # host rule: never staler than max_gap (no read needed)
                 if st["since_refresh"] >= group["max_gap"]:
                     st["pending"] = True
+        if stepped:
+            refresh_test_stores(stepped, results, group)
         gi = self._group_index(group)
         self._calls[gi] = self._calls.get(gi, 0) + 1
         device = params[0].device

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["EMA", "STAT_KEYS", "refresh_statistics", "captured_share", "reset_statistics", "mark_refreshed",
-           "run_refresh_tests"]
+           "run_refresh_tests", "stat_column"]
 
 EMA = 0.9  # smoothing of ‖PᵀG‖ and of the share in the refresh test (about ten steps of memory)
 #: the refresh-test statistics of a matrix (calibration sums and counts, moving averages), in the column order
@@ -78,6 +78,14 @@ def mark_refreshed(st: dict, rank: int, kept: float, device: torch.device) -> No
     reset_statistics(st, device)
 
 
+def stat_column(values: list, device: torch.device) -> Tensor:
+    """``(N,)`` fp32 on ``device`` from the per-matrix values of one statistic: 0-d tensors (one ``stack``) or
+    numbers (one ``tensor``; a checkpoint from before the statistics were tensors)."""
+    if all(isinstance(v, Tensor) for v in values):
+        return torch.stack(values).to(device, torch.float32)
+    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+
+
 @torch.no_grad()
 def run_refresh_tests(states: list[dict], group: dict, proj_norms: list[float],
                       shares: list[float | None]) -> None:
@@ -85,22 +93,23 @@ def run_refresh_tests(states: list[dict], group: dict, proj_norms: list[float],
     advances ``since_refresh`` and sets ``pending`` where the test fired or ``max_gap`` is reached.
 
     ``shares[i]`` is ``None`` when the captured share was not measured this step (that statistic does not move).
+    A constant number of operators for any number of matrices: the new statistics are one ``(N, 6)`` tensor and
+    each state's entries become 0-d views of it.
     """
     if not states:
         return
-    device = states[0]["ref_norm"].device if isinstance(states[0].get("ref_norm"), Tensor) else torch.device("cpu")
-
-    def vec(values: list) -> Tensor:
-        return torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
-
-    stats = torch.stack([vec([st[k] for st in states]) for k in STAT_KEYS], dim=1)
-    since = vec([st["since_refresh"] for st in states])
+    first = states[0].get("ref_norm")
+    device = first.device if isinstance(first, Tensor) else torch.device("cpu")
+    stats = torch.stack([stat_column([st[k] for st in states], device) for k in STAT_KEYS], dim=1)
+    since = torch.tensor([float(st["since_refresh"]) for st in states], device=device)
     due = torch.tensor([s is not None for s in shares], device=device)
-    fired = refresh_statistics(stats, since, vec(proj_norms), vec([0.0 if s is None else s for s in shares]), due,
-                               torch.ones(len(states), dtype=torch.bool, device=device), tol=group["tol"],
-                               min_gap=group["min_gap"])
-    for st, row, test in zip(states, stats.unbind(0), fired.tolist()):
-        for k, v in zip(STAT_KEYS, row.unbind(0)):
-            st[k] = v.clone()
+    values = torch.tensor([[float(pn), 0.0 if sh is None else float(sh)] for pn, sh in zip(proj_norms, shares)],
+                          dtype=torch.float32, device=device)
+    fired = refresh_statistics(stats, since, values[:, 0], values[:, 1], due, torch.ones_like(due),
+                               tol=group["tol"], min_gap=group["min_gap"])
+    columns = [col.unbind(0) for col in stats.unbind(1)]
+    for j, (st, test) in enumerate(zip(states, fired.tolist())):
+        for k, col in zip(STAT_KEYS, columns):
+            st[k] = col[j]
         st["since_refresh"] += 1
         st["pending"] = bool(test) or st["since_refresh"] >= group["max_gap"]
