@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_adarank import AdaRankGrad
+from lightning_adarank import AdaRankGrad, param_groups
 
 
 def _params(seed=0):
@@ -169,3 +169,23 @@ def test_a_refresh_rebuilds_only_its_shape():
             assert store is not stores[key]
         else:
             assert store is stores[key]
+
+
+def test_grouped_true_refuses_low_bit_state_and_the_default_steps_it_per_matrix():
+    """Low-bit state on the grouped path: refused with its reason when asked for explicitly; the default
+    (grouped=None) and grouped=False step it with the per-matrix loop and build no grouped store."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 48), torch.nn.Linear(48, 8))
+    x = torch.randn(16, 32)
+    for grouped in (True, None, False):
+        opt = AdaRankGrad(param_groups(net), max_rank=4, state_bits=16, grouped=grouped)
+        net(x).square().mean().backward()
+        if grouped:
+            with pytest.raises(ValueError, match="grouped=True cannot step low-bit state"):
+                opt.step()
+        else:
+            before = [p.detach().clone() for p in net.parameters()]
+            opt.step()
+            assert not opt._stores  # the per-matrix loop took it
+            assert all(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+        net.zero_grad()

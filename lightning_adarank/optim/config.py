@@ -114,7 +114,10 @@ class AdaRankGradConfig:
             matrices. ``False``: the per-matrix loop. ``None`` (default): grouped on accelerators, the loop on
             CPU, where the stacked copies cost more memory traffic than the saved operator launches
             (measured: ``benchmarks/README.md``, "Grouped step"). The two agree to fp32 rounding. FSDP2 (DTensor)
-            parameters always take the per-matrix loop (:mod:`lightning_adarank.distributed`).
+            parameters always take the per-matrix loop (:mod:`lightning_adarank.distributed`), and so do groups
+            with ``state_bits``/``dense_state_bits`` below 32 (``grouped=True`` refuses them: the grouped
+            step's moments are fp32 buffers stepped in place). The grouped step's transient memory is one
+            chunk of stacked gradients (64 MiB by default, or one matrix when a matrix is larger).
         refresh_check_every: how often (in calls of the step) the device-side refresh flags and skip counts
             are read on the host; the refresh of a flagged matrix happens at the step after the read, so a
             refresh may come up to ``refresh_check_every − 1`` steps after its test fired (``max_gap`` is

@@ -270,9 +270,15 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         grouped = self.config.grouped
         if grouped is None:
             grouped = params[0].device.type != "cpu"
-        # low-bit moments (a ``state_bits`` setting, issue 15) take the per-matrix path until the store's
-        # moments()/store_moments() point decodes/encodes them
+        # low-bit moments take the per-matrix path: the grouped step keeps fp32 moments in flat per-shape buffers
+        # (its batched Adam call works on them in place), so grouped=True with low-bit state is refused
         low_bit = group.get("state_bits", 32) != 32 or group.get("dense_state_bits", 32) != 32
+        if low_bit and self.config.grouped:
+            raise ValueError(
+                "AdaRankGrad: grouped=True cannot step low-bit state (state_bits/dense_state_bits below 32): the "
+                "grouped step keeps fp32 moments in flat per-shape buffers and steps them in place. Use "
+                "grouped=None (the default: low-bit groups then take the per-matrix step) or grouped=False"
+            )
         if grouped and len(params) > 1 and not low_bit:
             self._step_params_grouped(params, group, grads)
         else:
