@@ -1,8 +1,13 @@
 """Grouped execution of the projected step: a normal step's operators do not grow with the number of matrices,
 its transient memory is bounded, and it never reads a value on the host.
 
-:class:`ShapeStore` holds the optimizer state of every projected matrix of one ``(parameter group, device, shape,
-dtype)`` in a few flat buffers and steps them together:
+:class:`ShapeStore` holds the optimizer state of every projected matrix of one ``(parameter group, device, oriented
+shape, dtype)`` in a few flat buffers and steps them together:
+
+* **orientation** — a matrix is stepped as ``W`` when ``m <= n`` and as ``Wᵀ`` (a view) otherwise, so its projected
+  side is always the rows: ``R = PᵀG``, ``W ← W + α·P N``, one code path. ``(768, 3072)`` and ``(3072, 768)``
+  share a store; their moments are stored ``(r, l)`` and bound into the state dicts in the parameter's layout
+  (``(m, r)`` for ``m > n``, a transposed view), so checkpoints and the per-matrix code are unchanged;
 
 * **storage** — the moments ``M``, ``V``, the bases ``P``, the moment sketches ``Y``, the step counters and the
   refresh-test statistics live in flat device buffers; each parameter's ``optimizer.state[p]`` entries are
@@ -33,13 +38,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import add_to_weight_, projected_shape, projection_side, rank_factor, sketch_ema
+from .linalg import add_to_weight_, projection_side, rank_factor, sketch_ema
 from .refresh_test import EMA, STAT_KEYS, captured_share, refresh_statistics, stat_column
 
-__all__ = ["ShapeStore", "refresh_test_stores", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA", "STACK_BYTES"]
+__all__ = ["ShapeStore", "oriented_shape", "refresh_test_stores", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA", "STACK_BYTES"]
 
 #: default byte budget of one chunk's stacked fp32 gradients (the grouped step's transient memory)
 STACK_BYTES = 64 * 2**20
+
+
+def oriented_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
+    """``(s, l)``: the shape a matrix is stepped in, projected side first (``W`` if ``m <= n``, else ``Wᵀ``)."""
+    return (min(shape), max(shape))
+
+
+def _orient(t: Tensor, flipped: bool) -> Tensor:
+    """``t`` or its transpose (a view): between a parameter's layout and the store's oriented one."""
+    return t.mT if flipped else t
 
 
 def _flat(tensors: list[Tensor], dev: torch.device) -> Tensor:
@@ -84,8 +99,9 @@ class _Chunk:
     lo: int
     hi: int
     pieces: list[_Piece]
-    params: list[Tensor]
+    params: list[Tensor]  # oriented views of the weights (Wᵀ for a flipped member)
     ids: list[int]
+    flipped: list[bool]
     sizes: Tensor  # (B,) elements of each member's moments
     exp_avg: Tensor
     exp_avg_sq: Tensor
@@ -140,22 +156,22 @@ class ShapeStore:
         self.states = [states[i] for i in order]
         self.ids = [id(p) for p in self.params]
         self.device = dev = self.params[0].device
-        self.shape: tuple[int, int] = tuple(self.params[0].shape)
+        self.shape: tuple[int, int] = oriented_shape(self.params[0].shape)
         self.dtype = self.params[0].dtype
-        if any(tuple(p.shape) != self.shape or p.dtype != self.dtype for p in self.params):
-            raise ValueError("ShapeStore: every member must have the same shape and dtype")
-        self.side = projection_side(self.shape)
+        if any(oriented_shape(p.shape) != self.shape or p.dtype != self.dtype for p in self.params):
+            raise ValueError("ShapeStore: every member must have the same oriented shape (s, l) and dtype")
+        self.flipped = [projection_side(p.shape) == "right" for p in self.params]  # stored as Wᵀ
         self.uses_sketch = group["subspace_source"] == "moment"
         n = len(self.params)
-        s = min(self.shape)
+        s, l = self.shape
         ranks = [int(st["rank"]) for st in self.states]
-        sizes = [projected_shape(self.shape, r)[0] * projected_shape(self.shape, r)[1] for r in ranks]
+        sizes = [r * l for r in ranks]
         self.offsets = [0]
         for size in sizes:
             self.offsets.append(self.offsets[-1] + size)
         # flat buffers: fp32 moments, bases, sketches; one step counter and six statistics per matrix
-        self.exp_avg = _flat([st["exp_avg"] for st in self.states], dev)
-        self.exp_avg_sq = _flat([st["exp_avg_sq"] for st in self.states], dev)
+        self.exp_avg = _flat([_orient(st["exp_avg"], t) for st, t in zip(self.states, self.flipped)], dev)
+        self.exp_avg_sq = _flat([_orient(st["exp_avg_sq"], t) for st, t in zip(self.states, self.flipped)], dev)
         self.basis = _flat([st["basis"] for st in self.states], dev)
         self.sketch = torch.stack([st["sketch"].to(dev, torch.float32) for st in self.states]) \
             if self.uses_sketch else None
@@ -168,15 +184,18 @@ class ShapeStore:
         self._low = torch.zeros(self.offsets[-1], dtype=torch.float32, device=dev)  # workspace: PᵀG per matrix
         self._dir = torch.zeros(self.offsets[-1], dtype=torch.float32, device=dev)  # workspace: the directions
         self.all_true = torch.ones(n, dtype=torch.bool, device=dev)
-        # per-matrix views, bound into the state dicts
+        # per-matrix views: oriented (r, l) for the Adam kernel, in the parameter's layout for its state dict
         self.m_views, self.v_views, self.low_views, self.dir_views, self.basis_views = [], [], [], [], []
+        self.m_state, self.v_state = [], []
         boff = 0
         for i, r in enumerate(ranks):
-            lo, hi, shape = self.offsets[i], self.offsets[i + 1], projected_shape(self.shape, r)
-            self.m_views.append(self.exp_avg[lo:hi].view(shape))
-            self.v_views.append(self.exp_avg_sq[lo:hi].view(shape))
-            self.low_views.append(self._low[lo:hi].view(shape))
-            self.dir_views.append(self._dir[lo:hi].view(shape))
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            self.m_views.append(self.exp_avg[lo:hi].view(r, l))
+            self.v_views.append(self.exp_avg_sq[lo:hi].view(r, l))
+            self.m_state.append(_orient(self.m_views[-1], self.flipped[i]))
+            self.v_state.append(_orient(self.v_views[-1], self.flipped[i]))
+            self.low_views.append(self._low[lo:hi].view(r, l))
+            self.dir_views.append(self._dir[lo:hi].view(r, l))
             self.basis_views.append(self.basis[boff:boff + s * r].view(s, r))
             boff += s * r
         self.step_views = list(self.step_counts.unbind(0))
@@ -190,11 +209,10 @@ class ShapeStore:
             r, h = ranks[i], i
             while h < n and ranks[h] == r:
                 h += 1
-            lshape = projected_shape(self.shape, r)
             lo, hi = self.offsets[i], self.offsets[h]
             self.buckets.append(_Bucket(
                 i, h, r, self.basis[boff:boff + (h - i) * s * r].view(h - i, s, r),
-                self._low[lo:hi].view(h - i, *lshape), self._dir[lo:hi].view(h - i, *lshape),
+                self._low[lo:hi].view(h - i, r, l), self._dir[lo:hi].view(h - i, r, l),
                 rank_factor(group["scale_mode"], s, r)))
             boff += (h - i) * s * r
             i = h
@@ -207,7 +225,7 @@ class ShapeStore:
     # ------------------------------------------------------------------ binding
     def _bind(self) -> None:
         for i, st in enumerate(self.states):
-            st["exp_avg"], st["exp_avg_sq"], st["basis"] = self.m_views[i], self.v_views[i], self.basis_views[i]
+            st["exp_avg"], st["exp_avg_sq"], st["basis"] = self.m_state[i], self.v_state[i], self.basis_views[i]
             st["step"] = self.step_views[i]
             if self.uses_sketch:
                 st["sketch"] = self.sketch_views[i]
@@ -221,8 +239,8 @@ class ShapeStore:
             return False
         for i, p in enumerate(self.params):
             st = state.get(p)
-            if st is not self.states[i] or st.get("exp_avg") is not self.m_views[i] \
-                    or st.get("exp_avg_sq") is not self.v_views[i] or st.get("basis") is not self.basis_views[i] \
+            if st is not self.states[i] or st.get("exp_avg") is not self.m_state[i] \
+                    or st.get("exp_avg_sq") is not self.v_state[i] or st.get("basis") is not self.basis_views[i] \
                     or st.get("step") is not self.step_views[i] or st.get("pending") \
                     or any(st.get(k) is not v for k, v in zip(STAT_KEYS, self.stat_views[i])) \
                     or (self.uses_sketch and st.get("sketch") is not self.sketch_views[i]):
@@ -242,7 +260,8 @@ class ShapeStore:
                 pieces.append(_Piece(b.lo + a - lo, b.lo + z - lo, b.bases[a:z], b.bases[a:z].mT, b.low[a:z],
                                      b.direction[a:z], b.scale))
         return _Chunk(
-            lo, hi, pieces, self.params[lo:hi], self.ids[lo:hi], self._chunk_sizes[c], self.exp_avg[m0:m1],
+            lo, hi, pieces, [_orient(p, t) for p, t in zip(self.params[lo:hi], self.flipped[lo:hi])], self.ids[lo:hi],
+            self.flipped[lo:hi], self._chunk_sizes[c], self.exp_avg[m0:m1],
             self.exp_avg_sq[m0:m1], self._dir[m0:m1], self.step_counts[lo:hi], self.skipped[lo:hi],
             self.sketch[lo:hi] if self.uses_sketch else None, self.dir_views[lo:hi], self.low_views[lo:hi],
             self.m_views[lo:hi], self.v_views[lo:hi], self.step_views[lo:hi])
@@ -282,27 +301,22 @@ class ShapeStore:
         beta1 = group["betas"][0]
         lr, wd = group["lr"], group["weight_decay"]
         alpha = lr * group["scale"]
-        left = self.side == "left"
         if ch.hi - ch.lo == 1:  # one matrix: a view with a batch dimension of one (no copy of an fp32 G)
-            g = grads[ch.ids[0]]
+            g = _orient(grads[ch.ids[0]], ch.flipped[0])
             own = g.dtype != torch.float32
             g = (g.float() if own else g).unsqueeze(0)
         else:
-            g, own = torch.stack([grads[i] for i in ch.ids]), True
+            g, own = torch.stack([_orient(grads[i], t) for i, t in zip(ch.ids, ch.flipped)]), True
             g = g if g.dtype == torch.float32 else g.float()
         low2, pn2 = [], []
         for pc in ch.pieces:  # R = PᵀG (or G P)
-            gb = g[pc.glo:pc.ghi] if len(ch.pieces) > 1 else g
-            if left:
-                torch.bmm(pc.bases_t, gb, out=pc.low)
-            else:
-                torch.bmm(gb, pc.bases, out=pc.low)
+            torch.bmm(pc.bases_t, g[pc.glo:pc.ghi] if len(ch.pieces) > 1 else g, out=pc.low)
             low2.append(pc.low.square().sum(dim=(1, 2)))
         low2 = torch.cat(low2) if len(low2) > 1 else low2[0]
         if self.uses_sketch:  # Y ← β1·Y + (1−β1)·A Ω (A = G or Gᵀ); a non-finite update leaves Y as it was
             y = ch.sketch
             omega = test_matrix(max(self.shape), y.shape[2], self.device)
-            fresh = torch.matmul(g, omega) if left else torch.matmul(omega.mT, g).mT
+            fresh = torch.matmul(g, omega)
             new = sketch_ema(y, fresh, beta1)
             keep = torch.isfinite(new).all(dim=(1, 2))
             if sketch_mask is not None:
@@ -335,17 +349,11 @@ class ShapeStore:
             torch._foreach_mul_(ch.params, list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)))
         if not own:  # the stack is a view of an fp32 gradient: add into the weight directly
             pc = ch.pieces[0]
-            if left:
-                ch.params[0].addmm_(pc.bases[0], pc.direction[0], alpha=alpha * pc.scale)
-            else:
-                ch.params[0].addmm_(pc.direction[0], pc.bases_t[0], alpha=alpha * pc.scale)
+            ch.params[0].addmm_(pc.bases[0], pc.direction[0], alpha=alpha * pc.scale)
             return pn2, total2, ok
         for pc in ch.pieces:  # the update, written into the chunk's own stack (G is no longer needed)
             out = g[pc.glo:pc.ghi] if len(ch.pieces) > 1 else g
-            if left:
-                torch.baddbmm(out, pc.bases, pc.direction, beta=0.0, alpha=alpha * pc.scale, out=out)
-            else:
-                torch.baddbmm(out, pc.direction, pc.bases_t, beta=0.0, alpha=alpha * pc.scale, out=out)
+            torch.baddbmm(out, pc.bases, pc.direction, beta=0.0, alpha=alpha * pc.scale, out=out)
         if self.dtype == torch.float32:
             torch._foreach_add_(ch.params, list(g.unbind(0)))
         else:

@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .grouped import ShapeStore, refresh_test_stores
+from .grouped import ShapeStore, oriented_shape, refresh_test_stores
 from .linalg import subspace_seed
 from .refresh import refresh_batched
 
@@ -78,7 +78,7 @@ class GroupedStep:
         by_key: dict[tuple, list[int]] = {}
         for i in low:
             p = params[i]
-            by_key.setdefault((p.device, tuple(p.shape), p.dtype), []).append(i)
+            by_key.setdefault((p.device, oriented_shape(p.shape), p.dtype), []).append(i)
         stepped, results = [], []
         for key, idx in by_key.items():
             store = self._store(group, key, [params[i] for i in idx])
