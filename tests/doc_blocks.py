@@ -104,8 +104,9 @@ def check_markers(bs: list[Block]) -> list[str]:
 
 
 def doc_pages() -> list[Path]:
-    """The README and every Markdown page of the docs site."""
-    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    """The READMEs (the project's and the task packages') and every Markdown page of the docs site."""
+    return [REPO / "README.md", REPO / "nlp" / "README.md", REPO / "bio" / "README.md",
+            *sorted((REPO / "docs").rglob("*.md"))]
 
 
 def run_page(page: Path, workdir: Path, monkeypatch) -> dict:
