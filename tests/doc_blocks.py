@@ -70,7 +70,7 @@ def blocks(path: Path) -> list[Block]:
         indent, fence, lang = m["indent"], m["fence"], m["lang"]
         body, j = [], i + 1
         while j < len(lines) and not _closes(lines[j], fence):
-            body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j].lstrip())
+            body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j].lstrip())
             j += 1
         if j == len(lines):
             raise ValueError(f"{path}:{i + 1}: code fence never closed")
@@ -78,8 +78,16 @@ def blocks(path: Path) -> list[Block]:
         while k >= 0 and not lines[k].strip():
             k -= 1
         mark = _MARKER.match(lines[k]) if k >= 0 else None
-        out.append(Block(path, i + 1, lang, "\n".join(body) + "\n", mark["kind"] if mark else None,
-                         (mark["arg"] or "").strip() if mark else ""))
+        out.append(
+            Block(
+                path,
+                i + 1,
+                lang,
+                "\n".join(body) + "\n",
+                mark["kind"] if mark else None,
+                (mark["arg"] or "").strip() if mark else "",
+            )
+        )
         i = j + 1
     return out
 
@@ -96,8 +104,9 @@ def check_markers(bs: list[Block]) -> list[str]:
         elif b.marker == "continues" and (b.lang != "python" or not previous_python):
             problems.append(f"{b.where}: continues needs a python block after another python block")
         elif b.marker is None and b.lang not in RUNNABLE | OUTPUT:
-            problems.append(f"{b.where}: a {b.lang or 'plain'!s} block must be marked not-run or file "
-                            "(use ```text for output)")
+            problems.append(
+                f"{b.where}: a {b.lang or 'plain'!s} block must be marked not-run or file (use ```text for output)"
+            )
         if b.lang == "python" and b.marker not in ("not-run", "file"):
             previous_python = True
     return problems
@@ -105,8 +114,12 @@ def check_markers(bs: list[Block]) -> list[str]:
 
 def doc_pages() -> list[Path]:
     """The READMEs (the project's and the task packages') and every Markdown page of the docs site."""
-    return [REPO / "README.md", REPO / "nlp" / "README.md", REPO / "bio" / "README.md",
-            *sorted((REPO / "docs").rglob("*.md"))]
+    return [
+        REPO / "README.md",
+        REPO / "nlp" / "README.md",
+        REPO / "bio" / "README.md",
+        *sorted((REPO / "docs").rglob("*.md")),
+    ]
 
 
 def run_page(page: Path, workdir: Path, monkeypatch) -> dict:
@@ -116,9 +129,13 @@ def run_page(page: Path, workdir: Path, monkeypatch) -> dict:
     ``python`` block's namespace. Any failure raises, naming the block."""
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("LOCAL_RANK", None)
     namespace: dict = {}
     for b in blocks(page):
@@ -136,8 +153,14 @@ def run_page(page: Path, workdir: Path, monkeypatch) -> dict:
                 if argv[0] == "python" and not _SHELL.search(command.split("#")[0]):
                     _run_python(argv[1:], b.where, monkeypatch)  # in this process: no second interpreter start
                     continue
-                proc = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=workdir, env=env,
-                                      capture_output=True, text=True, timeout=600)
+                proc = subprocess.run(
+                    ["bash", "-euo", "pipefail", "-c", command],
+                    cwd=workdir,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
                 assert proc.returncode == 0, f"{b.where}: {command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return namespace
 

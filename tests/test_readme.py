@@ -20,8 +20,14 @@ def _columns(path: Path) -> set[str]:
 
 def test_readme_has_every_door_as_a_block():
     text = README.read_text(encoding="utf-8")
-    doors = ["### One callback on a Lightning Trainer", "### The strategy, LightningCLI and YAML", "### FSDP2",
-             "### Fabric", "### The Hugging Face Trainer", "### Plain PyTorch"]
+    doors = [
+        "### One callback on a Lightning Trainer",
+        "### The strategy, LightningCLI and YAML",
+        "### FSDP2",
+        "### Fabric",
+        "### The Hugging Face Trainer",
+        "### Plain PyTorch",
+    ]
     positions = [text.index(d) for d in doors]
     assert positions == sorted(positions), "the doors are out of the order users come through them"
     python = [b for b in blocks(README) if b.lang == "python"]
@@ -36,7 +42,8 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
     assert last["opt"].ranks() and (tmp_path / "opt.pt").stat().st_size > 0
     run = tmp_path / "logs" / "lightning_logs" / "version_0"
     assert {"adarank/avg_rank", "optimizer/state_bytes", "memory/peak_bytes", "train_loss"} <= _columns(
-        run / "metrics.csv")
+        run / "metrics.csv"
+    )
     assert (run / "adarank_ranks.png").stat().st_size > 0
     fabric_run = tmp_path / "fabric_logs" / "lightning_logs" / "version_0"
     assert {"adarank/avg_rank", "optimizer/state_bytes", "train_loss"} <= _columns(fabric_run / "metrics.csv")
