@@ -21,12 +21,12 @@ def _columns(path: Path) -> set[str]:
 def test_readme_has_every_door_as_a_block():
     text = README.read_text(encoding="utf-8")
     doors = [
-        "### One callback on a Lightning Trainer",
-        "### The strategy, LightningCLI and YAML",
-        "### FSDP2",
-        "### Fabric",
-        "### The Hugging Face Trainer",
-        "### Plain PyTorch",
+        "## One callback on a Lightning Trainer",
+        "## The strategy, LightningCLI and YAML",
+        "## FSDP2",
+        "## Fabric",
+        "## The Hugging Face Trainer",
+        "## Plain PyTorch",
     ]
     positions = [text.index(d) for d in doors]
     assert positions == sorted(positions), "the doors are out of the order users come through them"
