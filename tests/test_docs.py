@@ -74,6 +74,9 @@ def test_docs_build_strict(tmp_path):
     api = (out / "reference" / "optimizer" / "index.html").read_text(encoding="utf-8")
     assert "AdaRankGrad" in api and "state_bytes" in api
     assert (out / "results" / "scaling_cpu.png").stat().st_size > 0
+    # the guides include the README's examples by snippet section: the included code arrived, no marker leaked
+    guide = (out / "guide" / "lightning" / "index.html").read_text(encoding="utf-8")
+    assert "CosineAnnealingLR" in guide and "LightningCLI" in guide and "--8&lt;--" not in guide
 
 
 RUNNABLE_PAGES = [
