@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+# mkdocs-material prints a banner about MkDocs 2.0 on every build
+export NO_MKDOCS_2_WARNING ?= 1
 
 .PHONY: test lint format docs demo venv clean
 
