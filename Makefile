@@ -8,8 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+# mkdocs-material prints a banner about MkDocs 2.0 on every build
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: test demo venv clean
+.PHONY: test lint format docs demo venv clean
 
 venv: $(VENV)/.installed
 
@@ -20,11 +22,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-test: $(VENV)/.installed
+# lint first: a style failure shows in seconds, before the suite's minutes
+test: lint
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# what `lint` checks, applied (review the diff before committing)
+format: $(VENV)/.installed
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# the documentation site into site/; --strict turns a broken link or API reference into an error
+docs: $(VENV)/.installed
+	$(PY) -m mkdocs build --strict --site-dir site
 
 demo: $(VENV)/.installed
 	$(PY) -m bio demo
 
 clean:
-	rm -rf $(VENV) lightning_logs demo_runs .pytest_cache
+	rm -rf $(VENV) lightning_logs demo_runs .pytest_cache site

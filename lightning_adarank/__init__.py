@@ -17,7 +17,7 @@ from .optim.groups import param_groups, target_parameter_names
 from .optim.optimizer import AdaRankGrad, SubspaceInfo
 from . import distributed as _distributed  # noqa: F401  (registers the FSDP2 step with the optimizer)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> submodule that defines it (imported on first access)
 _LAZY = {
