@@ -1,4 +1,4 @@
-"""Geneformer single-cell classification and pre-training with AdaRankGrad (issue 5).
+"""Geneformer single-cell classification and pre-training with AdaRankGrad.
 
 Public API:
     tokenize_anndata          rank-value encode an AnnData into a Geneformer-compatible datasets.Dataset

@@ -65,7 +65,7 @@ def main(args: list[str] | None = None, run: bool = True) -> GLUECLI:
     import warnings
 
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["pretrain"]:  # causal-LM pre-training (issue 15)
+    if argv[:1] == ["pretrain"]:  # causal-LM pre-training
         from nlp.pretrain_cli import main as pretrain_main
 
         if args is None:  # from the command line: LightningCLI reads sys.argv, less the sub-command

@@ -75,7 +75,7 @@ class AdaRankGradConfig:
             shrinks against it the rank chosen on the whole energy rises towards ``max_rank``. Above the floor
             the rank follows the signal and falls during training, as the paper's Lemma 2 predicts. Why it is
             not the default: on GLUE at 189 steps the ranks fall (≈ 2.6 → 1.7, against 5.4 → 6.1) but the
-            scores drop (SST-2 −1.4, CoLA −1.5, STS-B −14.7 points; README, "Fine-tuning quality"); keeping more
+            scores drop (SST-2 −1.4, CoLA −1.5, STS-B −14.7 points; docs, research notes, "GLUE quality"); keeping more
             of the signal (``energy=0.99``: ranks ≈ 3.6–4.4 → 2) still costs SST-2 −0.8 and STS-B −8.9 over six
             seeds; and on a noiseless full-batch problem the drift between steps counts as noise (end loss
             1.4–1.5× the default's). Use it for a rank that reflects the structure, or where optimizer memory

@@ -116,7 +116,7 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
             name and meaning is documented once, on :class:`~lightning_adarank.AdaRankGradConfig`.
 
     Three choices differ from a literal GaLore/paper transcription; each is documented with its formula on
-    :class:`~lightning_adarank.AdaRankGradConfig` and was measured (README, "How AdaRankGrad works here"):
+    :class:`~lightning_adarank.AdaRankGradConfig` and was measured (docs, "How AdaRankGrad works here"):
 
     * **update magnitude** (``scale_mode="rms"``): ``W ← W(1 − lr·wd) + lr·α·√(s/r)·P N``. ``P`` has
       orthonormal columns, so the update's RMS is ``lr·α·rms(N)``: that of the Adam direction, as in full
