@@ -175,7 +175,7 @@ def param_groups(
     targets = set(target_parameter_names(model, target_modules, include_embeddings))
     if not targets:
         raise ValueError(
-            f"param_groups: target_modules={target_modules!r} selects no weight of {type(model).__name__}: "
+            f"param_groups: target_modules={target_modules!r} matched no weight of {type(model).__name__}: "
             + explain_no_match(model, target_modules, include_embeddings)
         )
     low = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n in targets]
