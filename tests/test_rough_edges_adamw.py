@@ -146,13 +146,13 @@ def test_continue_with_adamw_can_drop_the_moments(tmp_path):
 
 class TwoLr(TinyModule):
     """AdamW with a body and a head group at different learning rates, each holding weights and biases, so the
-    swap splits them into four AdaRankGrad groups; cosine schedule."""
+    swap splits them into four AdaRankGrad groups; a LambdaLR (its lr is base_lr × factor: per-group lists)."""
 
     def configure_optimizers(self):
         body = [p for n, p in self.named_parameters() if not n.startswith("net.4")]
         head = [p for n, p in self.named_parameters() if n.startswith("net.4")]
         opt = torch.optim.AdamW([{"params": body, "lr": 1e-2}, {"params": head, "lr": 1e-3}])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / 10)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
