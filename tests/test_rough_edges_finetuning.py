@@ -11,11 +11,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
+from scripts.tiny import ADARANK, loader, make_data, trainer_kwargs
 from torch import nn
 
 from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradStrategy
 from lightning_adarank.integrations.added_groups import LINK_KEY
-from scripts.tiny import ADARANK, loader, make_data, trainer_kwargs
 
 ROUTES = ("callback_after", "callback_before", "strategy")
 
@@ -68,8 +68,9 @@ def _fit(route, epochs, tmp_path=None, ckpt_path=None, finetuner=None, **setting
         kw["strategy"] = AdaRankGradStrategy(**settings)
     if tmp_path is not None:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1, save_top_k=-1))
-    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks,
-                        **trainer_kwargs(enable_checkpointing=tmp_path is not None, **kw))
+    trainer = L.Trainer(
+        max_epochs=epochs, callbacks=callbacks, **trainer_kwargs(enable_checkpointing=tmp_path is not None, **kw)
+    )
     module = Backboned()
     trainer.fit(module, loader(make_data(classes=8), 16), ckpt_path=ckpt_path)
     return module, trainer
@@ -82,16 +83,19 @@ def test_unfreezing_adds_a_projected_group(route):
     opt = trainer.optimizers[0]
     assert type(opt) is AdaRankGrad
     layout = [(g["param_names"], g["low_rank"], g["lr"]) for g in opt.param_groups]
-    assert layout[2:] == [(["backbone.0.weight", "backbone.2.weight"], True, 3e-3),
-                          (["backbone.0.bias", "backbone.2.bias"], False, 3e-3)]
+    assert layout[2:] == [
+        (["backbone.0.weight", "backbone.2.weight"], True, 3e-3),
+        (["backbone.0.bias", "backbone.2.bias"], False, 3e-3),
+    ]
     assert opt.param_groups[2][LINK_KEY] == opt.param_groups[3][LINK_KEY]
     assert {"backbone.0.weight", "backbone.2.weight"} <= set(opt.ranks())  # projected, with a subspace
     for (name, p), p0 in zip(module.backbone.named_parameters(), start.backbone.parameters()):
         assert not torch.equal(p, p0), f"backbone.{name} did not train after the unfreeze"
 
 
-@pytest.mark.parametrize(("route", "settings"), [(r, {}) for r in ROUTES] + [
-    ("strategy", {"subspace_source": "gradient", "grouped": True})])  # seeds drawn per parameter index
+@pytest.mark.parametrize(
+    ("route", "settings"), [(r, {}) for r in ROUTES] + [("strategy", {"subspace_source": "gradient", "grouped": True})]
+)  # seeds drawn per parameter index
 def test_resume_after_the_unfreeze_continues_exactly(route, settings, tmp_path):
     """The resumed run equals the uninterrupted one bit for bit: BaseFinetuning's restored groups get the
     parameter indices (subspace seeds) that add_param_group gave them."""
@@ -134,9 +138,15 @@ def test_backbone_finetuning_schedule_reaches_both_halves():
     """BackboneFinetuning sets ``param_groups[-1]["lr"]`` each epoch: the dense half. The projected half of the
     backbone's group follows it (halves kept in step before each step)."""
     lrs = _Lrs()
-    trainer = L.Trainer(max_epochs=3, callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda e: 1.5,
-                                                                    should_align=False),
-                                                 AdaRankGradCallback(**ADARANK), lrs], **trainer_kwargs())
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=[
+            BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda e: 1.5, should_align=False),
+            AdaRankGradCallback(**ADARANK),
+            lrs,
+        ],
+        **trainer_kwargs(),
+    )
     trainer.fit(Backboned(), loader(make_data(classes=8), 16))
     assert len(lrs.groups) == 4 and lrs.groups[:2] == [1e-2, 1e-2]
     assert lrs.groups[2] == lrs.groups[3] == pytest.approx(lrs.backbone)
@@ -145,6 +155,7 @@ def test_backbone_finetuning_schedule_reaches_both_halves():
 
 def test_layerwise_refuses_an_added_group():
     with pytest.raises(ValueError, match=r"AdaRankGradCallback\(layerwise=True\) cannot take a parameter group added"):
-        trainer = L.Trainer(max_epochs=2, callbacks=[Unfreeze(), AdaRankGradCallback(layerwise=True, **ADARANK)],
-                            **trainer_kwargs())
+        trainer = L.Trainer(
+            max_epochs=2, callbacks=[Unfreeze(), AdaRankGradCallback(layerwise=True, **ADARANK)], **trainer_kwargs()
+        )
         trainer.fit(Backboned(), loader(make_data(classes=8), 16))

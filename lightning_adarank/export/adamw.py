@@ -62,12 +62,19 @@ def full_moments(state: Mapping[str, Any], shape: torch.Size | tuple[int, ...]) 
         low = projected_shape(shape, rank)
         basis = quant.load(state["basis"], (min(shape), rank)).float()
         eye = torch.eye(min(shape), dtype=basis.dtype, device=basis.device)
-        m, v = moment_transform(basis, eye, quant.load(state["exp_avg"], low).float(),
-                                quant.load(state["exp_avg_sq"], low).float(), projection_side(shape))
+        m, v = moment_transform(
+            basis,
+            eye,
+            quant.load(state["exp_avg"], low).float(),
+            quant.load(state["exp_avg_sq"], low).float(),
+            projection_side(shape),
+        )
     else:
         m, v = quant.load(state["exp_avg"], shape).float(), quant.load(state["exp_avg_sq"], shape).float()
     if m.shape != shape or v.shape != shape:
-        raise ValueError(f"AdaRankGrad state: moments of shape {tuple(m.shape)} for a parameter of shape {tuple(shape)}")
+        raise ValueError(
+            f"AdaRankGrad state: moments of shape {tuple(m.shape)} for a parameter of shape {tuple(shape)}"
+        )
     step = float(state["step"]) if "step" in state else 0.0
     return {"step": torch.tensor(step, dtype=torch.float32), "exp_avg": m.clone(), "exp_avg_sq": v.clamp_min(0).clone()}
 
@@ -78,7 +85,9 @@ def _adamw_group_defaults() -> dict[str, Any]:
 
 
 def convert_state_dict(
-    saved: Mapping[str, Any], params: Mapping[str, Tensor], like: Optimizer | None = None,
+    saved: Mapping[str, Any],
+    params: Mapping[str, Tensor],
+    like: Optimizer | None = None,
 ) -> tuple[dict[str, Any], list[int]]:
     """An AdaRankGrad state dict as the state dict of an AdamW over the same parameters.
 
@@ -103,14 +112,18 @@ def convert_state_dict(
     if not is_adarank_state(saved):
         raise ValueError("convert_state_dict: not an AdaRankGrad state dict (no format tag, no low_rank groups)")
     if like is not None and not isinstance(like, (torch.optim.Adam, torch.optim.AdamW)):
-        raise TypeError(f"convert_state_dict: AdaRankGrad's moments continue into torch.optim.AdamW or Adam, not"
-                        f" {type(like).__name__}")
+        raise TypeError(
+            f"convert_state_dict: AdaRankGrad's moments continue into torch.optim.AdamW or Adam, not"
+            f" {type(like).__name__}"
+        )
     where: dict[str, tuple[int, Any]] = {}  # name -> (saved group index, saved param id)
     for gi, group in enumerate(saved["param_groups"]):
         names = group.get("param_names")
         if not names or len(names) != len(group["params"]):
-            raise ValueError(f"convert_state_dict: parameter group {gi} of the AdaRankGrad state has no param_names;"
-                             " build the optimizer from named parameters (param_groups(model) names them)")
+            raise ValueError(
+                f"convert_state_dict: parameter group {gi} of the AdaRankGrad state has no param_names;"
+                " build the optimizer from named parameters (param_groups(model) names them)"
+            )
         for name, pid in zip(names, group["params"]):
             if name not in params:
                 raise ValueError(f"convert_state_dict: the AdaRankGrad state names {name!r}, which the model lacks")
@@ -125,8 +138,10 @@ def convert_state_dict(
         for gi, group in enumerate(like.param_groups):
             missing = [i for i, p in enumerate(group["params"]) if id(p) not in name_of]
             if missing:
-                raise ValueError(f"convert_state_dict: parameter {missing[0]} of the target optimizer's group {gi} is"
-                                 " not among the named parameters given")
+                raise ValueError(
+                    f"convert_state_dict: parameter {missing[0]} of the target optimizer's group {gi} is"
+                    " not among the named parameters given"
+                )
             layout.append([name_of[id(p)] for p in group["params"]])
         base_groups = [{k: v for k, v in g.items() if k != "params"} for g in like.state_dict()["param_groups"]]
     state: dict[int, dict[str, Tensor]] = {}

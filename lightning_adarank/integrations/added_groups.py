@@ -67,8 +67,15 @@ class AddedGroups:
         layerwise: the swap runs layer-wise (groups cannot be added then: their parameters would have no hook).
     """
 
-    def __init__(self, optimizer: AdaRankGrad, strategy: Any, target_modules: Any, include_embeddings: bool,
-                 owner: str, layerwise: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: AdaRankGrad,
+        strategy: Any,
+        target_modules: Any,
+        include_embeddings: bool,
+        owner: str,
+        layerwise: bool = False,
+    ) -> None:
         self._opt = weakref.ref(optimizer)
         self._strategy = weakref.ref(strategy)
         self.target_modules = target_modules
@@ -108,19 +115,27 @@ class AddedGroups:
         module = self._module()
         names = {id(p): n for n, p in module.named_parameters()}
         if "param_names" not in group:
-            group["param_names"] = [names.get(id(p), f"group{len(opt.param_groups)}.param{i}")
-                                    for i, p in enumerate(params)]
+            group["param_names"] = [
+                names.get(id(p), f"group{len(opt.param_groups)}.param{i}") for i, p in enumerate(params)
+            ]
         if "low_rank" in group:
             AdaRankGrad.add_param_group(opt, {**group, "params": params})
             return
-        targets = set(target_parameter_names(module, self.target_modules, self.include_embeddings,
-                                             only_trainable=False))
+        targets = set(
+            target_parameter_names(module, self.target_modules, self.include_embeddings, only_trainable=False)
+        )
         halves = []
         for low_rank in (True, False):
             picked = [(n, p) for n, p in zip(group["param_names"], params) if (names.get(id(p)) in targets) == low_rank]
             if picked:
-                halves.append({**group, "params": [p for _, p in picked], "param_names": [n for n, _ in picked],
-                               "low_rank": low_rank})
+                halves.append(
+                    {
+                        **group,
+                        "params": [p for _, p in picked],
+                        "param_names": [n for n, _ in picked],
+                        "low_rank": low_rank,
+                    }
+                )
         if len(halves) == 2:
             link = max([g.get(LINK_KEY, -1) for g in opt.param_groups], default=-1) + 1
             for half in halves:
@@ -167,8 +182,12 @@ class AddedGroups:
             return
         if not any(isinstance(cb, BaseFinetuning) for cb in trainer.callbacks):
             return
-        frozen = [n for g in optimizer.param_groups for n, p in zip(g.get("param_names") or [], g["params"])
-                  if not p.requires_grad]
+        frozen = [
+            n
+            for g in optimizer.param_groups
+            for n, p in zip(g.get("param_names") or [], g["params"])
+            if not p.requires_grad
+        ]
         if frozen:
             rank_zero_warn(
                 f"{self.owner}: {len(frozen)} parameter(s) in the optimizer are frozen (requires_grad=False) after"
