@@ -47,6 +47,9 @@ _LAZY = {
     "LoraExportReport": "export.report",
     # Hugging Face Trainer integration (importing it imports transformers)
     "AdaRankGradTrainerCallback": "integrations.hf",
+    # going back to AdamW from an AdaRankGrad run
+    "ContinueWithAdamW": "integrations.callback",
+    "adamw_state_dict": "export.adamw",
 }
 
 __all__ = ["AdaRankGrad", "AdaRankGradConfig", "SubspaceInfo", "param_groups", "target_parameter_names", *_LAZY]

@@ -11,7 +11,7 @@ from . import strategy as _strategy  # noqa: F401  (registers the adarank* strat
 from .swap import OptimizerSwap, check_strategy
 from .typed import with_adarank_settings
 
-__all__ = ["AdaRankGradCallback"]
+__all__ = ["AdaRankGradCallback", "ContinueWithAdamW"]
 
 
 @with_adarank_settings()
@@ -80,3 +80,69 @@ class AdaRankGradCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._swap.detach()
+
+
+class ContinueWithAdamW(Callback):
+    """Resume an AdaRankGrad checkpoint with the module's own AdamW: ``Trainer(callbacks=[ContinueWithAdamW()])``
+    and ``trainer.fit(module, ckpt_path=...)``, without :class:`AdaRankGradCallback` (or the AdaRankGrad strategy).
+
+    Lightning would load the checkpoint's AdaRankGrad state into the AdamW that ``configure_optimizers`` returns,
+    and torch refuses it (another group count) or, when the counts match, fails at the first step. This callback
+    rewrites the checkpoint's optimizer state before Lightning loads it (``on_fit_start``, after the optimizers
+    are built and before the restore), with :func:`~lightning_adarank.export.adamw.convert_state_dict`:
+
+    * ``moments="convert"`` (default): AdamW-shaped moments, ``M = P·M_low`` and ``V = (P∘P)·V_low`` for each
+      projected matrix, the dense parameters' moments as they are, the step counts kept;
+    * ``moments="drop"``: no moments (AdamW starts them afresh, with its bias correction), the rest of the run's
+      position kept.
+
+    Either way each of the module's groups takes the learning rate, betas, eps and weight decay the run had
+    reached, the LR schedulers' per-group lists are mapped back onto the module's groups, and the epoch and
+    step counters, callbacks and loops resume as usual. An optimizer that is an AdaRankGrad, or a saved state
+    that is not one, is left alone. ``benchmarks/continue_adamw.py`` compares the two against staying on
+    AdaRankGrad.
+    """
+
+    def __init__(self, moments: str = "convert") -> None:
+        if moments not in ("convert", "drop"):
+            raise ValueError(f"ContinueWithAdamW: moments={moments!r} must be 'convert' or 'drop'")
+        self.moments = moments
+        self._checkpoint: dict | None = None
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._checkpoint = checkpoint  # the dict Lightning restores the optimizers from, after on_fit_start
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ..export.adamw import convert_state_dict, is_adarank_state  # noqa: PLC0415
+        from ..optim.optimizer import AdaRankGrad  # noqa: PLC0415
+        from .swap import _PER_GROUP_LISTS  # noqa: PLC0415
+
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if checkpoint is None:
+            return
+        saved_states = checkpoint.get("optimizer_states") or []
+        for i, (saved, opt) in enumerate(zip(saved_states, trainer.optimizers)):
+            if isinstance(opt, AdaRankGrad) or not is_adarank_state(saved):
+                continue
+            try:
+                converted, origin = convert_state_dict(saved, dict(pl_module.named_parameters()), like=opt)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"ContinueWithAdamW: {str(err).removeprefix('convert_state_dict: ')}") from err
+            if self.moments == "drop":
+                converted["state"] = {}
+            saved_states[i] = converted
+            n_saved = len(saved["param_groups"])
+            for cfg, sched_state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers") or []):
+                if getattr(cfg.scheduler, "optimizer", None) is opt:
+                    _remap_scheduler_state(sched_state, origin, n_saved, _PER_GROUP_LISTS)
+
+
+def _remap_scheduler_state(state: dict, origin: list[int], n_saved: int, keys: tuple[str, ...]) -> None:
+    """Map a saved LR scheduler's per-group lists (one entry per AdaRankGrad group) onto the new groups."""
+    for sub in state.get("_schedulers") or []:
+        if isinstance(sub, dict):
+            _remap_scheduler_state(sub, origin, n_saved, keys)
+    for key in keys:
+        value = state.get(key)
+        if isinstance(value, (list, tuple)) and len(value) == n_saved:
+            state[key] = [value[o] for o in origin]

@@ -13,22 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import weakref
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from ..optim.config import SETTING_NAMES, AdaRankGradConfig
-from ..optim.groups import target_parameter_names
+from ..optim.groups import explain_no_match, target_parameter_names
 from ..optim.layerwise import LayerwiseUpdater, check_layerwise_params
 from ..optim.optimizer import AdaRankGrad
+from .added_groups import AddedGroups
 from .typed import FROM_MODULE
 
-__all__ = ["OptimizerSwap", "build_adarank_from", "check_strategy", "rebind_lr_scheduler", "warn_if_nothing_projected"]
+__all__ = ["OptimizerSwap", "build_adarank_from", "check_strategy", "name_load_errors", "rebind_lr_scheduler",
+           "warn_if_nothing_projected"]
 
 #: per-parameter-group lists a torch LR scheduler may hold (remapped when the groups are split)
 _PER_GROUP_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
@@ -40,6 +43,7 @@ def build_adarank_from(
     target_modules: Any = "all-linear",
     include_embeddings: bool = False,
     config: AdaRankGradConfig | None = None,
+    owner: str = "AdaRankGrad",
     **settings: Any,
 ) -> tuple[AdaRankGrad, list[int]]:
     """Build an :class:`AdaRankGrad` over the parameters ``optimizer`` trains, keeping its per-group settings.
@@ -51,6 +55,7 @@ def build_adarank_from(
     group, a scheduler's current factor kept on ``lr``), so the usual "no weight decay on biases and norms"
     split survives. Keys added by LR schedulers (``initial_lr``, ``max_lr``, ...) are carried over. The other
     AdaRankGrad settings come from ``config`` (default :class:`AdaRankGradConfig`) updated by ``settings``.
+    ``owner`` (the callback or strategy the user built) starts every error message.
 
     Returns:
         the new optimizer and ``origin``: for each new group, the index of the group of ``optimizer`` it came
@@ -62,9 +67,9 @@ def build_adarank_from(
     """
     unknown = set(settings) - SETTING_NAMES
     if unknown:
-        raise TypeError(f"unknown AdaRankGrad setting(s) {sorted(unknown)}; valid: {sorted(SETTING_NAMES)}")
+        raise TypeError(f"{owner}: unknown AdaRankGrad setting(s) {sorted(unknown)}; valid: {sorted(SETTING_NAMES)}")
     names = {id(p): n for n, p in model.named_parameters()}
-    targets = set(target_parameter_names(model, target_modules, include_embeddings))
+    targets = set(target_parameter_names(model, target_modules, include_embeddings, only_trainable=False))
     defaults_keys = set(getattr(optimizer, "defaults", {}))
     groups: list[dict] = []
     origin: list[int] = []
@@ -93,11 +98,48 @@ def build_adarank_from(
                 origin.append(gi)
     if not any(g["low_rank"] for g in groups):
         raise ValueError(
-            f"AdaRankGrad: target_modules={target_modules!r} selects no weight that the module's optimizer"
-            f" trains ({type(model).__name__}); nothing would be projected"
+            f"{owner}: target_modules={target_modules!r} selects no weight that the module's optimizer"
+            f" ({type(optimizer).__name__}) trains in {type(model).__name__}, so nothing would be projected: "
+            + explain_no_match(model, target_modules, include_embeddings)
         )
     ctor = {k: v for k, v in settings.items() if k not in FROM_MODULE}
-    return AdaRankGrad(groups, config=config, **ctor), origin
+    try:
+        return AdaRankGrad(groups, config=config, **ctor), origin
+    except (TypeError, ValueError) as err:  # a setting carried over from the module's optimizer
+        raise type(err)(
+            f"{owner}: the settings of the module's {type(optimizer).__name__} do not carry over to AdaRankGrad:"
+            f" {_without_prefix(str(err))}"
+        ) from err
+
+
+def _without_prefix(message: str) -> str:
+    return message.removeprefix("AdaRankGrad: ").removeprefix("AdaRankGrad state: ")
+
+
+#: the settings that decide a checkpoint's layout, and what the user changes to match one
+_LAYOUT_FIX = {"low_rank": "target_modules and include_embeddings as in the run that saved it"}
+
+
+def name_load_errors(optimizer: AdaRankGrad, owner: str) -> None:
+    """Make ``optimizer.load_state_dict`` errors (a checkpoint that does not fit, e.g. another ``max_rank``) name
+    ``owner``, the object the user built, and the setting to give it, instead of the optimizer."""
+    load = optimizer.load_state_dict
+
+    def load_state_dict(state_dict: dict) -> None:
+        try:
+            load(state_dict)
+        except ValueError as err:
+            message = str(err)
+            if not message.startswith("AdaRankGrad"):
+                raise
+            message = re.sub(
+                r"the saved layout needs (\w+)=(.+?) \(build the optimizer with it\)",
+                lambda m: f"resume with {_LAYOUT_FIX.get(m[1], f'{owner}({m[1]}={m[2]})')}",
+                _without_prefix(message),
+            )
+            raise ValueError(f"{owner}: the checkpoint's optimizer state does not fit: {message}") from err
+
+    optimizer.load_state_dict = load_state_dict  # type: ignore[method-assign]
 
 
 def _track_step_called(opt: Optimizer) -> None:
@@ -232,6 +274,8 @@ class OptimizerSwap:
             if self.changed or self.target_modules != "all-linear" or self.include_embeddings:
                 rank_zero_warn(f"{self.owner}: the optimizer is an AdaRankGrad already (configure_optimizers returns"
                                " one); the given target_modules and settings are ignored")
+            self._note_left_alone(optimizers, current)
+            self._adopt(current, strategy)
             warn_if_nothing_projected(current, self.owner)
             return current
         if len(optimizers) != 1 or not isinstance(optimizers[0], Optimizer) or not optimizers[0].param_groups:
@@ -242,12 +286,35 @@ class OptimizerSwap:
             )
         old = optimizers[0]
         new, origin = build_adarank_from(old, strategy.lightning_module, self.target_modules, self.include_embeddings,
-                                         config=self.config, **self.overrides)
+                                         config=self.config, owner=self.owner, **self.overrides)
         for cfg in strategy.lr_scheduler_configs:
             rebind_lr_scheduler(cfg.scheduler, old, new, origin)
         strategy.optimizers = [new]
+        self._adopt(new, strategy)
         warn_if_nothing_projected(new, self.owner)
         return new
+
+    def _adopt(self, optimizer: AdaRankGrad, strategy: Any) -> None:
+        """Once per optimizer: groups added later (BaseFinetuning) follow the projection rule, and checkpoint
+        errors name the object the user built."""
+        if getattr(optimizer, "_adarank_adopted", False):
+            return
+        optimizer._adarank_adopted = True  # type: ignore[attr-defined]
+        AddedGroups(optimizer, strategy, self.target_modules, self.include_embeddings, self.owner,
+                    layerwise=self.layerwise).install()
+        name_load_errors(optimizer, self.owner)
+
+    def _note_left_alone(self, optimizers: list, current: AdaRankGrad) -> None:
+        """Say once, at info level, which optimizers ``configure_optimizers`` returned besides the AdaRankGrad."""
+        others = [o for o in optimizers if o is not current and not getattr(o, "_adarank_left_noted", False)]
+        for o in others:
+            o._adarank_left_noted = True
+        if others:
+            rank_zero_info(
+                f"{self.owner}: configure_optimizers returns {len(optimizers)} optimizers; the AdaRankGrad is used as"
+                f" it is and {', '.join(type(o).__name__ for o in others)} (the optimizer(s) at position"
+                f" {', '.join(str(optimizers.index(o)) for o in others)}) left as returned, not projected"
+            )
 
     # ------------------------------------------------------------------ layer-wise mode
     def attach_layerwise(self, strategy: Any, trainer: Any, unsync: bool) -> None:

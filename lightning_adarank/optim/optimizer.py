@@ -35,6 +35,7 @@ from .adam_kernels import AdamKernels
 from .config import AdaRankGradConfig
 from .checkpoint import STATE_KEY, check_state_dict, format_tag
 from .grouped_step import GroupedStep
+from .groups import check_low_rank_shapes
 from .projected import ProjectedStep
 from .refresh_test import captured_share
 from .settings import normalize_params, validate_group
@@ -174,6 +175,7 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_group(group)
+        check_low_rank_shapes(group)  # a conv kernel in a low_rank group gets dense AdamW: say so
         if 8 in (group.get("state_bits"), group.get("dense_state_bits")):  # [state_bits] weights_only loads
             quant.allow_weights_only_loading()
         if "param_names" in group and len(group["param_names"]) != len(group["params"]):
