@@ -36,7 +36,7 @@ class AdaRankGradCallback(Callback):
     Args:
         target_modules: which weights are projected: ``"all-linear"``, a regex searched in module names, or
             a list of module names (see :func:`~lightning_adarank.param_groups`).
-        include_embeddings: also project ``nn.Embedding`` tables.
+        include_embeddings: also project every ``nn.Embedding`` table and the output layer.
         layerwise: update each parameter inside backward as soon as its gradient is ready and free the
             gradient (see :mod:`lightning_adarank.optim.layerwise`). Works with ``accumulate_grad_batches``
             and DDP; refused with ``gradient_clip_val``, fp16 mixed precision and manual optimization.

@@ -97,7 +97,7 @@ class AdaRankGradStrategy(AdaRankGradStrategyMixin, SingleDeviceStrategy):
     Args:
         target_modules: which weights are projected: ``"all-linear"``, a regex searched in module names, or
             a list of module names (see :func:`~lightning_adarank.param_groups`).
-        include_embeddings: also project ``nn.Embedding`` tables.
+        include_embeddings: also project every ``nn.Embedding`` table and the output layer.
         layerwise: update each parameter inside backward as soon as its gradient is ready and free the
             gradient (see :mod:`lightning_adarank.optim.layerwise`). Works with ``accumulate_grad_batches``
             and DDP; refused with ``gradient_clip_val``, fp16 mixed precision and manual optimization.
@@ -162,7 +162,7 @@ class AdaRankGradDDPStrategy(AdaRankGradStrategyMixin, DDPStrategy):
 
     Args:
         target_modules: which weights are projected (see :class:`AdaRankGradStrategy`).
-        include_embeddings: also project ``nn.Embedding`` tables.
+        include_embeddings: also project every ``nn.Embedding`` table and the output layer.
         layerwise: layer-wise updates in backward (a DDP communication hook steps each all-reduced bucket;
             every micro-batch is all-reduced).
     """
@@ -197,7 +197,7 @@ class AdaRankGradModelParallelStrategy(AdaRankGradStrategyMixin, ModelParallelSt
 
     Args:
         target_modules: which weights are projected (see :class:`AdaRankGradStrategy`).
-        include_embeddings: also project ``nn.Embedding`` tables.
+        include_embeddings: also project every ``nn.Embedding`` table and the output layer.
         layerwise: not supported with FSDP2 (refused at fit start, with the reason).
     """
 
