@@ -17,9 +17,12 @@ the callable ``map_location`` Lightning's loader passes):
   one fp32 absmax scale per block, then one code per element (the 256-entry dynamic-tree map of Dettmers et
   al. 2021, built by torchao's ``create_dynamic_map``; the nearest code found by torchao's
   ``quantize_8bit_with_qmap``). The blocks follow the **rows** of the moment (``shape[0]``; an embedding's
-  tokens): rows of ≥ 256 elements in blocks of 256, rows of 32–255 in blocks of 32, narrower rows (a
-  right-projected moment ``m × r``) flattened in blocks of 32. A row the batch never touched (an unused
-  token) therefore never shares a scale with a used one, and zeros decode as exact zeros (0 is a code).
+  tokens): rows of ≥ 256 elements in blocks of 256, rows of 32–255 in blocks of 32 (fp32 absmax scales),
+  narrower rows (a right-projected moment ``m × r``, ``r < 32``) one block each with a **power-of-two scale in
+  one byte** (``2^(e−127)`` at or above the row's absmax: ``1 + 1/r`` bytes per element, the same as fp32
+  scales per 32 elements at ``r = 8``). A row the batch never touched (an unused token) therefore never shares
+  a scale with a used one, rows of very different sizes (6 decades in the tests) each keep their own
+  precision, and zeros decode as exact zeros (0 is a code).
   The second moment is stored as **√v** (the unsigned map): ``|m| ≤ C·√v`` (below), so ``m`` and ``√v`` have
   the same units and range and a ``v`` too small for its block no longer rounds to 0 under a sizeable ``m``;
   :func:`load` returns ``v`` (the square). The stored-state Adam kernel additionally clamps ``m̂/(√v̂+ε)`` by
@@ -54,7 +57,7 @@ STATE_BITS = (32, 16, 8)
 BLOCK_SIZE = 256  #: elements per fp32 scale along a row of ≥ 256 elements (and for the basis)
 NARROW_BLOCK = 32  #: elements per scale for rows under 256 elements
 MIN_QUANT_NUMEL = BLOCK_SIZE  #: smaller moments stay fp32 at 8 bits
-HEADER_BYTES = 8  #: magic (2), format, kind, log2(block), rows-flag, 2 reserved; keeps the scales 4-aligned
+HEADER_BYTES = 8  #: magic (2), format, kind, log2(block) or row width, exp-scale flag, 2 reserved (4-aligned)
 _MAGIC = (0x41, 0x51)  # "AQ"
 _FORMAT = 1
 SIGNED, SQRT, LINEAR = 0, 1, 2  #: kinds: signed tree (m, sketch), √v on the unsigned tree (v), linear (basis)
@@ -86,24 +89,31 @@ def _qmap(device: torch.device, kind: int) -> Tensor:
     return _QMAPS[key]
 
 
-def _layout(shape: tuple[int, ...], kind: int) -> tuple[int, int, int]:
-    """``(rows, cols, block)``: the tensor read as ``rows × cols`` with blocks of ``block`` along each row."""
+def _layout(shape: tuple[int, ...], kind: int) -> tuple[int, int, int, bool]:
+    """``(rows, cols, block, exp_scale)``: the tensor read as ``rows × cols`` with blocks of ``block`` along each
+    row; ``exp_scale``: one block per (narrow) row with a power-of-two scale stored in one byte."""
     numel = math.prod(shape)
     if kind == LINEAR:
-        return 1, numel, BLOCK_SIZE
+        return 1, numel, BLOCK_SIZE, False
     rows = shape[0] if len(shape) >= 2 else 1
     cols = numel // max(rows, 1)
     if cols >= BLOCK_SIZE:
-        return rows, cols, BLOCK_SIZE
+        return rows, cols, BLOCK_SIZE, False
     if cols >= NARROW_BLOCK:
-        return rows, cols, NARROW_BLOCK
-    return 1, numel, NARROW_BLOCK
+        return rows, cols, NARROW_BLOCK, False
+    return rows, cols, cols, True
 
 
 def _nbytes(shape: tuple[int, ...], kind: int) -> tuple[int, int]:
-    rows, cols, block = _layout(shape, kind)
+    """``(scales, total bytes)`` of the 8-bit buffer of a tensor of ``shape``."""
+    rows, cols, block, exp_scale = _layout(shape, kind)
     nscale = rows * -(-cols // block)
-    return nscale, HEADER_BYTES + 4 * nscale + math.prod(shape)
+    return nscale, HEADER_BYTES + (1 if exp_scale else 4) * nscale + math.prod(shape)
+
+
+def _header_bytes(shape: tuple[int, ...], kind: int) -> list[int]:
+    _, cols, block, exp_scale = _layout(shape, kind)
+    return [*_MAGIC, _FORMAT, kind, cols if exp_scale else block.bit_length() - 1, int(exp_scale), 0, 0]
 
 
 def _quantized(numel: int, bits: int) -> bool:
@@ -114,12 +124,12 @@ def _kind(signed: bool, linear: bool = False) -> int:
     return LINEAR if linear else (SIGNED if signed else SQRT)
 
 
-def _header(buf: Tensor) -> tuple[int, int]:
-    """``(kind, block)`` of an 8-bit buffer; ``ValueError`` when it is not one."""
+def _kind_of(buf: Tensor) -> int:
+    """The kind of an 8-bit buffer; ``ValueError`` when it is not one."""
     h = buf[:HEADER_BYTES].tolist()
     if buf.dim() != 1 or len(h) < HEADER_BYTES or tuple(h[:2]) != _MAGIC or h[2] != _FORMAT or h[3] not in (0, 1, 2):
         raise ValueError(f"not an 8-bit state buffer of lightning-adarank (header {h})")
-    return h[3], 1 << h[4]
+    return h[3]
 
 
 def zeros(shape: tuple[int, ...], bits: int, *, signed: bool, device: torch.device | str, linear: bool = False) -> Tensor:
@@ -148,10 +158,11 @@ def fits(stored: object, shape: tuple[int, ...]) -> bool:
     if stored.dtype != torch.uint8 or stored.dim() != 1 or stored.numel() < HEADER_BYTES:
         return False
     try:
-        kind, block = _header(stored)
+        kind = _kind_of(stored)
     except ValueError:
         return False
-    return _layout(shape, kind)[2] == block and stored.numel() == _nbytes(shape, kind)[1]
+    return stored[:HEADER_BYTES].tolist() == _header_bytes(tuple(shape), kind) \
+        and stored.numel() == _nbytes(tuple(shape), kind)[1]
 
 
 def load(stored: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
@@ -162,14 +173,19 @@ def load(stored: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     if stored.dtype == torch.bfloat16:
         return stored.float()
     shape = tuple(shape)
-    kind, _ = _header(stored)
-    rows, cols, block = _layout(shape, kind)
+    kind = _kind_of(stored)
+    rows, cols, block, exp_scale = _layout(shape, kind)
     nscale, total = _nbytes(shape, kind)
-    if stored.numel() != total:
+    if stored.numel() != total or stored[:HEADER_BYTES].tolist() != _header_bytes(shape, kind):
         raise ValueError(f"8-bit state of {stored.numel()} bytes does not hold a tensor of shape {shape} ({total})")
-    scale = stored[HEADER_BYTES:HEADER_BYTES + 4 * nscale].view(torch.float32).view(rows, -1)
-    codes = stored[HEADER_BYTES + 4 * nscale:].view(rows, cols)
-    out = _qmap(stored.device, kind)[codes.long()] * scale.repeat_interleave(block, 1)[:, :cols]
+    width = 1 if exp_scale else 4
+    raw = stored[HEADER_BYTES:HEADER_BYTES + width * nscale]
+    if exp_scale:  # one byte per row: the scale 2^(byte − 127)
+        scale = torch.ldexp(torch.ones(rows, 1, device=stored.device), raw.view(rows, 1).long() - 127)
+    else:
+        scale = raw.view(torch.float32).view(rows, -1).repeat_interleave(block, 1)[:, :cols]
+    codes = stored[HEADER_BYTES + width * nscale:].view(rows, cols)
+    out = _qmap(stored.device, kind)[codes.long()] * scale
     if kind == SQRT:
         out.square_()
     return out.view(shape)
@@ -179,7 +195,7 @@ def _encode(value: Tensor, kind: int, out: Tensor | None = None) -> Tensor:
     from torchao.optim.quant_utils import quantize_8bit_with_qmap
 
     shape = tuple(value.shape)
-    rows, cols, block = _layout(shape, kind)
+    rows, cols, block, exp_scale = _layout(shape, kind)
     nscale, total = _nbytes(shape, kind)
     x = value.detach().reshape(rows, cols).float()
     if kind == SQRT:
@@ -187,13 +203,18 @@ def _encode(value: Tensor, kind: int, out: Tensor | None = None) -> Tensor:
     nb = -(-cols // block)
     blocks = torch.nn.functional.pad(x, (0, nb * block - cols)).view(rows, nb, block)
     scale = blocks.abs().amax(-1)
+    if exp_scale:  # the power of two at or above the row's absmax (a row's one number keeps 8 bits of its own)
+        expo = (torch.frexp(scale).exponent.long() + 127).clamp(1, 254)
+        scale = torch.ldexp(torch.ones_like(scale), expo - 127)
     normed = blocks / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
     codes = quantize_8bit_with_qmap(normed, _qmap(value.device, kind)).view(rows, nb * block)[:, :cols]
     if out is None or out.dtype != torch.uint8 or out.numel() != total:
         out = torch.empty(total, dtype=torch.uint8, device=value.device)
-    out[:HEADER_BYTES] = torch.tensor([*_MAGIC, _FORMAT, kind, block.bit_length() - 1, 0, 0, 0], dtype=torch.uint8)
-    out[HEADER_BYTES:HEADER_BYTES + 4 * nscale].view(torch.float32).copy_(scale.reshape(-1))
-    out[HEADER_BYTES + 4 * nscale:].view(rows, cols).copy_(codes)
+    out[:HEADER_BYTES] = torch.tensor(_header_bytes(shape, kind), dtype=torch.uint8)
+    width = 1 if exp_scale else 4
+    scales = out[HEADER_BYTES:HEADER_BYTES + width * nscale]
+    (scales.copy_(expo.reshape(-1)) if exp_scale else scales.view(torch.float32).copy_(scale.reshape(-1)))
+    out[HEADER_BYTES + width * nscale:].view(rows, cols).copy_(codes)
     return out
 
 
@@ -270,7 +291,7 @@ def adam_ratio_bound(step: Tensor | int, beta1: float, beta2: float) -> Tensor |
 
     ``|m̂_t|/√v̂_t ≤ (1−β1)/(1−β1^t) · √(Σ_{k<t} q^k) · √((1−β2^t)/(1−β2))``
 
-    (1 at ``t = 1``; 7.27 as ``t → ∞`` for β = (0.9, 0.999)). Equality needs ``g_i ∝ (β1²/β2)^{t-i}`` growth, so
+    (1 at ``t = 1``; 7.27 as ``t → ∞`` for β = (0.9, 0.999)). Equality needs gradients growing as ``g_i ∝ (β2/β1)^i``, so
     decoded moments whose ratio exceeds it are quantization error, which the stored-state kernel clamps.
     A moment rotated into a new subspace (``transform_moments``) can exceed it by at most ``√r``; the kernel
     passes that factor."""
