@@ -17,7 +17,8 @@ the callable ``map_location`` Lightning's loader passes):
   one fp32 absmax scale per block, then one code per element (the 256-entry dynamic-tree map of Dettmers et
   al. 2021, built by torchao's ``create_dynamic_map``; the nearest code found by torchao's
   ``quantize_8bit_with_qmap``). The blocks follow the **rows** of the moment (``shape[0]``; an embedding's
-  tokens): rows of ≥ 256 elements in blocks of 256, rows of 32–255 in blocks of 32 (fp32 absmax scales),
+  tokens): rows of ≥ 256 elements in blocks of 256, rows of 32–255 elements one block each (fp32 absmax
+  scales: 4/cols bytes per element, 2 % for LLaMA-tiny's 192-wide embedding rows),
   narrower rows (a right-projected moment ``m × r``, ``r < 32``) one block each with a **power-of-two scale in
   one byte** (``2^(e−127)`` at or above the row's absmax: ``1 + 1/r`` bytes per element, the same as fp32
   scales per 32 elements at ``r = 8``). A row the batch never touched (an unused token) therefore never shares
@@ -55,9 +56,9 @@ __all__ = [
 
 STATE_BITS = (32, 16, 8)
 BLOCK_SIZE = 256  #: elements per fp32 scale along a row of ≥ 256 elements (and for the basis)
-NARROW_BLOCK = 32  #: elements per scale for rows under 256 elements
+NARROW_BLOCK = 32  #: rows under this many elements get a one-byte power-of-two scale each (fp32 from here up)
 MIN_QUANT_NUMEL = BLOCK_SIZE  #: smaller moments stay fp32 at 8 bits
-HEADER_BYTES = 8  #: magic (2), format, kind, log2(block) or row width, exp-scale flag, 2 reserved (4-aligned)
+HEADER_BYTES = 8  #: magic (2), format, kind, block (0: 256), exp-scale flag, 2 reserved (4-aligned)
 _MAGIC = (0x41, 0x51)  # "AQ"
 _FORMAT = 1
 SIGNED, SQRT, LINEAR = 0, 1, 2  #: kinds: signed tree (m, sketch), √v on the unsigned tree (v), linear (basis)
@@ -100,7 +101,7 @@ def _layout(shape: tuple[int, ...], kind: int) -> tuple[int, int, int, bool]:
     if cols >= BLOCK_SIZE:
         return rows, cols, BLOCK_SIZE, False
     if cols >= NARROW_BLOCK:
-        return rows, cols, NARROW_BLOCK, False
+        return rows, cols, cols, False
     return rows, cols, cols, True
 
 
@@ -113,7 +114,7 @@ def _nbytes(shape: tuple[int, ...], kind: int) -> tuple[int, int]:
 
 def _header_bytes(shape: tuple[int, ...], kind: int) -> list[int]:
     _, cols, block, exp_scale = _layout(shape, kind)
-    return [*_MAGIC, _FORMAT, kind, cols if exp_scale else block.bit_length() - 1, int(exp_scale), 0, 0]
+    return [*_MAGIC, _FORMAT, kind, block if block < 256 else 0, int(exp_scale), 0, 0]
 
 
 def _quantized(numel: int, bits: int) -> bool:
