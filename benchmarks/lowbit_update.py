@@ -33,15 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
+import common
 
-from lightning_adarank import AdaRankGrad, param_groups  # noqa: E402
+from lightning_adarank import AdaRankGrad, param_groups
 
 EMB = "bert.embeddings.word_embeddings.weight"
 
 
 def build(layers: int, seed: int = 0):
-    from transformers import BertConfig, BertForMaskedLM  # noqa: PLC0415
+    from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=layers, num_attention_heads=12,
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         adamw = run(args.layers, args.steps, lambda m: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0),
                     batches)
         os.environ["TORCHDYNAMO_DISABLE"] = "1"  # torch.compile then returns the function itself
-        from torchao.optim import AdamW8bit  # noqa: PLC0415
+        from torchao.optim import AdamW8bit
 
         low = run(args.layers, args.steps, lambda m: AdamW8bit(m.parameters(), lr=args.lr, weight_decay=0.0),
                   batches)

@@ -14,10 +14,16 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from scripts.tiny import trainer_kwargs
 from torch import nn
 
-from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradStrategy, VerifiedCheckpointIO, param_groups
-from scripts.tiny import trainer_kwargs
+from lightning_adarank import (
+    AdaRankGrad,
+    AdaRankGradCallback,
+    AdaRankGradStrategy,
+    VerifiedCheckpointIO,
+    param_groups,
+)
 
 # large enough that every moment, basis and sketch is stored in the low-bit format (≥ 256 elements)
 SETTINGS = dict(max_rank=4, min_gap=2, max_gap=3, tol=0.9, energy=0.8)

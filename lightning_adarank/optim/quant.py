@@ -115,7 +115,7 @@ def _nbytes(shape: tuple[int, ...], kind: int) -> tuple[int, int]:
 
 
 def _header_bytes(shape: tuple[int, ...], kind: int) -> list[int]:
-    _, cols, block, exp_scale = _layout(shape, kind)
+    _, _, block, exp_scale = _layout(shape, kind)
     return [*_MAGIC, _FORMAT, kind, block if block < 256 else 0, int(exp_scale), 0, 0]
 
 
