@@ -75,7 +75,8 @@ def test_trainer_schedules_adarankgrad_and_the_callback_logs_rank_and_memory(dat
     assert [log["step"] for log in train_logs] == [2, 4, 6]
     for log in train_logs:
         assert 1.0 <= log["adarank/avg_rank"] <= 4.0
-        assert 0.0 <= log["adarank/state_reduction_vs_galore"] < 1.0
+        # may be negative at max_rank=4: the moment sketch (s × (max_rank + oversample)) is counted, GaLore has none
+        assert log["adarank/state_reduction_vs_galore"] < 1.0
         assert log["optimizer/state_bytes"] > 0 and log["memory/peak_bytes"] > 0
     # the reporting integrations (after the callback, as attach() arranges) got the same figures
     seen = [log for log in recorder.logs if "loss" in log]
@@ -87,6 +88,11 @@ def test_trainer_schedules_adarankgrad_and_the_callback_logs_rank_and_memory(dat
     assert len(ranks) == 37  # every Linear except the 2x384 head
     numel = {n: shapes[n][0] * shapes[n][1] for n in ranks}
     assert last["adarank/avg_rank"] == pytest.approx(sum(ranks[n] * numel[n] for n in ranks) / sum(numel.values()))
+    params = dict(model.named_parameters())
+    ours = sum(opt.state[params[n]]["basis"].numel() + opt.state[params[n]]["exp_avg"].numel()
+               + opt.state[params[n]]["exp_avg_sq"].numel() + opt.state[params[n]]["sketch"].numel() for n in ranks)
+    galore = sum(4 * (min(shapes[n]) + 2 * max(shapes[n])) for n in ranks)
+    assert last["adarank/state_reduction_vs_galore"] == pytest.approx(1 - ours / galore)
     state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                       if isinstance(t, torch.Tensor))
     assert last["optimizer/state_bytes"] == state_bytes

@@ -31,11 +31,12 @@ def rank_metrics(optimizer: AdaRankGrad, per_layer: bool = False, prefix: str = 
 
     * ``{prefix}avg_rank``: parameter-weighted average rank, ``Σ rᵢ·nᵢ / Σ nᵢ`` (``nᵢ`` = elements of matrix i);
     * ``{prefix}state_reduction_vs_galore``: ``1 − Σ stateᵢ / Σ galoreᵢ`` — the share of the projected
-      matrices' optimizer state (projection + two moments, ``r·(m + 2n)`` elements for an ``m×n`` matrix,
-      ``m ≤ n``) saved against a fixed-rank GaLore at ``max_rank``;
+      matrices' optimizer state (projection + two moments + the moment sketch, ``r·(m + 2n) + m·k`` elements
+      for an ``m×n`` matrix, ``m ≤ n``, :meth:`SubspaceInfo.state_numel`) saved against a fixed-rank GaLore at
+      ``max_rank`` (``R·(m + 2n)``, no sketch);
     * ``{prefix}refreshes``: subspace refreshes so far, summed over matrices;
     * with ``per_layer``: ``{prefix}rank/<name>`` and ``{prefix}state_reduction_vs_galore/<name>``
-      (``1 − r/max_rank``) for every matrix.
+      (the same figure, one matrix) for every matrix.
 
     Python numbers only (no device synchronisation). Empty before the first step.
     """
@@ -53,7 +54,7 @@ def rank_metrics(optimizer: AdaRankGrad, per_layer: bool = False, prefix: str = 
     if per_layer:
         for name, i in infos.items():
             out[f"{prefix}rank/{name}"] = float(i.rank)
-            out[f"{prefix}state_reduction_vs_galore/{name}"] = 1.0 - i.rank / i.max_rank
+            out[f"{prefix}state_reduction_vs_galore/{name}"] = 1.0 - i.state_numel() / i.galore_numel()
     return out
 
 

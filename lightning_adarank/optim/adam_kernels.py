@@ -60,20 +60,38 @@ class AdamKernels:
         return steps
 
     # [state_bits] ------------------------------------------------------------------------------------------
-    def _adamw_stored(self, params, grads, states, shapes, group, bits, *, lr, weight_decay, found_inf=None) -> list[Tensor]:
+    def _adamw_stored(self, params, grads, states, shapes, group, bits, *, lr, weight_decay, found_inf=None,
+                      rotated=1.0) -> list[Tensor]:
         """Adam on moments stored at ``bits`` (:mod:`.quant`): fp32 moments in one batched kernel call, as
         before; low-bit ones one parameter at a time (load → Adam → store), so that at most one parameter's
-        fp32 moments exist at once."""
+        fp32 moments exist at once.
+
+        Low-bit moments: torch's kernel runs on a zero "virtual parameter", giving the direction
+        ``d = −m̂/(√v̂+ε)`` of the decoded moments; ``d`` is clamped to Adam's own bound
+        (:func:`~lightning_adarank.optim.quant.adam_ratio_bound`, times ``rotated`` where moments may have been
+        carried into a new subspace), then ``p ← p·(1 − lr·wd) + lr·d`` (AdamW's order). Exact moments never
+        reach the bound, so the clamp acts only where quantization broke ``|m| ≤ C·√v`` (a ``v`` rounded down
+        under a sizeable ``m``)."""
         if bits == 32 and all(quant.is_fp32(st["exp_avg"]) for st in states):
             return self._adamw(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                                [st["step"] for st in states], group, lr=lr, weight_decay=weight_decay, found_inf=found_inf)
+        beta1, beta2 = group["betas"]
         steps = []
         for p, g, st, shape in zip(params, grads, states, shapes):
             m, v = quant.load(st["exp_avg"], shape), quant.load(st["exp_avg_sq"], shape)
-            steps += self._adamw([p], [g], [m], [v], [st["step"]], group, lr=lr, weight_decay=weight_decay,
+            d = torch.zeros_like(p, dtype=torch.float32)
+            steps += self._adamw([d], [g.float()], [m], [v], [st["step"]], group, lr=1.0, weight_decay=0.0,
                                  found_inf=found_inf)
-            st["exp_avg"] = quant.store(st["exp_avg"], m, bits, signed=True)
-            st["exp_avg_sq"] = quant.store(st["exp_avg_sq"], v, bits, signed=False)
+            bound = (quant.adam_ratio_bound(steps[-1], beta1, beta2) * rotated).to(d.device)
+            torch.clamp(d, min=-bound, max=bound, out=d)
+            decay = 1.0 - lr * weight_decay
+            if found_inf is not None and weight_decay:  # a skipped step leaves the weight as it was
+                decay = torch.where(found_inf > 0, 1.0, decay).to(p.device)
+            if isinstance(decay, Tensor) or decay != 1.0:
+                p.mul_(decay)
+            p.add_(d.to(p.dtype), alpha=lr)
+            st["exp_avg"] = quant.store(st["exp_avg"], m, bits, signed=True, salt=steps[-1])
+            st["exp_avg_sq"] = quant.store(st["exp_avg_sq"], v, bits, signed=False, salt=steps[-1])
         return steps
     # [/state_bits] -----------------------------------------------------------------------------------------
 

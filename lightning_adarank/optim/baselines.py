@@ -16,6 +16,7 @@ from torch import nn
 from .config import AdaRankGradConfig
 from .groups import param_groups, target_parameter_names
 from .optimizer import AdaRankGrad
+from .quant import state_nbytes
 
 __all__ = ["OPTIMIZER_CHOICES", "adarank_overrides", "build_optimizer", "apply_lora", "optimizer_state_bytes"]
 
@@ -142,10 +143,7 @@ def _tensor_bytes(value, seen: set[int]) -> int:
         if id(value) in seen:
             return 0
         seen.add(id(value))
-        if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):  # e.g. torchao's 8-bit state:
-            names, _ = value.__tensor_flatten__()  # count its inner codes/scales, not its apparent dtype
-            return sum(_tensor_bytes(getattr(value, n), seen) for n in names)
-        return value.numel() * value.element_size()
+        return state_nbytes(value)  # as stored (a tensor subclass, e.g. torchao's 8-bit state: its codes/scales)
     if isinstance(value, dict):
         return sum(_tensor_bytes(v, seen) for v in value.values())
     if isinstance(value, (list, tuple)):
@@ -156,6 +154,11 @@ def _tensor_bytes(value, seen: set[int]) -> int:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state``, including those held inside objects (GaLore's projector)."""
+    """Bytes of every tensor in ``optimizer.state`` as stored (:func:`~lightning_adarank.optim.quant.state_nbytes`),
+    including those held inside objects (GaLore's projector); an optimizer with its own ``state_bytes()``
+    (:class:`~lightning_adarank.AdaRankGrad`) is asked for it, so both figures are one accounting."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # a Lightning/Fabric wrapper
+    if callable(getattr(inner, "state_bytes", None)):
+        return int(inner.state_bytes())
     seen: set[int] = set()
-    return sum(_tensor_bytes(st, seen) for st in optimizer.state.values())
+    return sum(_tensor_bytes(st, seen) for st in inner.state.values())

@@ -8,7 +8,11 @@ and the optimizer it is loaded into:
 
 * the format tag: a ``format`` newer than this package reads (written by a newer lightning-adarank) or a
   malformed tag; a state without a tag is format 0 (lightning-adarank 0.1.0 before the tag was added), whose
-  layout is the same as format 1: it is checked and loaded as format 1 (the documented migration);
+  layout is the same as format 1: it is checked and loaded as format 1 (the documented migration). Format 2
+  changed only the 8-bit storage (:mod:`.quant`: a plain ``uint8`` buffer with row-wise blocks and √v, where
+  formats 0–1 held torchao's ``OptimState8bit`` with ``v``); :func:`migrate_state_dict` decodes such old
+  tensors and re-stores them in the current format, so an old 8-bit checkpoint resumes (its values within one
+  8-bit rounding of the saved ones); fp32 and bf16 states are unchanged;
 * the group structure: number of parameter groups, parameters per group, parameter names when both sides
   have them, and the settings that decide the layout (``low_rank``, ``max_rank``, ``min_rank``): a different
   ``max_rank`` changes which matrices are projected and how large their bases may be, and torch would
@@ -32,13 +36,16 @@ from typing import Any
 
 from torch import Tensor
 
-from .linalg import projection_side
-from .quant import BLOCK_SIZE
+from . import quant
+from .linalg import projected_shape, projection_side
 
-__all__ = ["FORMAT", "STATE_KEY", "format_tag", "check_state_dict", "CheckpointFileError", "verify_checkpoint_file"]
+__all__ = [
+    "FORMAT", "STATE_KEY", "format_tag", "check_state_dict", "migrate_state_dict", "CheckpointFileError",
+    "verify_checkpoint_file",
+]
 
-#: the layout of the state written by this version (bump when the saved layout changes)
-FORMAT = 1
+#: the layout of the state written by this version (bump when the saved layout changes); 2: the 8-bit format
+FORMAT = 2
 #: the key ``AdaRankGrad.state_dict()`` adds to torch's ``{"state", "param_groups"}``
 STATE_KEY = "adarank"
 #: settings whose change makes a saved state's layout invalid
@@ -74,13 +81,8 @@ def _shape(t: Any) -> tuple[int, ...] | None:
 
 
 def _fits(t: Any, want: tuple[int, ...]) -> bool:
-    """A saved moment fits ``want``: that shape, or the flat zero-padded layout of a low-bit moment
-    (:mod:`.quant` stores 8-bit moments flattened to whole blocks of ``BLOCK_SIZE``)."""
-    got = _shape(t)
-    if got == want:
-        return True
-    numel = math.prod(want)
-    return got is not None and len(got) == 1 and got[0] == -(-numel // BLOCK_SIZE) * BLOCK_SIZE
+    """A saved moment fits ``want``: that shape, or the 8-bit buffer of a tensor of that shape (:func:`quant.fits`)."""
+    return _shape(t) == want or quant.fits(t, want)
 
 
 def _check_param(where: str, p: Tensor, group: dict, saved: dict, projected: bool) -> None:
@@ -176,6 +178,50 @@ def check_state_dict(optimizer: Any, state_dict: Any) -> int:
             if saved:
                 _check_param(f"parameter {name!r}", p, group, saved, optimizer.is_projected(p, group))
     return fmt
+
+
+def _old_8bit(t: Any) -> bool:
+    """A tensor of the formats-0/1 8-bit storage (torchao's ``OptimState8bit`` subclass)."""
+    return isinstance(t, Tensor) and type(t) is not Tensor and type(t).__name__ == "OptimState8bit"
+
+
+def migrate_state_dict(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with every 8-bit tensor of formats 0–1 (torchao's ``OptimState8bit``, flattened blocks of
+    256, ``v`` itself) decoded and re-stored in the current format at the group's ``state_bits`` /
+    ``dense_state_bits`` (:mod:`.quant`); the input is not changed. A state with nothing to migrate is returned
+    as it is. Raises ``ValueError`` when an old 8-bit tensor cannot be placed (no ``rank`` beside a basis)."""
+    if not any(_old_8bit(v) for st in state_dict.get("state", {}).values() if isinstance(st, dict)
+               for v in st.values()):
+        return state_dict
+    out = {**state_dict, "state": {k: dict(st) for k, st in state_dict["state"].items()}}
+    for sg, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        for sid, p in zip(sg["params"], group["params"]):
+            st = out["state"].get(sid)
+            if not st:
+                continue
+            projected = "basis" in st
+            bits = group.get("state_bits", 32) if projected else group.get("dense_state_bits", 32)
+            shape = tuple(p.shape)
+            if projected:
+                if "rank" not in st:
+                    raise ValueError(f"AdaRankGrad state: parameter {sid} has an old 8-bit basis but no rank")
+                r = int(st["rank"])
+                shapes = {"basis": (min(shape), r), "exp_avg": projected_shape(shape, r),
+                          "exp_avg_sq": projected_shape(shape, r), "sketch": (min(shape), st.get("sketch_cols", 0))}
+            else:
+                shapes = {"exp_avg": shape, "exp_avg_sq": shape}
+            for key, old in list(st.items()):
+                if not _old_8bit(old):
+                    continue
+                want = shapes.get(key)
+                if want is None or math.prod(want) > old.numel() or math.prod(want) == 0:
+                    raise ValueError(f"AdaRankGrad state: cannot migrate the old 8-bit {key!r} of parameter {sid}")
+                value = old.dequantize().reshape(-1)[: math.prod(want)].reshape(want).float()
+                if key == "basis":
+                    st[key] = quant.store_basis(value, bits)
+                else:
+                    st[key] = quant.store(None, value, bits, signed=key != "exp_avg_sq", salt=st.get("step"))
+    return out
 
 
 class CheckpointFileError(RuntimeError):

@@ -98,8 +98,9 @@ class AdaRankGradConfig:
         transform_moments: carry Adam's moments into a new subspace (``M ← R M``, ``V ← (R∘R) V`` with
             ``R = P_newᵀ P_old``); ``False`` keeps them as they are, as GaLore does.
         state_bits: storage of the projected matrices' Adam moments: ``32`` fp32 (exact), ``16`` bf16 with
-            stochastic rounding, ``8`` torchao's blockwise 8-bit (one fp32 scale per 256 elements; moments under
-            256 elements stay fp32). The projection basis follows: bf16 at 16, 8-bit blocks with a linear code map at 8. Math stays fp32: each
+            (deterministic, hashed) stochastic rounding, ``8`` a plain uint8 buffer with row-wise blocks, √v for
+            the second moment and Adam's ratio bound as a guard (moments under 256 elements stay fp32). The
+            projection basis and moment sketch follow: bf16 at 16, 8-bit (linear code map for the basis) at 8. Math stays fp32: each
             moment is dequantized for its step and its refresh transform and re-quantized after (see
             :mod:`lightning_adarank.optim.quant`).
         dense_state_bits: the same choice for the parameters that get plain AdamW (biases, norms, unprojected

@@ -33,7 +33,7 @@ from torch import Tensor
 from . import quant
 from .adam_kernels import AdamKernels
 from .config import AdaRankGradConfig
-from .checkpoint import STATE_KEY, check_state_dict, format_tag
+from .checkpoint import STATE_KEY, check_state_dict, format_tag, migrate_state_dict
 from .grouped_step import GroupedStep
 from .groups import check_low_rank_shapes
 from .projected import ProjectedStep
@@ -82,6 +82,15 @@ def _local(t: Tensor) -> Tensor:
 
 
 
+def _sketch_numel(st: dict, p: Tensor) -> int:
+    """Elements of ``p``'s moment sketch (its logical size: an 8-bit buffer holds more bytes than elements)."""
+    if "sketch" not in st:
+        return 0
+    if "sketch_cols" in st:
+        return min(p.shape) * int(st["sketch_cols"])
+    return _local(st["sketch"]).numel()
+
+
 @dataclass(frozen=True)
 class SubspaceInfo:
     """What the optimizer currently holds for one projected matrix (read-only snapshot)."""
@@ -93,11 +102,14 @@ class SubspaceInfo:
     refreshes: int
     energy_kept: float
     """Share of ``‖G‖²_F`` kept by the subspace when it was chosen."""
+    sketch_numel: int = 0
+    """Elements of the moment sketch ``Y`` (``min(shape) × (max_rank + oversample)`` with
+    ``subspace_source="moment"``, else 0)."""
 
     def state_numel(self) -> int:
-        """Elements of optimizer state for this matrix: projection + two moments."""
+        """Elements of optimizer state for this matrix: projection + two moments + the moment sketch."""
         s, l = min(self.shape), max(self.shape)
-        return self.rank * (s + 2 * l)
+        return self.rank * (s + 2 * l) + self.sketch_numel
 
     def galore_numel(self) -> int:
         """Elements a fixed-rank GaLore at ``max_rank`` holds for the same matrix."""
@@ -176,8 +188,6 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         group = self.param_groups[-1]
         validate_group(group)
         check_low_rank_shapes(group)  # a conv kernel in a low_rank group gets dense AdamW: say so
-        if 8 in (group.get("state_bits"), group.get("dense_state_bits")):  # [state_bits] weights_only loads
-            quant.allow_weights_only_loading()
         if "param_names" in group and len(group["param_names"]) != len(group["params"]):
             raise ValueError("AdaRankGrad: param_names and params of a group differ in length")
         for p in group["params"]:
@@ -203,6 +213,7 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
                 out[name] = SubspaceInfo(
                     name=name, shape=tuple(p.shape), rank=int(st["rank"]), max_rank=int(group["max_rank"]),
                     refreshes=int(st["refreshes"]), energy_kept=float(st["energy_kept"]),
+                    sketch_numel=_sketch_numel(st, p),
                 )
         return out
 
@@ -214,14 +225,12 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         return {name: info.rank for name, info in self.subspaces().items()}
 
     def state_bytes(self) -> int:
-        """Bytes of all optimizer state tensors (moments, projections, step counters).
+        """Bytes of all optimizer state tensors as stored (moments, projections, sketches, step counters,
+        statistics; at 8 bits codes, scales and headers: :func:`~lightning_adarank.optim.quant.state_nbytes`).
 
         Counts this rank's part only: the local shard of a DTensor (FSDP2), the whole of a replicated tensor.
         """
-        return sum(
-            _local(v).numel() * v.element_size() for st in self.state.values() for v in st.values()
-            if isinstance(v, Tensor)
-        )
+        return sum(quant.state_nbytes(v) for st in self.state.values() for v in st.values())
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -377,6 +386,7 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         Raises ``ValueError`` naming the first mismatch when the state does not fit these parameters
         (:func:`~lightning_adarank.optim.checkpoint.check_state_dict`).
         """
+        state_dict = migrate_state_dict(self, state_dict)  # an old (format 0-1) 8-bit state: the current format
         check_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
         self._group_by_id = {id(p): g for g in self.param_groups for p in g["params"]}

@@ -96,7 +96,7 @@ class ProjectedStep:
     def _sketch(st: dict, p: Tensor) -> Tensor:
         """The moment sketch ``Y`` (``min(shape) × sketch_cols``) of ``p`` as fp32 (dequantized below 32 bits)."""
         y = st["sketch"]
-        return y.float() if type(y) is Tensor else quant.load(y, (min(p.shape), st["sketch_cols"]))
+        return quant.load(y, (min(p.shape), st["sketch_cols"])) if "sketch_cols" in st else y.float()
 
     def _update_sketch(self, p: Tensor, g: Tensor, group: dict, st: dict, new_step: bool) -> Tensor | None:
         """``Y ← β1·Y + (1−β1)·A Ω`` (``A = G`` or ``Gᵀ``): by linearity ``Y`` is the sketch ``M Ω`` of the full first
@@ -132,7 +132,7 @@ class ProjectedStep:
             return noise
         if bits != 32:
             st["sketch_cols"] = k
-            new = quant.store(st.get("sketch") if y is not None else None, new, bits, signed=True)
+            new = quant.store(st.get("sketch") if y is not None else None, new, bits, signed=True, salt=st.get("step"))
         st["sketch"] = new
         return noise
 
@@ -179,7 +179,7 @@ class ProjectedStep:
         directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
         steps = self._adamw_stored(  # [state_bits]
             directions, lowrank, states, [d.shape for d in directions], group, group.get("state_bits", 32),
-            lr=1.0, weight_decay=0.0,
+            lr=1.0, weight_decay=0.0, rotated=math.sqrt(group["max_rank"]) if group["transform_moments"] else 1.0,
         )
         lr, wd = group["lr"], group["weight_decay"]
         decay = 1.0 - lr * wd

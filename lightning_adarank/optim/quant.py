@@ -1,41 +1,47 @@
 """Low-bit storage of Adam's moments (``state_bits``): one *load* and one *store* point per moment.
 
-The optimizer keeps its math in fp32: before a step it **loads** a moment (dequantizes it to an fp32 working
-tensor), runs torch's Adam kernel on it, then **stores** it back (quantizes). At a subspace refresh the moment
+The optimizer keeps its math in fp32: before a step it **loads** a moment (decodes it to an fp32 working
+tensor), runs torch's Adam kernel on it, then **stores** it back (encodes it). At a subspace refresh the moment
 transform runs on loaded values and the result is stored anew. At ``bits=32`` loading returns the stored
 tensor itself and storing is a no-op, so the 32-bit path is exactly the unquantized optimizer.
 
-Formats (the quantizers are torchao's, ``torchao.optim``; nothing here is a hand-written quantizer):
+Formats, every one a **plain tensor** (no tensor subclass: checkpoints load with ``weights_only=True`` and with
+the callable ``map_location`` Lightning's loader passes):
 
 * ``32``: fp32, as before.
-* ``16``: bf16, written with torchao's **stochastic rounding** (``_fp32_to_bf16_sr``). Round-to-nearest would
-  freeze ``v`` (``β2 = 0.999`` changes it by 0.1 %, below bf16's 0.4 % resolution); stochastic rounding is
-  unbiased. It draws from torch's global generator.
-* ``8``: torchao's :class:`~torchao.optim.subclass_8bit.OptimState8bit` — blockwise 8-bit codes (one uint8 per
-  element) with one fp32 absmax scale per block of :data:`BLOCK_SIZE` elements and the dynamic-tree code map
-  (signed for ``m``, unsigned for ``v``), the format of torchao's ``AdamW8bit`` and of Dettmers et al. 2021.
-  The code map (256 fp32) is shared by every moment of a device and sign.
+* ``16``: bf16, written with **stochastic rounding** (round-to-nearest would freeze ``v``: ``β2 = 0.999`` moves
+  it by 0.1 %, under bf16's 0.4 % resolution). The random bits are a hash of (element index, ``salt``, sign
+  kind), with ``salt`` the step counter the caller passes: the rounding is unbiased over steps and elements,
+  yet a function of the state, so a resumed run rounds exactly as the uninterrupted one (no global RNG).
+* ``8``: one ``uint8`` buffer per tensor: an 8-byte header (magic ``b"AQ"``, format, kind, block size), then
+  one fp32 absmax scale per block, then one code per element (the 256-entry dynamic-tree map of Dettmers et
+  al. 2021, built by torchao's ``create_dynamic_map``; the nearest code found by torchao's
+  ``quantize_8bit_with_qmap``). The blocks follow the **rows** of the moment (``shape[0]``; an embedding's
+  tokens): rows of ≥ 256 elements in blocks of 256, rows of 32–255 elements one block each (fp32 absmax
+  scales: 4/cols bytes per element, 2 % for LLaMA-tiny's 192-wide embedding rows),
+  narrower rows (a right-projected moment ``m × r``, ``r < 32``) one block each with a **power-of-two scale in
+  one byte** (``2^(e−127)`` at or above the row's absmax: ``1 + 1/r`` bytes per element, the same as fp32
+  scales per 32 elements at ``r = 8``). A row the batch never touched (an unused token) therefore never shares
+  a scale with a used one, rows of very different sizes (6 decades in the tests) each keep their own
+  precision, and zeros decode as exact zeros (0 is a code).
+  The second moment is stored as **√v** (the unsigned map): ``|m| ≤ C·√v`` (below), so ``m`` and ``√v`` have
+  the same units and range and a ``v`` too small for its block no longer rounds to 0 under a sizeable ``m``;
+  :func:`load` returns ``v`` (the square). The stored-state Adam kernel additionally clamps ``m̂/(√v̂+ε)`` by
+  Adam's own bound (:func:`adam_ratio_bound`), which no exact state exceeds.
 
-Moments too small for a block: a moment with fewer than :data:`MIN_QUANT_NUMEL` elements (one block, 256)
-stays fp32 at ``bits=8``. Every larger moment is quantized; one whose size is not a multiple of the block is
-stored **flattened and zero-padded** to whole blocks (under one block, < 256 bytes, of padding), so adaptive
-ranks and odd widths (LLaMA's 1376) never fall back to fp32; the stored tensor is then 1-D and :func:`load`
-takes the moment's shape. This departs from torchao's and bitsandbytes' ``AdamW8bit``, which leave tensors
-under 4,096 elements in fp32: their reason is a 1 KiB code map per tensor, which here is shared, and with
-4,096 the adaptive low-rank moments (``r × 768`` with ``r ≤ 5``) and BERT's biases would stay fp32 and hold a
-third of the 8-bit state.
+The previous 8-bit format (torchao's ``OptimState8bit``, blocks of 256 across rows, ``v`` itself) blew the
+update up on an embedding's sparse rows (a small ``v`` rounded to 0 under a non-zero ``m``; on
+``benchmarks/lowbit_update.py``'s BERT the worst embedding row moved 20× its 32-bit update, the whole embedding
+1.40×; now 1.06× and 1.000×); checkpoint format 2 (:mod:`.checkpoint`) marks the new layout and migrates the
+old one.
 
-The projection basis ``P`` (orthonormal columns, entries roughly Gaussian, not heavy-tailed like a moment) is
-stored by :func:`store_basis`: bf16 at 16 bits, and at 8 bits the same blockwise format with a **linear** code map
-(256 evenly spaced codes in ``[−1, 1]`` of each block's absmax) instead of the dynamic tree, whose resolution is
-spent near zero. Measured on orthonormal ``P`` (192 × 24, 768 × 8, 768 × 48): relative error 0.66 % (linear)
-against 1.1 % (dynamic tree) and 0.17 % (bf16), and ``‖PᵀP − I‖_F`` of 0.3–3.5 % (192 × 48). The step uses the loaded ``P`` as
-it is: a projection, its adjoint and the moment rotation are all linear in ``P``, so a slightly non-orthonormal
-basis only changes the subspace's coordinates a little, and the update stays inside its span.
+Moments too small for a block: under :data:`MIN_QUANT_NUMEL` elements a moment stays fp32 at ``bits=8``.
 
-Checkpoints: the 8-bit state holds ``OptimState8bit`` tensors; ``torch.load(..., weights_only=True)`` needs
-exactly the allow-list :func:`weights_only_globals` (``[OptimState8bit]``): pass it to
-``torch.serialization.safe_globals(...)`` or call :func:`allow_weights_only_loading` once.
+The projection basis ``P`` (orthonormal columns, entries roughly Gaussian) is stored by :func:`store_basis`:
+bf16 at 16 bits, and at 8 bits the same buffer with a **linear** code map (256 evenly spaced codes in
+``[−1, 1]`` of each block's absmax), flattened in blocks of 256 (its rows are the short side's, not sparse).
+
+:func:`state_nbytes` is the one accounting of bytes as stored (header, scales and codes at 8 bits).
 """
 
 from __future__ import annotations
@@ -46,50 +52,87 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BLOCK_SIZE", "MIN_QUANT_NUMEL", "STATE_BITS", "allow_weights_only_loading", "load", "store", "store_basis",
-    "stored_bytes", "weights_only_globals", "zeros",
+    "BLOCK_SIZE", "MIN_QUANT_NUMEL", "NARROW_BLOCK", "STATE_BITS", "adam_ratio_bound", "allow_weights_only_loading",
+    "fits", "is_fp32", "load", "state_nbytes", "store", "store_basis", "weights_only_globals", "zeros",
 ]
 
 STATE_BITS = (32, 16, 8)
-BLOCK_SIZE = 256  #: elements per fp32 scale at 8 bits (torchao's default)
-MIN_QUANT_NUMEL = BLOCK_SIZE  #: smaller moments stay fp32 at 8 bits (torchao/bnb use 4096: see above)
+BLOCK_SIZE = 256  #: elements per fp32 scale along a row of ≥ 256 elements (and for the basis)
+NARROW_BLOCK = 32  #: rows under this many elements get a one-byte power-of-two scale each (fp32 from here up)
+MIN_QUANT_NUMEL = BLOCK_SIZE  #: smaller moments stay fp32 at 8 bits
+HEADER_BYTES = 8  #: magic (2), format, kind, block (0: 256), exp-scale flag, 2 reserved (4-aligned)
+_MAGIC = (0x41, 0x51)  # "AQ"
+_FORMAT = 1
+SIGNED, SQRT, LINEAR = 0, 1, 2  #: kinds: signed tree (m, sketch), √v on the unsigned tree (v), linear (basis)
+_M31 = 0x7FFFFFFF
 
-_QMAPS: dict[tuple[str, bool], Tensor] = {}
-
-
-def _state8():
-    try:
-        from torchao.optim.subclass_8bit import OptimState8bit
-    except ImportError as err:  # pragma: no cover - torchao is a core dependency
-        raise ImportError("state_bits=8 needs torchao (pip install torchao)") from err
-    return OptimState8bit
+_QMAPS: dict[tuple[str, int], Tensor] = {}
 
 
 def weights_only_globals() -> list:
-    """The globals ``torch.load(weights_only=True)`` needs for an 8-bit state: ``[OptimState8bit]``."""
-    return [_state8()]
+    """The globals ``torch.load(weights_only=True)`` needs for a low-bit state: none (plain tensors only).
+    Kept for code written against the earlier tensor-subclass format."""
+    return []
 
 
 def allow_weights_only_loading() -> None:
-    """Register :func:`weights_only_globals` with ``torch.serialization.add_safe_globals``."""
-    torch.serialization.add_safe_globals(weights_only_globals())
+    """No-op kept for compatibility: every stored format is a plain tensor (see :func:`weights_only_globals`)."""
 
 
-def _qmap(device: torch.device, signed: bool, linear: bool = False) -> Tensor:
-    key = (str(device), signed, linear)
+def _qmap(device: torch.device, kind: int) -> Tensor:
+    key = (str(device), kind)
     if key not in _QMAPS:
-        if linear:  # evenly spaced codes (the basis); sorted, as torchao's binary search needs
-            _QMAPS[key] = torch.linspace(-1.0 if signed else 0.0, 1.0, 256, dtype=torch.float32, device=device)
+        if kind == LINEAR:
+            q = torch.linspace(-1.0, 1.0, 256, dtype=torch.float32)
         else:
-            from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+            from torchao.optim.quant_utils import create_dynamic_map
 
-            _QMAPS[key] = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32,
-                                       device=device)
+            q = torch.tensor(create_dynamic_map(signed=kind == SIGNED), dtype=torch.float32).sort().values
+        _QMAPS[key] = q.to(device)
     return _QMAPS[key]
+
+
+def _layout(shape: tuple[int, ...], kind: int) -> tuple[int, int, int, bool]:
+    """``(rows, cols, block, exp_scale)``: the tensor read as ``rows × cols`` with blocks of ``block`` along each
+    row; ``exp_scale``: one block per (narrow) row with a power-of-two scale stored in one byte."""
+    numel = math.prod(shape)
+    if kind == LINEAR:
+        return 1, numel, BLOCK_SIZE, False
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = numel // max(rows, 1)
+    if cols >= BLOCK_SIZE:
+        return rows, cols, BLOCK_SIZE, False
+    if cols >= NARROW_BLOCK:
+        return rows, cols, cols, False
+    return rows, cols, cols, True
+
+
+def _nbytes(shape: tuple[int, ...], kind: int) -> tuple[int, int]:
+    """``(scales, total bytes)`` of the 8-bit buffer of a tensor of ``shape``."""
+    rows, cols, block, exp_scale = _layout(shape, kind)
+    nscale = rows * -(-cols // block)
+    return nscale, HEADER_BYTES + (1 if exp_scale else 4) * nscale + math.prod(shape)
+
+
+def _header_bytes(shape: tuple[int, ...], kind: int) -> list[int]:
+    _, _, block, exp_scale = _layout(shape, kind)
+    return [*_MAGIC, _FORMAT, kind, block if block < 256 else 0, int(exp_scale), 0, 0]
 
 
 def _quantized(numel: int, bits: int) -> bool:
     return bits == 8 and numel >= MIN_QUANT_NUMEL
+
+
+def _kind(signed: bool, linear: bool = False) -> int:
+    return LINEAR if linear else (SIGNED if signed else SQRT)
+
+
+def _kind_of(buf: Tensor) -> int:
+    """The kind of an 8-bit buffer; ``ValueError`` when it is not one."""
+    h = buf[:HEADER_BYTES].tolist()
+    if buf.dim() != 1 or len(h) < HEADER_BYTES or tuple(h[:2]) != _MAGIC or h[2] != _FORMAT or h[3] not in (0, 1, 2):
+        raise ValueError(f"not an 8-bit state buffer of lightning-adarank (header {h})")
+    return h[3]
 
 
 def zeros(shape: tuple[int, ...], bits: int, *, signed: bool, device: torch.device | str, linear: bool = False) -> Tensor:
@@ -100,63 +143,166 @@ def zeros(shape: tuple[int, ...], bits: int, *, signed: bool, device: torch.devi
         return torch.zeros(shape, dtype=torch.float32, device=device)
     if bits == 16:
         return torch.zeros(shape, dtype=torch.bfloat16, device=device)
-    padded = -(-numel // BLOCK_SIZE) * BLOCK_SIZE
-    codes = torch.zeros(padded, dtype=torch.uint8, device=device)
-    scale = torch.zeros(padded // BLOCK_SIZE, dtype=torch.float32, device=device)
-    return _state8()(codes, scale, _qmap(codes.device, signed, linear), signed, dtype=torch.float32)
+    kind = _kind(signed, linear)
+    return _encode(torch.zeros(shape, dtype=torch.float32, device=device), kind)
 
 
 def is_fp32(stored: Tensor) -> bool:
-    """Whether a stored moment is a plain fp32 tensor (or a DTensor of one: FSDP2 state), not 8-bit blocks."""
-    return stored.dtype == torch.float32 and type(stored).__name__ != "OptimState8bit"
+    """Whether a stored moment is a plain fp32 tensor (or a DTensor of one: FSDP2 state)."""
+    return stored.dtype == torch.float32
+
+
+def fits(stored: object, shape: tuple[int, ...]) -> bool:
+    """Whether ``stored`` is a valid storage of a tensor of ``shape`` (any format; checkpoints check with it)."""
+    if not isinstance(stored, Tensor):
+        return False
+    if tuple(stored.shape) == tuple(shape) and stored.dtype in (torch.float32, torch.bfloat16):
+        return True
+    if stored.dtype != torch.uint8 or stored.dim() != 1 or stored.numel() < HEADER_BYTES:
+        return False
+    try:
+        kind = _kind_of(stored)
+    except ValueError:
+        return False
+    return stored[:HEADER_BYTES].tolist() == _header_bytes(tuple(shape), kind) \
+        and stored.numel() == _nbytes(tuple(shape), kind)[1]
 
 
 def load(stored: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """The moment as an fp32 tensor of ``shape``: ``stored`` itself when it is fp32, else a dequantized copy."""
+    """The tensor as fp32 of ``shape``: ``stored`` itself when it is fp32, else a decoded copy (``v``, not √v,
+    for a second moment)."""
     if is_fp32(stored):
         return stored
     if stored.dtype == torch.bfloat16:
         return stored.float()
-    numel = math.prod(shape)
-    return stored.dequantize().reshape(-1)[:numel].view(shape)
+    shape = tuple(shape)
+    kind = _kind_of(stored)
+    rows, cols, block, exp_scale = _layout(shape, kind)
+    nscale, total = _nbytes(shape, kind)
+    if stored.numel() != total or stored[:HEADER_BYTES].tolist() != _header_bytes(shape, kind):
+        raise ValueError(f"8-bit state of {stored.numel()} bytes does not hold a tensor of shape {shape} ({total})")
+    width = 1 if exp_scale else 4
+    raw = stored[HEADER_BYTES:HEADER_BYTES + width * nscale]
+    if exp_scale:  # one byte per row: the scale 2^(byte − 127)
+        scale = torch.ldexp(torch.ones(rows, 1, device=stored.device), raw.view(rows, 1).long() - 127)
+    else:
+        scale = raw.view(torch.float32).view(rows, -1).repeat_interleave(block, 1)[:, :cols]
+    codes = stored[HEADER_BYTES + width * nscale:].view(rows, cols)
+    out = _qmap(stored.device, kind)[codes.long()] * scale
+    if kind == SQRT:
+        out.square_()
+    return out.view(shape)
 
 
-def store(stored: Tensor | None, value: Tensor, bits: int, *, signed: bool) -> Tensor:
-    """Write the fp32 ``value`` into ``stored`` (quantizing it), or into new storage when ``stored`` is ``None``
-    or holds another size (a rank change at a refresh). Returns the storage (``value`` itself where fp32)."""
+def _encode(value: Tensor, kind: int, out: Tensor | None = None) -> Tensor:
+    from torchao.optim.quant_utils import quantize_8bit_with_qmap
+
+    shape = tuple(value.shape)
+    rows, cols, block, exp_scale = _layout(shape, kind)
+    nscale, total = _nbytes(shape, kind)
+    x = value.detach().reshape(rows, cols).float()
+    if kind == SQRT:
+        x = x.clamp(min=0).sqrt()
+    nb = -(-cols // block)
+    blocks = torch.nn.functional.pad(x, (0, nb * block - cols)).view(rows, nb, block)
+    scale = blocks.abs().amax(-1)
+    if exp_scale:  # the power of two at or above the row's absmax (a row's one number keeps 8 bits of its own)
+        expo = (torch.frexp(scale).exponent.long() + 127).clamp(1, 254)
+        scale = torch.ldexp(torch.ones_like(scale), expo - 127)
+    normed = blocks / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
+    codes = quantize_8bit_with_qmap(normed, _qmap(value.device, kind)).view(rows, nb * block)[:, :cols]
+    if out is None or out.dtype != torch.uint8 or out.numel() != total:
+        out = torch.empty(total, dtype=torch.uint8, device=value.device)
+    out[:HEADER_BYTES] = torch.tensor(_header_bytes(shape, kind), dtype=torch.uint8)
+    width = 1 if exp_scale else 4
+    scales = out[HEADER_BYTES:HEADER_BYTES + width * nscale]
+    (scales.copy_(expo.reshape(-1)) if exp_scale else scales.view(torch.float32).copy_(scale.reshape(-1)))
+    out[HEADER_BYTES + width * nscale:].view(rows, cols).copy_(codes)
+    return out
+
+
+def _mix(h: Tensor) -> Tensor:
+    """A 31-bit integer hash finalizer (xor-shift-multiply; int64 arithmetic that cannot overflow)."""
+    h = h & _M31
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & _M31
+    h = h ^ (h >> 12)
+    h = (h * 0x297A2D39) & _M31
+    return h ^ (h >> 15)
+
+
+def _bf16_stochastic(x: Tensor, salt: int | Tensor, kind: int) -> Tensor:
+    """``x`` (fp32) rounded to bf16 up or down with probability given by the dropped bits: random bits hashed from
+    (index, ``salt``, ``kind``), so the result is a deterministic function of its inputs."""
+    x = x.contiguous()
+    salt_t = salt.reshape(()).to(device=x.device, dtype=torch.int64) if isinstance(salt, Tensor) else int(salt)
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    rand16 = _mix(_mix(idx * 0x9E3779B1 + kind) ^ _mix(salt_t * 0x85EBCA77 + 0x165667B1)) & 0xFFFF
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (bits + rand16) & 0xFFFF0000
+    rounded = torch.where(rounded >= 1 << 31, rounded - (1 << 32), rounded).to(torch.int32)
+    return rounded.view(torch.float32).bfloat16()
+
+
+def store(stored: Tensor | None, value: Tensor, bits: int, *, signed: bool, salt: int | Tensor | None = None) -> Tensor:
+    """Write the fp32 ``value`` into ``stored`` (encoding it), or into new storage when ``stored`` is ``None``
+    or holds another size (a rank change at a refresh). Returns the storage (``value`` itself where fp32).
+
+    ``signed=False``: a second moment (non-negative; stored as √v at 8 bits). ``salt``: the step counter (an int
+    or a 0-d tensor), which seeds the stochastic rounding at 16 bits (see the module docstring)."""
     numel = value.numel()
     if bits == 32 or not (bits == 16 or _quantized(numel, bits)):
         return value if value.dtype == torch.float32 else value.float()
+    kind = _kind(signed)
     if bits == 16:
+        rounded = _bf16_stochastic(value.float(), 0 if salt is None else salt, kind)
         if stored is None or stored.dtype != torch.bfloat16 or stored.shape != value.shape:
-            stored = zeros(tuple(value.shape), bits, signed=signed, device=value.device)
-        from torchao.optim.quant_utils import _fp32_to_bf16_sr
-
-        stored.copy_(_fp32_to_bf16_sr(value.float().contiguous()))
-        return stored
-    padded = -(-numel // BLOCK_SIZE) * BLOCK_SIZE
-    if stored is None or type(stored) is Tensor or stored.numel() != padded:
-        stored = zeros(tuple(value.shape), bits, signed=signed, device=value.device)
-    flat = value.reshape(-1).float()
-    if padded != numel:
-        flat = torch.cat([flat, flat.new_zeros(padded - numel)])
-    stored.copy_(flat)  # torchao: per-block absmax scale, then the nearest code of the map
-    return stored
+            return rounded
+        return stored.copy_(rounded)
+    return _encode(value, kind, stored)
 
 
 def store_basis(basis: Tensor, bits: int) -> Tensor:
-    """Storage of a projection basis at ``bits``: fp32 at 32, bf16 (round to nearest) at 16, 8-bit blocks with the
-    linear code map at 8 (bases under one block stay fp32). :func:`load` reads it back given ``(s, r)``."""
+    """Storage of a projection basis at ``bits``: fp32 at 32, bf16 (round to nearest) at 16, the 8-bit buffer with
+    the linear code map at 8 (bases under one block stay fp32). :func:`load` reads it back given ``(s, r)``."""
     if bits == 32 or (bits == 8 and not _quantized(basis.numel(), bits)):
         return basis if basis.dtype == torch.float32 else basis.float()
     if bits == 16:
         return basis.bfloat16()
-    stored = zeros(tuple(basis.shape), 8, signed=True, device=basis.device, linear=True)
-    return store(stored, basis, 8, signed=True)
+    return _encode(basis, LINEAR)
 
 
-def stored_bytes(stored: Tensor) -> int:
-    """Bytes a stored moment really holds (codes + scales for 8-bit; the shared code map not counted)."""
-    if type(stored) is Tensor:
-        return stored.numel() * stored.element_size()
-    return stored.codes.numel() + stored.scale.numel() * stored.scale.element_size()
+def state_nbytes(value: object) -> int:
+    """Bytes a stored state tensor really holds, as stored: every format here is a plain tensor, so its
+    ``numel × element_size`` (at 8 bits header, scales and codes; the shared code maps not counted); the local
+    shard of a DTensor (FSDP2); ``0`` for anything that is not a tensor."""
+    if not isinstance(value, Tensor):
+        return 0
+    local = value.to_local() if hasattr(value, "to_local") else value
+    if type(local) is not Tensor and hasattr(local, "__tensor_flatten__"):  # a subclass (e.g. an old 8-bit state)
+        names, _ = local.__tensor_flatten__()
+        return sum(state_nbytes(getattr(local, n)) for n in names)
+    return local.numel() * local.element_size()
+
+
+def adam_ratio_bound(step: Tensor | int, beta1: float, beta2: float) -> Tensor | float:
+    r"""The largest ``|m̂_t| / √v̂_t`` exact Adam moments can reach at step ``t`` (elementwise, any gradients).
+
+    With ``m_t = (1−β1) Σ_{i≤t} β1^{t−i} g_i`` and ``v_t = (1−β2) Σ β2^{t−i} g_i²``, Cauchy–Schwarz on
+    ``Σ (β1^{k}/β2^{k/2})·(β2^{k/2} g)`` gives ``|m_t| ≤ (1−β1) √(Σ_{k<t} q^k) √(v_t/(1−β2))`` with
+    ``q = β1²/β2``; with the bias corrections ``m̂ = m/(1−β1^t)``, ``v̂ = v/(1−β2^t)``:
+
+    ``|m̂_t|/√v̂_t ≤ (1−β1)/(1−β1^t) · √(Σ_{k<t} q^k) · √((1−β2^t)/(1−β2))``
+
+    (1 at ``t = 1``; 7.27 as ``t → ∞`` for β = (0.9, 0.999)). Equality needs gradients growing as ``g_i ∝ (β2/β1)^i``, so
+    decoded moments whose ratio exceeds it are quantization error, which the stored-state kernel clamps.
+    A moment rotated into a new subspace (``transform_moments``) can exceed it by at most ``√r``; the kernel
+    passes that factor."""
+    t = step.double() if isinstance(step, Tensor) else float(step)
+    q = beta1 * beta1 / beta2
+    powq = q**t if not isinstance(t, Tensor) else torch.pow(torch.full_like(t, q), t)
+    geo = (1 - powq) / (1 - q) if q != 1 else t
+    pow1 = beta1**t if not isinstance(t, Tensor) else torch.pow(torch.full_like(t, beta1), t)
+    pow2 = beta2**t if not isinstance(t, Tensor) else torch.pow(torch.full_like(t, beta2), t)
+    bound = (1 - beta1) / (1 - pow1) * (geo * (1 - pow2) / (1 - beta2)) ** 0.5
+    return bound.float() if isinstance(bound, Tensor) else bound

@@ -51,8 +51,8 @@ def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_
         old_shape = projected_shape(p.shape, r_old)
         m, v = moment_transform(quant.load(st["basis"], (s, r_old)), basis, quant.load(st["exp_avg"], old_shape),
                                 quant.load(st["exp_avg_sq"], old_shape), side)
-        st["exp_avg"] = quant.store(None, m, bits, signed=True)
-        st["exp_avg_sq"] = quant.store(None, v, bits, signed=False)
+        st["exp_avg"] = quant.store(None, m, bits, signed=True, salt=st.get("step"))
+        st["exp_avg_sq"] = quant.store(None, v, bits, signed=False, salt=st.get("step"))
     st["basis"] = quant.store_basis(basis, bits)
     mark_refreshed(st, r, kept, p.device)
 
