@@ -127,7 +127,7 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
             continue
         st = opt.state[p]
         if not st:
-            st["step"] = opt._step_tensor(p, opt._use_fused(p.device))
+            st["step"] = opt.step_counter(p, opt.uses_fused(p.device))
             st["refreshes"] = 0
             st["pending"] = True
         m, n = p.shape
@@ -135,7 +135,7 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
         g = local(grad).float()
         it = _Item(p, g, st, lay, side, min(group["max_rank"] + group["oversample"], min(m, n)), bool(st["pending"]))
         if side == "right":
-            omega = opt._test_matrix(m, it.k, g.device)[lay.offset: lay.offset + lay.rows]
+            omega = opt.test_matrix(m, it.k, g.device)[lay.offset: lay.offset + lay.rows]
             it.h_fresh = buf.add(g.mT @ omega)
             if it.pending:
                 it.h_sq = buf.add_square_sum(g)
@@ -145,7 +145,7 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
         else:
             old = st.get("sketch")
             old = None if old is None else local(old)
-            fresh = g @ opt._test_matrix(n, it.k, g.device)
+            fresh = g @ opt.test_matrix(n, it.k, g.device)
             if _measures_noise(it, group, old, fresh):
                 it.h_dev = buf.add_square_sum(fresh - old)
             it.sketch = _blend(old, fresh, beta1)
@@ -262,7 +262,7 @@ def _update(opt: Any, items: list[_Item], group: dict) -> None:
     """Adam on the projected gradients (torch's kernel on local/replicated moments), back-projection into the
     local rows, and the refresh test on the all-reduced sketch statistics."""
     directions = [torch.zeros_like(it.low) for it in items]
-    steps = opt._adamw(directions, [it.low.contiguous() for it in items],
+    steps = opt.adam_kernel(directions, [it.low.contiguous() for it in items],
                        [local(it.st["exp_avg"]) for it in items], [local(it.st["exp_avg_sq"]) for it in items],
                        [it.st["step"] for it in items], group, lr=1.0, weight_decay=0.0)
     lr, wd = group["lr"], group["weight_decay"]

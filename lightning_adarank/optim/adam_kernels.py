@@ -22,7 +22,8 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class AdamKernels:
     """Mixin: the Adam calls and norms (needs the optimizer's ``state``, ``config`` and warning helpers)."""
 
-    def _use_fused(self, device: torch.device) -> bool:
+    def uses_fused(self, device: torch.device) -> bool:
+        """Whether Adam steps on ``device`` use torch's fused kernel (the ``fused`` setting, else where supported)."""
         if self.fused is not None:
             return self.fused
         return device.type in _get_fused_kernels_supported_devices()
@@ -41,11 +42,15 @@ class AdamKernels:
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
         return torch.stack([n.to(device) for n in norms]).tolist()
 
-    def _step_tensor(self, p: Tensor, fused: bool) -> Tensor:
+    def step_counter(self, p: Tensor, fused: bool) -> Tensor:
+        """A new Adam step counter for ``p``: a 0-d fp32 tensor on ``p``'s device for the fused kernel, else on CPU."""
         return torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
 
-    def _adamw(self, params, grads, exp_avgs, exp_avg_sqs, steps, group, *, lr, weight_decay, found_inf=None):
-        fused = self._use_fused(params[0].device) and all(p.dtype in _FUSED_DTYPES for p in params)
+    def adam_kernel(self, params, grads, exp_avgs, exp_avg_sqs, steps, group, *, lr, weight_decay, found_inf=None):
+        """torch's AdamW kernel (fused where :meth:`uses_fused`, else foreach) with ``group``'s betas and eps on
+        fp32 moments; returns the step counters (moved where the kernel wants them). Every path's Adam step (the
+        loop, the grouped step, the layer-wise mode and FSDP2) goes through it."""
+        fused = self.uses_fused(params[0].device) and all(p.dtype in _FUSED_DTYPES for p in params)
         for i, s in enumerate(steps):  # keep step counters where the chosen kernel wants them
             want = params[i].device if fused else torch.device("cpu")
             if s.device != want:
@@ -73,14 +78,14 @@ class AdamKernels:
         reach the bound, so the clamp acts only where quantization broke ``|m| ≤ C·√v`` (a ``v`` rounded down
         under a sizeable ``m``)."""
         if bits == 32 and all(quant.is_fp32(st["exp_avg"]) for st in states):
-            return self._adamw(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            return self.adam_kernel(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                                [st["step"] for st in states], group, lr=lr, weight_decay=weight_decay, found_inf=found_inf)
         beta1, beta2 = group["betas"]
         steps = []
         for p, g, st, shape in zip(params, grads, states, shapes):
             m, v = quant.load(st["exp_avg"], shape), quant.load(st["exp_avg_sq"], shape)
             d = torch.zeros_like(p, dtype=torch.float32)
-            steps += self._adamw([d], [g.float()], [m], [v], [st["step"]], group, lr=1.0, weight_decay=0.0,
+            steps += self.adam_kernel([d], [g.float()], [m], [v], [st["step"]], group, lr=1.0, weight_decay=0.0,
                                  found_inf=found_inf)
             bound = (quant.adam_ratio_bound(steps[-1], beta1, beta2) * rotated).to(d.device)
             torch.clamp(d, min=-bound, max=bound, out=d)
@@ -102,7 +107,7 @@ class AdamKernels:
         of ``params`` skip this step), counted and warned about at the next read; without the fused kernel the
         check is a host read, and only the non-finite parameters skip.
         """
-        fused = self._use_fused(params[0].device)
+        fused = self.uses_fused(params[0].device)
         found_inf = None
         if check_finite:
             if fused and all(p.dtype in _FUSED_DTYPES for p in params):
@@ -121,7 +126,7 @@ class AdamKernels:
         states = [self.state[p] for p in params]
         for p, st in zip(params, states):
             if not st:
-                st["step"] = self._step_tensor(p, fused)
+                st["step"] = self.step_counter(p, fused)
                 st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
                 if group.get("dense_state_bits", 32) != 32:  # [state_bits] low-bit storage (quant.py)

@@ -54,7 +54,7 @@ class GroupedStep:
         for i in low:
             st = self.state[params[i]]
             if not st:
-                st["step"] = self._step_tensor(params[i], self._use_fused(params[i].device))
+                st["step"] = self.step_counter(params[i], self.uses_fused(params[i].device))
                 st["refreshes"] = 0
                 st["pending"] = True
             if st["pending"]:
@@ -85,7 +85,7 @@ class GroupedStep:
             mask = None
             if moment and refreshed & set(store.ids):  # their sketches took this gradient already (a refresh step)
                 mask = torch.tensor([id(p) not in refreshed for p in store.params], device=store.device)
-            results.append(store.step({id(params[i]): grads[i] for i in idx}, group, self._adamw, self._test_matrix,
+            results.append(store.step({id(params[i]): grads[i] for i in idx}, group, self.adam_kernel, self.test_matrix,
                                       mask))
             stepped.append(store)
             for st in store.states:  # host rule: never staler than max_gap (no read needed)
@@ -113,7 +113,7 @@ class GroupedStep:
         if store is not None:
             self._park([store])
         device = key[0]
-        step_device = device if self._use_fused(device) else torch.device("cpu")
+        step_device = device if self.uses_fused(device) else torch.device("cpu")
         store = self._stores[full] = ShapeStore(params, [self.state[p] for p in params], group,
                                                 step_device=step_device)
         return store

@@ -56,7 +56,7 @@ class ProjectedStep:
         st = self.state[p]
         g = grad.float()
         if not st:
-            st["step"] = self._step_tensor(p, self._use_fused(p.device))
+            st["step"] = self.step_counter(p, self.uses_fused(p.device))
             st["refreshes"] = 0
             st["pending"] = True
         moment = group["subspace_source"] == "moment"
@@ -77,7 +77,7 @@ class ProjectedStep:
         ``state_bits``, else loaded (bf16, or 8-bit blocks with the linear code map: :func:`quant.store_basis`)."""
         return quant.load(st["basis"], (min(p.shape), int(st["rank"])))
 
-    def _test_matrix(self, rows: int, cols: int, device: torch.device) -> Tensor:
+    def test_matrix(self, rows: int, cols: int, device: torch.device) -> Tensor:
         """The fixed Gaussian ``Ω`` (``rows × cols``) of the moment sketches; depends only on (seed, shape).
 
         Shared by every matrix with the same long side, never stored in the state: it is regenerated
@@ -110,7 +110,7 @@ class ProjectedStep:
         """
         a = sketch_side(g, projection_side(p.shape))
         k = min(group["max_rank"] + group["oversample"], a.shape[0])
-        fresh = a @ self._test_matrix(a.shape[1], k, g.device)
+        fresh = a @ self.test_matrix(a.shape[1], k, g.device)
         bits = group.get("state_bits", 32)
         y = st.get("sketch")
         if y is not None and bits != 32:
