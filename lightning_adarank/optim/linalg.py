@@ -51,8 +51,6 @@ __all__ = [
     "oriented_batched",
     "range_finder_batched",
     "select_ranks_batched",
-    "project_batched",
-    "project_back_batched",
 ]
 
 
@@ -82,11 +80,6 @@ def subspace_seed(seed: int, index: int, refresh: int) -> int:
     return x & ((1 << 63) - 1)
 
 
-def _orthonormalize(x: Tensor) -> Tensor:
-    q, _ = torch.linalg.qr(x, mode="reduced")
-    return q
-
-
 @torch.no_grad()
 def range_finder(
     grad: Tensor,
@@ -98,8 +91,9 @@ def range_finder(
     """Randomized range finder (the paper's Algorithm 1).
 
     Sketches the projected side of ``grad`` with a Gaussian test matrix of ``sketch_size`` columns,
-    runs ``power_iters`` power iterations with re-orthonormalisation (QR after every product, for
-    numerical stability), then takes a small SVD of the ``(k, l)`` matrix ``QᵀA``.
+    runs ``power_iters`` power iterations with re-orthonormalisation after every product (for numerical
+    stability), then takes a small SVD of the ``(k, l)`` matrix ``QᵀA``: :func:`range_finder_batched` on a
+    stack of one (CholeskyQR2 with a Householder fallback, :func:`orthonormalize_batched`).
 
     Args:
         grad: 2-D float tensor ``(m, n)`` (fp32 recommended).
@@ -118,15 +112,8 @@ def range_finder(
     s, l = a.shape
     k = max(1, min(sketch_size, s))
     omega = torch.randn(l, k, generator=generator, device=a.device, dtype=a.dtype)
-    y = a @ omega
-    for _ in range(power_iters):
-        q = _orthonormalize(y)
-        z = _orthonormalize(a.mT @ q)
-        y = a @ z
-    q = _orthonormalize(y)  # (s, k)
-    b = q.mT @ a  # (k, l) small sketch
-    ub, sv, vh = torch.linalg.svd(b, full_matrices=False)
-    return q @ ub, sv, sv.unsqueeze(1) * vh
+    u, sv, w, _ = range_finder_batched(a.unsqueeze(0), omega.unsqueeze(0), power_iters)  # one implementation
+    return u[0], sv[0], w[0]
 
 
 def select_rank(singular_values: Tensor, total_energy: float, energy: float, min_rank: int, max_rank: int) -> int:
@@ -135,12 +122,8 @@ def select_rank(singular_values: Tensor, total_energy: float, energy: float, min
     The smallest ``r`` in ``[min_rank, max_rank]`` with ``Σ_{i<=r} σ_i² >= energy · ‖G‖²_F``; ``max_rank``
     when even that cannot reach ``energy``. ``total_energy`` is the exact ``‖G‖²_F``.
     """
-    if not total_energy > 0.0:
-        return min_rank
-    kept = torch.cumsum(singular_values.double().square(), 0) / total_energy
-    reached = (kept >= energy * (1.0 - 1e-12)).nonzero()
-    r = int(reached[0, 0]) + 1 if reached.numel() else max_rank
-    return max(min_rank, min(r, max_rank, singular_values.numel()))
+    total = torch.tensor([float(total_energy)], dtype=torch.float64, device=singular_values.device)
+    return int(select_ranks_batched(singular_values.unsqueeze(0), total, energy, min_rank, max_rank)[0])
 
 
 @torch.no_grad()
@@ -406,13 +389,3 @@ def select_ranks_batched(
     ranks = torch.where(reached.any(-1), first, torch.full_like(first, max_rank))
     ranks = ranks.clamp(max=min(max_rank, k)).clamp(min=min_rank)
     return torch.where(total_energy > 0, ranks, torch.full_like(ranks, min_rank))
-
-
-def project_batched(grads: Tensor, bases: Tensor, side: Side) -> Tensor:
-    """:func:`project` for stacks: ``PᵀG`` ``(B, r, n)`` (left) or ``G P`` ``(B, m, r)`` (right)."""
-    return torch.bmm(bases.mT, grads) if side == "left" else torch.bmm(grads, bases)
-
-
-def project_back_batched(low_rank: Tensor, bases: Tensor, side: Side) -> Tensor:
-    """:func:`project_back` for stacks: ``P N`` (left) or ``N Pᵀ`` (right), ``(B, m, n)``."""
-    return torch.bmm(bases, low_rank) if side == "left" else torch.bmm(low_rank, bases.mT)
