@@ -1,0 +1,272 @@
+"""Training from scratch: AdamW vs AdaRankGrad (defaults and each embedding rule) vs GaLore, several seeds (issue 31).
+
+    OMP_NUM_THREADS=1 python benchmarks/from_scratch.py             # both parts, seeds 0,1,2 (hours on 2 CPU cores)
+    python benchmarks/from_scratch.py --part bio                     # the cell-type task only (minutes)
+    python benchmarks/from_scratch.py --part llama --seeds 0         # the small-LLaMA learning-rate sweep, one seed
+    python benchmarks/from_scratch.py --smoke                        # seconds (tests)
+
+**bio**: scanpy's pbmc68k_reduced (700 real PBMCs, 10 cell types in ``bulk_labels``) tokenized with Geneformer's
+gc30M dictionaries through the package's own API (``bio.data.load_cells``, ``CellClassificationDataModule``),
+a ``GeneformerClassifier`` built from the gf-6L-30M config shrunk to 2 layers / hidden 128 (the full 25,426-gene
+embedding table) and trained **from random initialisation** (no pre-training) with every method at the same
+lr, schedule (10 warm-up steps, linear decay), batches and epochs; rank 16. The seed sets the split, the
+initial weights and the batch order. Reported: test macro-F1 per seed, mean, and the gap to AdamW.
+
+**llama**: ``benchmarks/llama_pretrain.py``'s set-up (``llama_tiny`` on SST-2's sentences, BPE vocab 4096), each
+run a fresh process. The fair comparison: ``adamw_matched`` is full-rank AdamW with the low-rank recipe's
+per-group learning rates (dense parameters at lr, attention/MLP matrices at 0.25 lr), swept on the same lr grid
+as AdaRankGrad and GaLore; the best lr of each (mean over the seeds run) is reported side by side.
+
+Every finished run is kept in ``--runs`` (JSON, keyed by part, set-up, method, lr and seed): a later call with
+the same set-up reuses it and runs only what is missing, so the full grid can be run in pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+
+#: bio methods: name -> (optimizer, include_embeddings); ``None`` = the module's default rule
+BIO_METHODS = {
+    "adamw": ("adamw", None),
+    "adarankgrad": ("adarankgrad", None),
+    "adarankgrad_emb_projected": ("adarankgrad", True),
+    "adarankgrad_emb_dense": ("adarankgrad", False),
+    "galore": ("galore", None),
+}
+#: llama methods (``llama_pretrain.py`` children): AdamW at the matched per-group lrs, AdaRankGrad with dense
+#: embeddings (the recipe's default) and projected, GaLore
+LLAMA_METHODS = ("adamw_matched", "adarankgrad32", "adarankgrad32_emb", "galore")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["bio", "llama", "both"], default="both")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--bio-methods", default=",".join(BIO_METHODS))
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128, help="genes per cell (top-ranked)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="bio: every method's learning rate (AdamW-sized)")
+    p.add_argument("--rank", type=int, default=16, help="bio: AdaRankGrad's max rank, GaLore's rank")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--llama-methods", default=",".join(LLAMA_METHODS))
+    p.add_argument("--llama-lrs", default="3e-3,1e-2,3e-2", help="the one lr grid every llama method is swept on")
+    p.add_argument("--llama-steps", type=int, default=200)
+    p.add_argument("--llama-rank", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dictionary-dir", default=str(common.REPO.parent / "shared" / "data" / "geneformer" / "gc30M"))
+    p.add_argument("--runs", type=Path, default=common.RESULTS / "from_scratch_runs.json")
+    p.add_argument("--out-dir", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.seeds, a.epochs, a.max_length, a.llama_steps, a.llama_lrs = "0", 1, 32, 4, "1e-2"
+        a.bio_methods, a.llama_methods = "adamw,adarankgrad", "adamw_matched,adarankgrad32"
+        if a.runs == common.RESULTS / "from_scratch_runs.json":
+            a.runs = Path(tempfile.mkdtemp(prefix="from_scratch_")) / "runs.json"
+    a.seed_list = [int(s) for s in a.seeds.split(",") if s != ""]
+    return a
+
+
+# ----------------------------------------------------------------------------- run cache
+def load_runs(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save_run(path: Path, run: dict) -> None:
+    runs = [r for r in load_runs(path) if r["key"] != run["key"]] + [run]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(runs, indent=1))
+
+
+def find(runs: list[dict], key: str) -> dict | None:
+    return next((r for r in runs if r["key"] == key), None)
+
+
+# ----------------------------------------------------------------------------- bio
+def bio_setup(a) -> str:
+    return f"bio e{a.epochs} L{a.max_length} b{a.batch_size} lr{a.lr:g} r{a.rank} t{a.test_fraction:g}"
+
+
+def run_bio(a, cells, method: str, seed: int) -> dict:
+    """Train one classifier from scratch; return its test macro-F1 and what the embedding rule chose."""
+    import lightning as L
+
+    from bio import CellClassificationDataModule, GeneformerClassifier
+    from bio.demo import default_config_path, small_config_overrides
+    from lightning_adarank import optimizer_state_bytes
+
+    optimizer, include_embeddings = BIO_METHODS[method]
+    L.seed_everything(seed, verbose=False)
+    dm = CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels", group_column=None,
+                                                   batch_size=a.batch_size, max_length=a.max_length, seed=seed,
+                                                   test_fraction=a.test_fraction)
+    model = GeneformerClassifier(dm.label_names, model_config=str(default_config_path(Path(a.dictionary_dir))),
+                                 config_overrides=small_config_overrides(128, 2, a.max_length), optimizer=optimizer,
+                                 rank=a.rank, lr=a.lr, warmup_steps=10, include_embeddings=include_embeddings,
+                                 rank_monitor=False, memory_monitor=False)
+    trainer = L.Trainer(max_epochs=a.epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    seconds = time.perf_counter() - t0
+    test = trainer.test(model, datamodule=dm, verbose=False)[0]
+    opt = trainer.optimizers[0]
+    emb = model.model.bert.embeddings.word_embeddings.weight
+    projected = any(g.get("low_rank") and any(p is emb for p in g["params"]) for g in opt.param_groups) or (
+        optimizer == "galore" and any("rank" in g and any(p is emb for p in g["params"]) for g in opt.param_groups))
+    return {"f1": float(test["test/f1_macro"]), "acc": float(test["test/accuracy"]), "seconds": seconds,
+            "state_bytes": optimizer_state_bytes(opt), "emb_projected": bool(projected),
+            "test_cells": len(dm.splits["test"]), "majority_f1": dm.majority_baseline("test")["macro_f1"]}
+
+
+def bio_part(a) -> str:
+    import torch
+
+    from bio.data import BUILTIN_PBMC, load_cells
+
+    torch.set_num_threads(a.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if not Path(a.dictionary_dir).is_dir():
+        raise SystemExit(f"Geneformer dictionaries not found at {a.dictionary_dir} (--dictionary-dir)")
+    methods = [m for m in a.bio_methods.split(",") if m]
+    bad = set(methods) - set(BIO_METHODS)
+    if bad:
+        raise SystemExit(f"unknown bio methods {sorted(bad)}; choose from {list(BIO_METHODS)}")
+    setup = bio_setup(a)
+    cells = None
+    for seed in a.seed_list:
+        for method in methods:
+            key = f"{setup}|{method}|{seed}"
+            if find(load_runs(a.runs), key):
+                continue
+            if cells is None:
+                cells = load_cells(h5ad=BUILTIN_PBMC, dictionary_dir=a.dictionary_dir, obs_columns=["bulk_labels"],
+                                   progress=False)
+            r = run_bio(a, cells, method, seed)
+            save_run(a.runs, {"key": key, "part": "bio", "setup": setup, "method": method, "seed": seed, **r})
+            print(f"bio {method} seed {seed}: macro-F1 {r['f1']:.3f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    runs = load_runs(a.runs)
+    rows, ref = [], None
+    for method in methods:
+        got = [find(runs, f"{setup}|{method}|{s}") for s in a.seed_list]
+        f1 = [g["f1"] * 100 for g in got]
+        mean = statistics.mean(f1)
+        ref = mean if method == "adamw" else ref
+        g0 = got[0]
+        rows.append([method, BIO_METHODS[method][0], {None: "default (None)", True: "True", False: "False"}[
+            BIO_METHODS[method][1]], "projected" if g0["emb_projected"] else "dense",
+            *[f"{x:.1f}" for x in f1], f"**{mean:.1f}**", "—" if ref is None or method == "adamw" else f"{mean - ref:+.1f}",
+            f"{g0['state_bytes'] / 2**20:.2f}", f"{statistics.mean(g['seconds'] for g in got):.0f}"])
+    g0 = find(runs, f"{setup}|{methods[0]}|{a.seed_list[0]}")
+    text = (f"### Cell-type classifier from scratch (pbmc68k_reduced, bulk_labels)\n\n"
+            f"- set-up: gf-6L-30M config shrunk to 2 layers / hidden 128 (25,426-gene embedding table), random init, "
+            f"top {a.max_length} genes, {a.epochs} epochs, batch {a.batch_size}, lr {a.lr:g} for every method "
+            f"(10 warm-up steps, linear decay), rank {a.rank}; stratified split with test fraction {a.test_fraction:g} "
+            f"({g0['test_cells']} test cells; majority-class macro-F1 {100 * g0['majority_f1']:.1f} on seed "
+            f"{a.seed_list[0]}); the seed sets split, init and batch order\n\n")
+    text += common.markdown_table(
+        ["method", "optimizer", "include_embeddings", "embedding table", *[f"seed {s}" for s in a.seed_list],
+         "mean macro-F1", "vs AdamW (points)", "state MiB", "fit s"], rows)
+    return text
+
+
+# ----------------------------------------------------------------------------- llama
+def llama_part(a) -> str:
+    import llama_pretrain
+
+    methods = [m for m in a.llama_methods.split(",") if m]
+    bad = set(methods) - set(llama_pretrain.METHODS) - set(llama_pretrain.EXTRA_METHODS)
+    if bad:
+        raise SystemExit(f"unknown llama methods {sorted(bad)}")
+    lrs = [float(x) for x in a.llama_lrs.split(",") if x]
+    base = ["--steps", str(a.llama_steps), "--rank", str(a.llama_rank), "--threads", str(a.threads)]
+    if a.smoke:
+        base = ["--smoke", *base]
+    la = llama_pretrain.parse(base)
+    setup = f"llama {la.model} v{la.vocab} b{la.block}x{la.batch} s{la.steps} r{la.rank}"
+    data = None
+    for seed in a.seed_list:
+        for lr in lrs:
+            for method in methods:
+                key = f"{setup}|{method}|{lr:g}|{seed}"
+                if find(load_runs(a.runs), key):
+                    continue
+                if data is None:
+                    data = Path(tempfile.mkdtemp(prefix="from_scratch_llama_")) / "blocks.pt"
+                    llama_pretrain.prepare_data(la, data)
+                child = ["benchmarks/llama_pretrain.py", "--steps", str(la.steps), "--eval-every", str(la.steps),
+                         "--batch", str(la.batch), "--block", str(la.block), "--rank", str(la.rank),
+                         "--threads", str(a.threads), "--seed", str(seed), "--lr-lowrank", f"{lr:g}",
+                         "--lr-adam", f"{lr:g}", "--child", method, "--data", str(data)]
+                r = common.run_child(child, timeout=7200)
+                ppl = r["curve"][-1][1]
+                save_run(a.runs, {"key": key, "part": "llama", "setup": setup, "method": method, "lr": lr, "seed": seed,
+                                  "ppl": ppl, "seconds": r["seconds"], "state_bytes": r["state_bytes"]})
+                print(f"llama {method} lr {lr:g} seed {seed}: ppl {ppl:.1f} ({r['seconds']:.0f} s)", file=sys.stderr,
+                      flush=True)
+    runs = load_runs(a.runs)
+    grid_rows, best = [], {}
+    for method in methods:
+        cells = []
+        for lr in lrs:
+            got = [find(runs, f"{setup}|{method}|{lr:g}|{s}") for s in a.seed_list]
+            mean = statistics.mean(g["ppl"] for g in got)
+            cells.append(f"{mean:.1f}")
+            if method not in best or mean < best[method][1]:
+                best[method] = (lr, mean, [g["ppl"] for g in got])
+        grid_rows.append([method, *cells])
+    ref = best.get("adamw_matched")
+    best_rows = [[m, f"{lr:g}", *[f"{x:.1f}" for x in per], f"**{mean:.1f}**",
+                  "—" if ref is None else f"{mean / ref[1]:.3f}"] for m, (lr, mean, per) in best.items()]
+    text = (f"### Small LLaMA from scratch, fair comparison\n\n"
+            f"- set-up: `{la.model}` on SST-2 sentences (BPE vocab {la.vocab}), blocks of {la.block}, batch {la.batch}, "
+            f"{la.steps} steps, warm-up 10 %, cosine to 10 %; rank {la.rank}; scale 0.25 for the projected matrices "
+            f"(AdaRankGrad `scale_mode='galore'`, GaLore); `adamw_matched` = full AdamW with dense parameters at lr and "
+            f"attention/MLP matrices at 0.25 lr; every method swept on the same grid\n\n"
+            f"Final validation perplexity, mean over seeds {a.seeds}, by peak lr:\n\n")
+    text += common.markdown_table(["method", *[f"lr {x:g}" for x in lrs]], grid_rows)
+    text += "\nBest lr of each:\n\n" + common.markdown_table(
+        ["method", "best lr", *[f"seed {s}" for s in a.seed_list], "mean ppl", "ppl / AdamW (matched)"], best_rows)
+    return text
+
+
+def main(argv=None) -> str:
+    a = parse(argv)
+    import torch
+
+    device = torch.device("cpu")
+    t0 = time.time()
+    parts = []
+    if a.part in ("bio", "both"):
+        parts.append(bio_part(a))
+    if a.part in ("llama", "both"):
+        parts.append(llama_part(a))
+    cmd = "python benchmarks/from_scratch.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = (f"## Training from scratch (issue 31)\n\n- command: `{cmd.strip()}`\n- machine: {common.machine(device)}; "
+            f"{a.threads} torch thread(s); this call {(time.time() - t0) / 60:.1f} min (runs reused from "
+            f"`{a.runs.name}` are not re-timed)\n\n" + "\n".join(parts))
+    tag = "from_scratch" + ("_smoke" if a.smoke else "") + ("" if a.part == "both" else f"_{a.part}")
+    out = common.save(tag, device, text, a.out_dir if a.out_dir else (a.runs.parent if a.smoke else None))
+    print(text)
+    print(f"saved {out}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
