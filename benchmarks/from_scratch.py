@@ -55,7 +55,8 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["bio", "llama", "both"], default="both")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--bio-methods", default=",".join(BIO_METHODS))
+    p.add_argument("--bio-methods", default="adamw,adarankgrad,adarankgrad_emb_projected,galore",
+                   help=f"of {list(BIO_METHODS)} (adarankgrad_emb_dense is what the default resolves to from scratch)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="genes per cell (top-ranked)")
     p.add_argument("--batch-size", type=int, default=16)

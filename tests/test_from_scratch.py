@@ -141,3 +141,32 @@ def test_from_scratch_benchmark_smoke(tmp_path):
     for name in ("adamw_matched", "adarankgrad32"):  # llama grid row: a finite perplexity
         assert float(rows[name][1]) > 1.0
     assert (tmp_path / "from_scratch_smoke_cpu.md").is_file()
+
+
+def test_llama_pretrainer_default_keeps_embeddings_dense(caplog):
+    """``CausalLMPretrainer`` always trains from scratch: by default ``embed_tokens`` gets dense Adam (logged);
+    ``include_embeddings=True`` projects it, with the warning. Two real Lightning steps each."""
+    import lightning as L
+
+    from lightning_adarank.optim.embedding_rule import ProjectedEmbeddingsFromScratchWarning
+    from nlp.pretrain import CausalLMPretrainer
+
+    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=4)
+
+    def fit(**kw):
+        module = CausalLMPretrainer(vocab_size=50, model=None, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2, optimizer="adarankgrad", rank=4,
+                                    warmup_steps=1, **kw)
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, train_dataloaders=loader)
+        return _projected_names(trainer.optimizers[0])
+
+    with caplog.at_level(logging.INFO):
+        projected = fit()
+    assert "model.embed_tokens.weight" not in projected and "model.layers.0.mlp.up_proj.weight" in projected
+    assert any("CausalLMPretrainer: include_embeddings=None -> False (training from scratch)" in r.getMessage()
+               for r in caplog.records)
+    with pytest.warns(ProjectedEmbeddingsFromScratchWarning):
+        assert "model.embed_tokens.weight" in fit(include_embeddings=True)
