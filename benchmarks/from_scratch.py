@@ -40,13 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-#: bio methods: name -> (optimizer, include_embeddings); ``None`` = the module's default rule
+#: bio methods: name -> (optimizer, include_embeddings, target_modules); ``None`` = the module's default rule
 BIO_METHODS = {
-    "adamw": ("adamw", None),
-    "adarankgrad": ("adarankgrad", None),
-    "adarankgrad_emb_projected": ("adarankgrad", True),
-    "adarankgrad_emb_dense": ("adarankgrad", False),
-    "galore": ("galore", None),
+    "adamw": ("adamw", None, "all-linear"),
+    "adarankgrad": ("adarankgrad", None, "all-linear"),
+    "adarankgrad_emb_projected": ("adarankgrad", True, "all-linear"),
+    "adarankgrad_emb_dense": ("adarankgrad", False, "all-linear"),
+    "adarankgrad_encoder_only": ("adarankgrad", None, "encoder"),  # pooler and classifier head dense too
+    "galore": ("galore", None, "all-linear"),
 }
 #: llama methods (``llama_pretrain.py`` children): AdamW at the matched per-group lrs, AdaRankGrad with dense
 #: embeddings (the recipe's default) and projected, GaLore
@@ -136,7 +137,7 @@ def run_bio(a, cells, method: str, seed: int, pretrained: str | None = None) -> 
     from bio.demo import default_config_path, small_config_overrides
     from lightning_adarank import optimizer_state_bytes
 
-    optimizer, include_embeddings = BIO_METHODS[method]
+    optimizer, include_embeddings, target_modules = BIO_METHODS[method]
     L.seed_everything(seed, verbose=False)
     dm = CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels", group_column=None,
                                                    batch_size=a.batch_size, max_length=a.max_length, seed=seed,
@@ -146,6 +147,7 @@ def run_bio(a, cells, method: str, seed: int, pretrained: str | None = None) -> 
                  config_overrides=small_config_overrides(128, 2, a.max_length)))
     model = GeneformerClassifier(dm.label_names, **arch, optimizer=optimizer,
                                  rank=a.rank, lr=a.lr, warmup_steps=10, include_embeddings=include_embeddings,
+                                 target_modules=target_modules,
                                  rank_monitor=False, memory_monitor=False)
     trainer = L.Trainer(max_epochs=a.epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
@@ -215,7 +217,8 @@ def bio_report(a, setup: str, methods: list[str], pretrained: bool = False) -> s
     rows = []
     for m in methods:
         got = [by[m, s] for s in seeds if (m, s) in by]
-        rows.append([m, BIO_METHODS[m][0], {None: "default (None)", True: "True", False: "False"}[BIO_METHODS[m][1]],
+        rows.append([m, BIO_METHODS[m][0] + ("" if BIO_METHODS[m][2] == "all-linear" else f", target_modules={BIO_METHODS[m][2]!r}"),
+                     {None: "default (None)", True: "True", False: "False"}[BIO_METHODS[m][1]],
                      "projected" if got[0]["emb_projected"] else "dense",
                      *[f"{100 * by[m, s]['f1']:.1f}" if (m, s) in by else "—" for s in seeds],
                      f"**{means[m]:.1f}** ({len(got)})", "—" if ref is None or m == "adamw" else f"{means[m] - ref:+.1f}",

@@ -130,16 +130,22 @@ def test_from_scratch_benchmark_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/from_scratch.py", "--smoke", "--runs", str(tmp_path / "runs.json")],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows: dict[str, list[str]] = {}
-    for line in proc.stdout.splitlines():  # the first table naming a method: bio's rows, then llama's lr grid
-        if line.startswith("| "):
-            cells = [c.strip() for c in line.split("|")[1:-1]]
-            rows.setdefault(cells[0], cells)
-    assert rows["adamw"][3] == "dense" and rows["adarankgrad"][2:4] == ["default (None)", "dense"]
+    tables = {}  # section title -> first table of the section: {method: cells}
+    for section in proc.stdout.split("### ")[1:]:
+        rows: dict[str, list[str]] = {}
+        for line in section.splitlines():
+            if line.startswith("| "):
+                cells = [c.strip() for c in line.split("|")[1:-1]]
+                rows.setdefault(cells[0], cells)
+        tables[section.split("\n")[0]] = rows
+    scratch, tuned, llama = (next(v for k, v in tables.items() if k.startswith(t))
+                             for t in ("Cell-type classifier from scratch", "Cell-type classifier fine-tuned", "Small LLaMA"))
+    assert scratch["adamw"][3] == "dense" and scratch["adarankgrad"][2:4] == ["default (None)", "dense"]
+    assert tuned["adarankgrad"][2:4] == ["default (None)", "projected"]  # the rule's other half
     for name in ("adamw", "adarankgrad"):
-        assert 0.0 <= float(rows[name][4]) <= 100.0
-    for name in ("adamw_matched", "adarankgrad32"):  # llama grid row: a finite perplexity
-        assert float(rows[name][1].split()[0]) > 1.0 and rows[name][1].endswith("(1)")
+        assert 0.0 <= float(scratch[name][4]) <= 100.0 and 0.0 <= float(tuned[name][4]) <= 100.0
+    for name in ("adamw_matched", "adarankgrad32"):  # llama grid: a finite perplexity from one seed
+        assert float(llama[name][1].split()[0]) > 1.0 and llama[name][1].endswith("(1)")
     assert (tmp_path / "from_scratch_smoke_cpu.md").is_file()
 
 
