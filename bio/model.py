@@ -58,10 +58,11 @@ class GeneformerClassifier(OptimizerChoice, L.LightningModule):
         rank: AdaRankGrad's max rank, GaLore's rank, LoRA's rank (paper: 16).
         scale: projected-update scale (``None``: optimizer default).
         target_modules: which linear layers AdaRankGrad/GaLore project (``all-linear``, a regex or names).
-        include_embeddings: project the gene-embedding table too. ``None`` (default): projected when
-            fine-tuning ``pretrained``, dense Adam when training from scratch (projecting a randomly
-            initialised table was measured to cost macro-F1: ``benchmarks/from_scratch.py``); the choice is
-            logged. ``True`` from scratch is obeyed with a warning.
+        include_embeddings: project the gene-embedding table too. ``None`` (default): dense Adam for the
+            table, from scratch and when fine-tuning ``pretrained`` (projecting it was measured to cost 9
+            points of macro-F1 from scratch and 12 fine-tuning a briefly pre-trained checkpoint:
+            ``benchmarks/from_scratch.py``); the choice is logged. ``True`` saves the table's two Adam moments
+            (most of the state of a small model) and is obeyed, with a warning from scratch.
         adarank: the other AdaRankGrad settings, typed (:class:`lightning_adarank.AdaRankGradConfig`:
             ``--model.adarank.energy 0.9``, YAML ``adarank: {energy: 0.9, min_rank: 1}``, or a dict); ``lr``,
             ``weight_decay``, ``max_rank`` and ``scale`` are set by the arguments of those names (``rank`` for

@@ -30,8 +30,8 @@ class GeneformerPretrainer(OptimizerChoice, L.LightningModule):
         pretrained: continue from a local checkpoint folder instead.
         save_dir: at the end of fitting, ``save_pretrained`` here (a folder ``GeneformerClassifier(pretrained=...)`` loads).
         optimizer: ``adarankgrad`` | ``galore`` | ``adamw`` (LoRA needs pretrained weights: not offered here).
-        include_embeddings: ``None`` (default): dense Adam for the embedding table when pre-training from
-            scratch, projected when continuing from ``pretrained`` (logged; see :class:`bio.GeneformerClassifier`).
+        include_embeddings: ``None`` (default): dense Adam for the embedding table (logged; ``True`` from
+            scratch warns; see :class:`bio.GeneformerClassifier`).
         other arguments: as :class:`bio.GeneformerClassifier`.
     """
 

@@ -30,8 +30,8 @@ def test_rule_none_means_dense_from_scratch_and_projected_from_a_checkpoint(capl
 
     with caplog.at_level(logging.INFO, logger="lightning_adarank.optim.embedding_rule"):
         assert resolve_include_embeddings(None, from_pretrained=False, owner="M") is False
-        assert resolve_include_embeddings(None, from_pretrained=True, owner="M") is True
-        assert resolve_include_embeddings(None, from_pretrained=True, pretrained_default=False) is False
+        assert resolve_include_embeddings(None, from_pretrained=True, pretrained_default=True, owner="M") is True
+        assert resolve_include_embeddings(None, from_pretrained=True) is False  # measured: dense fine-tunes better
     lines = [r.getMessage() for r in caplog.records]
     assert "M: include_embeddings=None -> False (training from scratch)" in lines[0]
     assert "Override with include_embeddings=True" in lines[0]
@@ -40,7 +40,7 @@ def test_rule_none_means_dense_from_scratch_and_projected_from_a_checkpoint(capl
     for name in ("adamw", "lora"):
         assert resolve_include_embeddings(True, from_pretrained=True, optimizer=name) is False
         assert resolve_include_embeddings(None, from_pretrained=False, optimizer=name) is False
-    assert resolve_include_embeddings(None, from_pretrained=True, optimizer="galore") is True
+    assert resolve_include_embeddings(None, from_pretrained=True, pretrained_default=True, optimizer="galore") is True
 
 
 def test_rule_obeys_explicit_choices_and_warns_only_for_projected_from_scratch():
@@ -79,12 +79,17 @@ def test_bio_classifier_default_follows_the_rule(tmp_path, caplog):
 
     scratch.save_pretrained(tmp_path / "ckpt")
     tuned = GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "ckpt"), **kw)
-    projected = _projected_names(tuned.configure_optimizers())
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        projected = _projected_names(tuned.configure_optimizers())
     embeddings = {f"{n}.weight" for n, m in tuned.model.named_modules() if isinstance(m, torch.nn.Embedding)}
-    assert emb in projected and embeddings <= projected  # word, position and token-type tables
-
-    dense = GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "ckpt"), include_embeddings=False, **kw)
-    assert not embeddings & _projected_names(dense.configure_optimizers())
+    assert len(embeddings) == 3 and not embeddings & projected  # word, position, token type: dense by default
+    assert any("include_embeddings=None -> False (fine-tuning a pretrained checkpoint)" in r.getMessage()
+               for r in caplog.records)
+    asked = GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "ckpt"), include_embeddings=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning fine-tuning a checkpoint
+        assert embeddings <= _projected_names(asked.configure_optimizers())
     forced = GeneformerClassifier(["a", "b"], include_embeddings=True, **kw)
     from lightning_adarank.optim.embedding_rule import ProjectedEmbeddingsFromScratchWarning
 
