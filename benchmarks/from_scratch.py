@@ -52,6 +52,8 @@ BIO_METHODS = {
 #: llama methods (``llama_pretrain.py`` children): AdamW at the matched per-group lrs, AdaRankGrad with dense
 #: embeddings (the recipe's default) and projected, GaLore
 LLAMA_METHODS = ("adamw_matched", "adarankgrad32", "adarankgrad32_emb", "galore")
+#: more AdamW variants: ``adamw_matrix<s>`` = ``adamw_matched`` with the matrices at ``s`` x lr (not the recipe's 0.25)
+MATRIX_SCALE_PREFIX = "adamw_matrix"
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -243,7 +245,8 @@ def llama_part(a) -> str:
     import llama_pretrain
 
     methods = [m for m in a.llama_methods.split(",") if m]
-    bad = set(methods) - set(llama_pretrain.METHODS) - set(llama_pretrain.EXTRA_METHODS)
+    bad = {m for m in methods if not m.startswith(MATRIX_SCALE_PREFIX)} - set(llama_pretrain.METHODS) - set(
+        llama_pretrain.EXTRA_METHODS)
     if bad:
         raise SystemExit(f"unknown llama methods {sorted(bad)}")
     lrs = [float(x) for x in a.llama_lrs.split(",") if x]
@@ -265,7 +268,11 @@ def llama_part(a) -> str:
                 child = ["benchmarks/llama_pretrain.py", "--steps", str(la.steps), "--eval-every", str(la.steps),
                          "--batch", str(la.batch), "--block", str(la.block), "--rank", str(la.rank),
                          "--threads", str(a.threads), "--seed", str(seed), "--lr-lowrank", f"{lr:g}",
-                         "--lr-adam", f"{lr:g}", "--child", method, "--data", str(data)]
+                         "--lr-adam", f"{lr:g}", "--data", str(data)]
+                if method.startswith(MATRIX_SCALE_PREFIX):
+                    child += ["--child", "adamw_matched", "--matched-scale", method[len(MATRIX_SCALE_PREFIX):]]
+                else:
+                    child += ["--child", method]
                 r = common.run_child(child, timeout=7200)
                 ppl = r["curve"][-1][1]
                 save_run(a.runs, {"key": key, "part": "llama", "setup": setup, "method": method, "lr": lr, "seed": seed,

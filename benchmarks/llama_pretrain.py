@@ -63,6 +63,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-adam", type=float, default=3e-3)
     p.add_argument("--lr-lowrank", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation and batch order")
+    p.add_argument("--matched-scale", type=float, default=0.25,
+                   help="adamw_matched: the matrices' lr is this times --lr-lowrank (0.25: the low-rank recipe's scale)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=2, help="methods trained at a time")
@@ -100,7 +102,7 @@ def child(a: argparse.Namespace) -> None:
     model = module.model.to(device)
     name = a.child
     if name == "adamw_matched":
-        opt = matched_adamw(model, a.lr_lowrank, 0.25)
+        opt = matched_adamw(model, a.lr_lowrank, a.matched_scale)
     elif name == "adarankgrad32_emb":  # the embedding table projected too
         opt = build_pretrain_optimizer(model, "adarankgrad", lr=a.lr_lowrank, rank=a.rank, scale=0.25,
                                        scale_mode="galore", include_embeddings=True)
