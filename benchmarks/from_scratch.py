@@ -307,8 +307,10 @@ def llama_report(a, la, setup: str, methods: list[str], lrs: list[float]) -> str
                 best[m] = (lr, mean)
         grid_rows.append([m, *cells])
     ref = best.get("adamw_matched")
+    full = [best[m][1] for m in best if m.startswith("adamw")]  # every full-rank AdamW variant
     best_rows = [[m, f"{lr:g}", *[f"{by[m, lr, s]:.1f}" if (m, lr, s) in by else "—" for s in seeds],
-                  f"**{mean:.1f}**", "—" if ref is None else f"{mean / ref[1]:.3f}"] for m, (lr, mean) in best.items()]
+                  f"**{mean:.1f}**", "—" if ref is None else f"{mean / ref[1]:.3f}",
+                  "—" if not full else f"{mean / min(full):.3f}"] for m, (lr, mean) in best.items()]
     text = (f"### Small LLaMA from scratch, fair comparison\n\n"
             f"- set-up: `{la.model}` on SST-2 sentences (BPE vocab {la.vocab}), blocks of {la.block}, batch {la.batch}, "
             f"{la.steps} steps, warm-up 10 %, cosine to 10 %; rank {la.rank}; scale 0.25 for the projected matrices "
@@ -317,7 +319,11 @@ def llama_report(a, la, setup: str, methods: list[str], lrs: list[float]) -> str
             f"Final validation perplexity by peak lr, mean over the seeds run (how many in brackets):\n\n")
     text += common.markdown_table(["method", *[f"lr {x:g}" for x in lrs]], grid_rows)
     text += "\nBest lr of each (lowest mean), per seed:\n\n" + common.markdown_table(
-        ["method", "best lr", *[f"seed {s}" for s in seeds], "mean ppl", "ppl / AdamW (matched)"], best_rows)
+        ["method", "best lr", *[f"seed {s}" for s in seeds], "mean ppl", "ppl / AdamW (matched)",
+         "ppl / best AdamW variant"], best_rows)
+    text += ("\n`adamw_matrix<s>`: `adamw_matched` with the attention/MLP matrices at s x lr instead of the recipe's "
+             "0.25 x lr (AdaRankGrad's projected update in `scale_mode='galore'` is smaller than its nominal "
+             "0.25 lr: the back-projected Adam step of a rank-r subspace has about sqrt(r/m) of full Adam's RMS).\n")
     return text
 
 

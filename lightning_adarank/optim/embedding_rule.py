@@ -1,6 +1,6 @@
 """Whether embedding tables are projected: the default rule of the task modules (issue 31).
 
-Measured (``benchmarks/from_scratch.py``, results in ``benchmarks/results/from_scratch_bio*_cpu.md``) on a
+Measured (``benchmarks/from_scratch.py``, results in ``benchmarks/results/from_scratch_cpu.md``) on a
 Geneformer-architecture cell-type classifier (2 layers, hidden 128, the full 25,426 x 128 gene-embedding table,
 rank 16, pbmc68k_reduced, 3 seeds): projecting the embedding table costs 9 points of macro-F1 against AdamW
 from random initialisation (31.7 against 40.8; dense embeddings 36.5) and 12 points when fine-tuning a
@@ -80,7 +80,7 @@ def resolve_include_embeddings(
     if include_embeddings and not from_pretrained:
         warnings.warn(
             f"{who}include_embeddings=True while training from scratch: projected embedding tables were measured "
-            "to cost macro-F1 from random initialisation (benchmarks/results/from_scratch_bio_cpu.md); "
+            "to cost macro-F1 from random initialisation (benchmarks/results/from_scratch_cpu.md); "
             "include_embeddings=None or False gives them dense Adam.",
             ProjectedEmbeddingsFromScratchWarning,
             stacklevel=3,
