@@ -15,7 +15,7 @@ Methods and settings: ``adamw`` (torch, lr ``--lr-adam``), ``adamw8bit`` (torcha
 (``max_rank=--rank``, scale 0.25, lr ``--lr-lowrank``, ``state_bits`` 32 / 8). Projected matrices: the
 attention and MLP linears (GaLore's choice); embeddings, ``lm_head`` and norms get the method's dense Adam.
 On request (``--methods``): ``adamw_matched``, full-rank AdamW with the low-rank recipe's per-group learning
-rates (dense parameters at ``--lr-lowrank``, the attention/MLP matrices at ``0.25 * --lr-lowrank``), the fair
+rates (dense parameters at ``--lr-lowrank``, the attention/MLP matrices at ``--matched-scale`` (0.25) times it), the fair
 peer of the low-rank methods; ``adarankgrad32_emb``, AdaRankGrad with the embedding table projected too.
 ``--seed`` sets the initial weights and the batch order.
 Schedule: linear warm-up (10 %) then cosine to 10 % (GaLore's).
@@ -244,7 +244,7 @@ def main(argv=None) -> None:
         f"blocks of {a.block} tokens, batch {a.batch}, {a.steps} steps, eval every {a.eval_every} steps on "
         f"{a.val_blocks} validation blocks; rank {a.rank} (AdaRankGrad: max rank), GaLore gap {a.gap}",
         f"lr: AdamW/8-bit AdamW {a.lr_adam}; GaLore/AdaRankGrad {a.lr_lowrank} with scale 0.25"
-        f"{f'; adamw_matched {a.lr_lowrank} (dense) / {0.25 * a.lr_lowrank:g} (matrices)' if 'adamw_matched' in methods else ''}"
+        f"{f'; adamw_matched {a.lr_lowrank} (dense) / {a.matched_scale * a.lr_lowrank:g} (matrices)' if 'adamw_matched' in methods else ''}"
         f"; warm-up 10 %, cosine to 10 %; seed {a.seed}",
         f"data: {', '.join(Path(f).name for f in a.train_files)} → {', '.join(Path(f).name for f in a.val_files)}; "
         f"{a.jobs} method(s) at a time, {a.threads} thread(s) each; total wall time {wall / 60:.1f} min",
