@@ -15,8 +15,8 @@ Methods and settings: ``adamw`` (torch, lr ``--lr-adam``), ``adamw8bit`` (torcha
 (``max_rank=--rank``, scale 0.25, lr ``--lr-lowrank``, ``state_bits`` 32 / 8). Projected matrices: the
 attention and MLP linears (GaLore's choice); embeddings, ``lm_head`` and norms get the method's dense Adam.
 On request (``--methods``): ``adamw_matched``, full-rank AdamW with the low-rank recipe's per-group learning
-rates (dense parameters at ``--lr-lowrank``, the attention/MLP matrices at ``--matched-scale`` (0.25) times it), the fair
-peer of the low-rank methods; ``adarankgrad32_emb``, AdaRankGrad with the embedding table projected too.
+rates (dense parameters at ``--lr-lowrank``, the attention/MLP matrices at ``--matched-scale`` (0.25) times it), the
+fair peer of the low-rank methods; ``adarankgrad32_emb``, AdaRankGrad with the embedding table projected too.
 ``--seed`` sets the initial weights and the batch order.
 Schedule: linear warm-up (10 %) then cosine to 10 % (GaLore's).
 """
