@@ -17,6 +17,10 @@ attention and MLP linears (GaLore's choice); embeddings, ``lm_head`` and norms g
 ``adarankgrad32emb`` / ``adarankgrad8emb``: the same with the token embedding and ``lm_head`` projected too
 (``include_embeddings=True``, ``target_modules=r"attn|mlp|lm_head"``). ``adamw8bit`` runs torchao's step eagerly
 on CPU (``TORCHDYNAMO_DISABLE``; it compiles for minutes there; the arithmetic is the same).
+On request (``--methods``): ``adamw_matched``, full-rank AdamW with the low-rank recipe's per-group learning
+rates (dense parameters at ``--lr-lowrank``, the attention/MLP matrices at ``--matched-scale`` (0.25) times it), the
+fair peer of the low-rank methods; ``adarankgrad32_emb``, AdaRankGrad with the embedding table projected too.
+``--seed`` sets the initial weights and the batch order.
 Schedule: linear warm-up (10 %) then cosine to 10 % (GaLore's).
 """
 
@@ -40,6 +44,7 @@ import torch  # noqa: E402
 SST2 = common.REPO.parent / "shared" / "data" / "glue" / "SST-2"
 METHODS = ("adamw", "adamw8bit", "galore", "galore8bit", "adarankgrad32", "adarankgrad8", "adarankgrad32emb",
            "adarankgrad8emb")
+EXTRA_METHODS = ("adamw_matched", "adarankgrad32_emb")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -60,6 +65,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--gap", type=int, default=200, help="GaLore's update_proj_gap (its pre-training value)")
     p.add_argument("--lr-adam", type=float, default=3e-3)
     p.add_argument("--lr-lowrank", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation and batch order")
+    p.add_argument("--matched-scale", type=float, default=0.25,
+                   help="adamw_matched: the matrices' lr is this times --lr-lowrank (0.25: the low-rank recipe's scale)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=2, help="methods trained at a time")
@@ -95,10 +103,15 @@ def child(a: argparse.Namespace) -> None:
         os.environ["TORCHDYNAMO_DISABLE"] = "1"  # (torch.compile then returns the function itself)
     data = torch.load(a.data, weights_only=True)
     train, val = data["train"], data["val"]
-    module = CausalLMPretrainer(vocab_size=data["vocab"], model=a.model, optimizer="adamw", seed=0)
+    module = CausalLMPretrainer(vocab_size=data["vocab"], model=a.model, optimizer="adamw", seed=a.seed)
     model = module.model.to(device)
     name = a.child
-    if name.startswith("adarankgrad"):
+    if name == "adamw_matched":
+        opt = matched_adamw(model, a.lr_lowrank, a.matched_scale)
+    elif name == "adarankgrad32_emb":  # the embedding table projected too (include_embeddings=True's rule)
+        opt = build_pretrain_optimizer(model, "adarankgrad", lr=a.lr_lowrank, rank=a.rank, scale=0.25,
+                                       scale_mode="galore", include_embeddings=True)
+    elif name.startswith("adarankgrad"):
         emb = name.endswith("emb")  # the embedding and lm_head projected too
         bits = int(name[len("adarankgrad"):].removesuffix("emb"))  # 8-bit: projected AND dense moments
         where = dict(include_embeddings=True, target_modules=r"attn|mlp|lm_head") if emb else {}
@@ -110,7 +123,7 @@ def child(a: argparse.Namespace) -> None:
         opt = build_pretrain_optimizer(model, name, lr=a.lr_adam)
     warm = max(1, a.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warm, a.steps, 0.1))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(a.seed)
     order = torch.cat([torch.randperm(len(train), generator=gen) for _ in range(1 + a.steps * a.batch // len(train))])
 
     @torch.no_grad()
@@ -143,6 +156,23 @@ def child(a: argparse.Namespace) -> None:
         "base": base, "seconds": seconds, "params": sum(p.numel() for p in model.parameters()),
         "avg_rank": (sum(ranks.values()) / len(ranks)) if ranks else None,
     })
+
+
+def matched_adamw(model, lr: float, scale: float) -> torch.optim.Optimizer:
+    """Full-rank AdamW with the low-rank recipe's per-group learning rates (issue 31's fair comparison): the
+    matrices the low-rank methods project (``param_groups``' projected group) at ``lr * scale``, the rest
+    (embeddings, ``lm_head``, norms: the dense Adam of the low-rank methods) at ``lr``."""
+    import inspect
+
+    from lightning_adarank import param_groups
+    from nlp.pretrain import build_pretrain_optimizer
+
+    targets = inspect.signature(build_pretrain_optimizer).parameters["target_modules"].default  # the projected set
+    groups = param_groups(model, targets, include_embeddings=False)
+    for g in groups:
+        g.pop("param_names")
+        g["lr"] = lr * scale if g.pop("low_rank") else lr
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
 
 def lowrank_bytes(opt) -> int | None:
@@ -184,9 +214,9 @@ def main(argv=None) -> None:
         return child(a)
     device = common.pick_device(a.device)
     methods = [m for m in a.methods.split(",") if m]
-    bad = set(methods) - set(METHODS)
+    bad = set(methods) - set(METHODS) - set(EXTRA_METHODS)
     if bad:
-        raise SystemExit(f"unknown methods {sorted(bad)}; choose from {METHODS}")
+        raise SystemExit(f"unknown methods {sorted(bad)}; choose from {METHODS + EXTRA_METHODS}")
     if any(not Path(f).is_file() for f in a.train_files + a.val_files):
         raise SystemExit(f"text files not found: {a.train_files + a.val_files}")
     tmp = Path(tempfile.mkdtemp(prefix="llama_pretrain_"))
@@ -220,7 +250,9 @@ def main(argv=None) -> None:
         f"model `{a.model}` ({p / 1e6:.2f}M parameters), vocab {vocab} ({'BPE trained on the train files' if a.tokenizer is None else a.tokenizer}), "
         f"blocks of {a.block} tokens, batch {a.batch}, {a.steps} steps, eval every {a.eval_every} steps on "
         f"{a.val_blocks} validation blocks; rank {a.rank} (AdaRankGrad: max rank), GaLore gap {a.gap}",
-        f"lr: AdamW/8-bit AdamW {a.lr_adam}; GaLore/AdaRankGrad {a.lr_lowrank} with scale 0.25; warm-up 10 %, cosine to 10 %",
+        f"lr: AdamW/8-bit AdamW {a.lr_adam}; GaLore/AdaRankGrad {a.lr_lowrank} with scale 0.25"
+        f"{f'; adamw_matched {a.lr_lowrank} (dense) / {a.matched_scale * a.lr_lowrank:g} (matrices)' if 'adamw_matched' in methods else ''}"
+        f"; warm-up 10 %, cosine to 10 %; seed {a.seed}",
         f"data: {', '.join(Path(f).name for f in a.train_files)} → {', '.join(Path(f).name for f in a.val_files)}; "
         f"{a.jobs} method(s) at a time, {a.threads} thread(s) each; total wall time {wall / 60:.1f} min",
     ]

@@ -3,8 +3,9 @@
 scanpy's bundled ``pbmc68k_reduced`` (700 real PBMCs; 10 cell types in ``bulk_labels``; counts recovered as
 ``expm1(.raw.X)``) is tokenized with Geneformer's gc30M dictionaries; a small Geneformer-architecture BERT
 (the gf-6L-30M config shrunk to 2 layers; full 25,426-gene embedding table) is pre-trained briefly by
-masked-gene modeling and then fine-tuned to classify the cell types, with AdaRankGrad (max rank 16,
-embeddings projected too) and lightning_adarank's ``EffectiveRankMonitor`` and ``MemoryMonitor``.
+masked-gene modeling and then fine-tuned to classify the cell types, with AdaRankGrad (max rank 16; by the
+default embedding rule the gene-embedding table gets dense Adam in both stages) and lightning_adarank's
+``EffectiveRankMonitor`` and ``MemoryMonitor``.
 pbmc68k has no donor column, so the split is a plain stratified one (the data module supports a group
 column such as ``individual`` for real data).
 """

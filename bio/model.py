@@ -57,7 +57,12 @@ class GeneformerClassifier(OptimizerChoice, L.LightningModule):
         lr, weight_decay, warmup_steps, lr_schedule: AdamW-style settings; ``linear`` = warmup then linear decay.
         rank: AdaRankGrad's max rank, GaLore's rank, LoRA's rank (paper: 16).
         scale: projected-update scale (``None``: optimizer default).
-        target_modules, include_embeddings: which matrices AdaRankGrad/GaLore project (embeddings too by default).
+        target_modules: which linear layers AdaRankGrad/GaLore project (``all-linear``, a regex or names).
+        include_embeddings: project the gene-embedding table too. ``None`` (default): dense Adam for the
+            table, from scratch and when fine-tuning ``pretrained`` (projecting it was measured to cost 9
+            points of macro-F1 from scratch and 12 fine-tuning a briefly pre-trained checkpoint:
+            ``benchmarks/from_scratch.py``); the choice is logged. ``True`` saves the table's two Adam moments
+            (most of the state of a small model) and is obeyed, with a warning from scratch.
         adarank: the other AdaRankGrad settings, typed (:class:`lightning_adarank.AdaRankGradConfig`:
             ``--model.adarank.energy 0.9``, YAML ``adarank: {energy: 0.9, min_rank: 1}``, or a dict); ``lr``,
             ``weight_decay``, ``max_rank`` and ``scale`` are set by the arguments of those names (``rank`` for
@@ -81,7 +86,7 @@ class GeneformerClassifier(OptimizerChoice, L.LightningModule):
         rank: int = 16,
         scale: float | None = None,
         target_modules: str | list[str] = "all-linear",
-        include_embeddings: bool = True,
+        include_embeddings: bool | None = None,
         adarank: AdaRankGradConfig = AdaRankGradConfig(),  # noqa: B008  (frozen: a safe default)
         lora_alpha: float | None = None,
         rank_monitor: bool = True,

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 __all__ = ["make_optimizer", "monitor_callbacks", "OPTIMIZERS"]
 
@@ -26,14 +26,21 @@ def make_optimizer(
     rank: int,
     scale: float | None,
     target_modules: Any,
-    include_embeddings: bool,
+    include_embeddings: bool | None,
     adarank: dict | None,
     warmup_steps: int,
     lr_schedule: str,
+    from_pretrained: bool = False,
 ):
     """``configure_optimizers`` body: ``lightning_adarank.build_optimizer`` plus an optional linear
-    warmup/decay schedule (Geneformer's fine-tuning recipe) stepped every batch."""
+    warmup/decay schedule (Geneformer's fine-tuning recipe) stepped every batch.
+
+    ``include_embeddings=None`` applies :func:`~lightning_adarank.optim.embedding_rule.resolve_include_embeddings`:
+    the gene-embedding table gets dense Adam, from scratch (``from_pretrained=False``) and when fine-tuning a
+    checkpoint (measured: projecting it cost 9 and 12 points of macro-F1); the choice is logged, and
+    ``True`` from scratch warns."""
     from lightning_adarank import build_optimizer
+    from lightning_adarank.optim.embedding_rule import resolve_include_embeddings
 
     extra = dict(adarank or {}) if optimizer == "adarankgrad" else {}
     opt = build_optimizer(
@@ -45,7 +52,9 @@ def make_optimizer(
         rank=rank,
         scale=scale,
         target_modules=target_modules,
-        include_embeddings=include_embeddings if optimizer in ("adarankgrad", "galore") else False,
+        include_embeddings=resolve_include_embeddings(include_embeddings, from_pretrained=from_pretrained,
+                                                      optimizer=optimizer, owner=type(module).__name__,
+                                                      report=rank_zero_info),
         **extra,
     )
     if lr_schedule == "constant" and warmup_steps <= 0:
@@ -88,7 +97,8 @@ def monitor_callbacks(optimizer: str, rank_monitor: bool, memory_monitor: bool) 
 class OptimizerChoice:
     """``configure_optimizers`` / ``configure_callbacks`` of the bio LightningModules, from their hparams
     (``optimizer``, ``lr``, ``weight_decay``, ``rank``, ``scale``, ``target_modules``, ``include_embeddings``,
-    ``adarank``, ``warmup_steps``, ``lr_schedule``, ``rank_monitor``, ``memory_monitor``) and ``self.model``."""
+    ``adarank``, ``warmup_steps``, ``lr_schedule``, ``rank_monitor``, ``memory_monitor``, ``pretrained``) and
+    ``self.model``; ``pretrained`` set means fine-tuning from a checkpoint (for ``include_embeddings=None``)."""
 
     def configure_optimizers(self):
         h = self.hparams
@@ -96,6 +106,7 @@ class OptimizerChoice:
             self, self.model, optimizer=h.optimizer, lr=h.lr, weight_decay=h.weight_decay, rank=h.rank,
             scale=h.scale, target_modules=h.target_modules, include_embeddings=h.include_embeddings,
             adarank=h.adarank, warmup_steps=h.warmup_steps, lr_schedule=h.lr_schedule,
+            from_pretrained=bool(h.pretrained),
         )
 
     def configure_callbacks(self):

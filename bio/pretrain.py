@@ -30,6 +30,8 @@ class GeneformerPretrainer(OptimizerChoice, L.LightningModule):
         pretrained: continue from a local checkpoint folder instead.
         save_dir: at the end of fitting, ``save_pretrained`` here (a folder ``GeneformerClassifier(pretrained=...)`` loads).
         optimizer: ``adarankgrad`` | ``galore`` | ``adamw`` (LoRA needs pretrained weights: not offered here).
+        include_embeddings: ``None`` (default): dense Adam for the embedding table (logged; ``True`` from
+            scratch warns; see :class:`bio.GeneformerClassifier`).
         other arguments: as :class:`bio.GeneformerClassifier`.
     """
 
@@ -47,7 +49,7 @@ class GeneformerPretrainer(OptimizerChoice, L.LightningModule):
         rank: int = 16,
         scale: float | None = None,
         target_modules: str | list[str] = "all-linear",
-        include_embeddings: bool = True,
+        include_embeddings: bool | None = None,
         adarank: AdaRankGradConfig = AdaRankGradConfig(),  # noqa: B008  (frozen: a safe default)
         rank_monitor: bool = True,
         memory_monitor: bool = True,

@@ -144,7 +144,9 @@ class CausalLMPretrainer(L.LightningModule):
         scale: projected-update scale α (``None``: AdaRankGrad 1.0, GaLore 0.25).
         update_proj_gap: GaLore's refresh period.
         target_modules: regex/list of the projected linears (default GaLore's ``attn|mlp``).
-        include_embeddings: also project the embedding table.
+        include_embeddings: also project the embedding table. ``None`` (default) applies the package's embedding
+            rule for training from scratch: dense Adam, not projected (logged; ``True`` is obeyed with a warning:
+            see :mod:`lightning_adarank.optim.embedding_rule`).
         warmup_steps: linear warm-up steps; min_lr_ratio: floor of the cosine decay.
         adarank: further AdaRankGrad settings, e.g. ``{"state_bits": 8, "energy": 0.9}``.
         seed: weight initialisation.
@@ -167,7 +169,7 @@ class CausalLMPretrainer(L.LightningModule):
         scale: float | None = None,
         update_proj_gap: int = 200,
         target_modules: str | list[str] = r"attn|mlp",
-        include_embeddings: bool = False,
+        include_embeddings: bool | None = None,
         warmup_steps: int = 1000,
         min_lr_ratio: float = 0.1,
         adarank: dict[str, Any] | None = None,
@@ -217,11 +219,18 @@ class CausalLMPretrainer(L.LightningModule):
         self.log_dict({"val/loss": mean, "val/ppl": torch.exp(mean)}, prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self):
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from lightning_adarank.optim.embedding_rule import resolve_include_embeddings
+
         hp = self.hparams
+        projects = "galore" if hp.optimizer.startswith("galore") else hp.optimizer  # galore8bit projects too
+        include_embeddings = resolve_include_embeddings(hp.include_embeddings, from_pretrained=False, optimizer=projects,
+                                                        owner=type(self).__name__, report=rank_zero_info)
         opt = build_pretrain_optimizer(
             self.model, hp.optimizer, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
             rank=hp.rank, scale=hp.scale, update_proj_gap=hp.update_proj_gap, target_modules=hp.target_modules,
-            include_embeddings=hp.include_embeddings, **(hp.adarank or {}),
+            include_embeddings=include_embeddings, **(hp.adarank or {}),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(

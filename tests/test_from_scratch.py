@@ -1,0 +1,183 @@
+"""Issue 31: the embedding rule of the task modules (dense from scratch, projected from a pretrained checkpoint),
+the matched-lr AdamW of the fair pre-training comparison, and ``benchmarks/from_scratch.py --smoke``."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+TINY = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 32}
+
+
+def _projected_names(opt) -> set[str]:
+    """Names of the parameters in AdaRankGrad's projected groups (``low_rank=True``)."""
+    return {n for g in opt.param_groups if g.get("low_rank") for n in g["param_names"]}
+
+
+# ----------------------------------------------------------------------------- the rule itself
+def test_rule_none_means_dense_from_scratch_and_projected_from_a_checkpoint(caplog):
+    from lightning_adarank.optim.embedding_rule import resolve_include_embeddings
+
+    with caplog.at_level(logging.INFO, logger="lightning_adarank.optim.embedding_rule"):
+        assert resolve_include_embeddings(None, from_pretrained=False, owner="M") is False
+        assert resolve_include_embeddings(None, from_pretrained=True, pretrained_default=True, owner="M") is True
+        assert resolve_include_embeddings(None, from_pretrained=True) is False  # measured: dense fine-tunes better
+    lines = [r.getMessage() for r in caplog.records]
+    assert "M: include_embeddings=None -> False (training from scratch)" in lines[0]
+    assert "Override with include_embeddings=True" in lines[0]
+    assert "(fine-tuning a pretrained checkpoint)" in lines[1] and "Override with include_embeddings=False" in lines[1]
+    # optimizers that project nothing never get True, whatever was asked
+    for name in ("adamw", "lora"):
+        assert resolve_include_embeddings(True, from_pretrained=True, optimizer=name) is False
+        assert resolve_include_embeddings(None, from_pretrained=False, optimizer=name) is False
+    assert resolve_include_embeddings(None, from_pretrained=True, pretrained_default=True, optimizer="galore") is True
+
+
+def test_rule_obeys_explicit_choices_and_warns_only_for_projected_from_scratch():
+    from lightning_adarank.optim.embedding_rule import (
+        ProjectedEmbeddingsFromScratchWarning,
+        resolve_include_embeddings,
+    )
+
+    with pytest.warns(ProjectedEmbeddingsFromScratchWarning, match="from scratch"):
+        assert resolve_include_embeddings(True, from_pretrained=False) is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_include_embeddings(True, from_pretrained=True) is True
+        assert resolve_include_embeddings(False, from_pretrained=False) is False
+        assert resolve_include_embeddings(False, from_pretrained=True) is False
+    with pytest.raises(TypeError, match="True, False or None"):
+        resolve_include_embeddings("false", from_pretrained=False)  # a YAML string would read as true
+
+
+# ----------------------------------------------------------------------------- bio modules
+def test_bio_classifier_default_follows_the_rule(tmp_path, caplog):
+    from bio import GeneformerClassifier
+
+    kw = dict(model_config=dict(TINY), optimizer="adarankgrad", rank=4, lr_schedule="constant", warmup_steps=0,
+              rank_monitor=False, memory_monitor=False)
+    scratch = GeneformerClassifier(["a", "b"], **kw)
+    assert scratch.hparams.include_embeddings is None
+    with caplog.at_level(logging.INFO):
+        opt = scratch.configure_optimizers()
+    emb = "bert.embeddings.word_embeddings.weight"
+    linears = {n for n, m in scratch.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert emb not in _projected_names(opt)
+    assert {f"{n}.weight" for n in linears} == _projected_names(opt)  # every linear, no embedding table
+    assert any("GeneformerClassifier: include_embeddings=None -> False (training from scratch)" in r.getMessage()
+               for r in caplog.records)
+
+    scratch.save_pretrained(tmp_path / "ckpt")
+    tuned = GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "ckpt"), **kw)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        projected = _projected_names(tuned.configure_optimizers())
+    embeddings = {f"{n}.weight" for n, m in tuned.model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    assert len(embeddings) == 3 and not embeddings & projected  # word, position, token type: dense by default
+    assert any("include_embeddings=None -> False (fine-tuning a pretrained checkpoint)" in r.getMessage()
+               for r in caplog.records)
+    asked = GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "ckpt"), include_embeddings=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning fine-tuning a checkpoint
+        assert embeddings <= _projected_names(asked.configure_optimizers())
+    forced = GeneformerClassifier(["a", "b"], include_embeddings=True, **kw)
+    from lightning_adarank.optim.embedding_rule import ProjectedEmbeddingsFromScratchWarning
+
+    with pytest.warns(ProjectedEmbeddingsFromScratchWarning):
+        assert emb in _projected_names(forced.configure_optimizers())
+
+
+def test_bio_pretrainer_from_scratch_keeps_embeddings_dense():
+    from bio import GeneformerPretrainer
+
+    pre = GeneformerPretrainer(model_config=dict(TINY), optimizer="galore", rank=4, lr_schedule="constant",
+                               warmup_steps=0, rank_monitor=False, memory_monitor=False)
+    opt = pre.configure_optimizers()
+    emb = pre.model.bert.embeddings.word_embeddings.weight
+    with_rank = [g for g in opt.param_groups if "rank" in g]  # GaLore's projected group
+    assert with_rank and not any(p is emb for g in with_rank for p in g["params"])
+    assert any(p is emb for g in opt.param_groups if "rank" not in g for p in g["params"])
+
+
+# ----------------------------------------------------------------------------- fair pre-training comparison
+def test_matched_adamw_gives_matrices_the_scaled_lr_and_the_rest_the_full_lr():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import llama_pretrain
+    from nlp.pretrain import CausalLMPretrainer
+
+    model = CausalLMPretrainer(vocab_size=50, model=None, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, optimizer="adamw").model
+    opt = llama_pretrain.matched_adamw(model, 0.02, 0.25)
+    assert isinstance(opt, torch.optim.AdamW)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert len(lr_of) == sum(1 for _ in model.parameters())  # every parameter, once
+    for name, module in model.named_modules():  # reference: GaLore's selection, the attn/mlp nn.Linear weights
+        for pname, p in module.named_parameters(recurse=False):
+            matrix = isinstance(module, torch.nn.Linear) and re.search(r"attn|mlp", name) and pname == "weight"
+            assert lr_of[id(p)] == pytest.approx(0.005 if matrix else 0.02), (name, pname)
+    assert lr_of[id(model.lm_head.weight)] == 0.02 and lr_of[id(model.model.embed_tokens.weight)] == 0.02
+
+
+# ----------------------------------------------------------------------------- the benchmark
+@pytest.mark.skipif(not (SHARED / "geneformer" / "gc30M").is_dir() or not (SHARED / "glue" / "SST-2").is_dir(),
+                    reason=f"shared data not found under {SHARED}")
+def test_from_scratch_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/from_scratch.py", "--smoke", "--runs", str(tmp_path / "runs.json")],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = {}  # section title -> first table of the section: {method: cells}
+    for section in proc.stdout.split("### ")[1:]:
+        rows: dict[str, list[str]] = {}
+        for line in section.splitlines():
+            if line.startswith("| "):
+                cells = [c.strip() for c in line.split("|")[1:-1]]
+                rows.setdefault(cells[0], cells)
+        tables[section.split("\n")[0]] = rows
+    scratch, tuned, llama = (next(v for k, v in tables.items() if k.startswith(t))
+                             for t in ("Cell-type classifier from scratch", "Cell-type classifier fine-tuned", "Small LLaMA"))
+    assert scratch["adamw"][3] == "dense" and scratch["adarankgrad"][2:4] == ["default (None)", "dense"]
+    assert tuned["adarankgrad"][2:4] == ["default (None)", "dense"]  # dense when fine-tuning too (measured)
+    for name in ("adamw", "adarankgrad"):
+        assert 0.0 <= float(scratch[name][4]) <= 100.0 and 0.0 <= float(tuned[name][4]) <= 100.0
+    for name in ("adamw_matched", "adarankgrad32"):  # llama grid: a finite perplexity from one seed
+        assert float(llama[name][1].split()[0]) > 1.0 and llama[name][1].endswith("(1)")
+    assert (tmp_path / "from_scratch_smoke_cpu.md").is_file()
+
+
+def test_llama_pretrainer_default_keeps_embeddings_dense(caplog):
+    """``CausalLMPretrainer`` always trains from scratch: by default ``embed_tokens`` gets dense Adam (logged);
+    ``include_embeddings=True`` projects it, with the warning. Two real Lightning steps each."""
+    import lightning as L
+
+    from lightning_adarank.optim.embedding_rule import ProjectedEmbeddingsFromScratchWarning
+    from nlp.pretrain import CausalLMPretrainer
+
+    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=4)
+
+    def fit(**kw):
+        module = CausalLMPretrainer(vocab_size=50, model=None, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2, optimizer="adarankgrad", rank=4,
+                                    warmup_steps=1, **kw)
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, train_dataloaders=loader)
+        return _projected_names(trainer.optimizers[0])
+
+    with caplog.at_level(logging.INFO):
+        projected = fit()
+    assert "model.embed_tokens.weight" not in projected and "model.layers.0.mlp.up_proj.weight" in projected
+    assert any("CausalLMPretrainer: include_embeddings=None -> False (training from scratch)" in r.getMessage()
+               for r in caplog.records)
+    with pytest.warns(ProjectedEmbeddingsFromScratchWarning):
+        assert "model.embed_tokens.weight" in fit(include_embeddings=True)
