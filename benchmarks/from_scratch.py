@@ -1,4 +1,4 @@
-"""Training from scratch: AdamW vs AdaRankGrad (defaults and each embedding rule) vs GaLore, several seeds (issue 31).
+"""Training from scratch: AdamW vs AdaRankGrad (defaults and each embedding rule) vs GaLore, several seeds.
 
     OMP_NUM_THREADS=1 python benchmarks/from_scratch.py             # every part, seeds 0,1,2 (hours on 2 CPU cores)
     python benchmarks/from_scratch.py --part bio                     # the cell-type task from scratch (~15 min)
@@ -341,7 +341,7 @@ def main(argv=None) -> str:
     if a.part in ("llama", "all"):
         parts.append(llama_part(a))
     cmd = "python benchmarks/from_scratch.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"## Training from scratch (issue 31)\n\n- command: `{cmd.strip()}`\n- machine: {common.machine(device)}; "
+    text = (f"## Training from scratch\n\n- command: `{cmd.strip()}`\n- machine: {common.machine(device)}; "
             f"{a.threads} torch thread(s); this call {(time.time() - t0) / 60:.1f} min (runs reused from "
             f"`{a.runs.name}` are not re-timed)\n\n" + "\n".join(parts))
     tag = "from_scratch" + ("_smoke" if a.smoke else "") + ("" if a.part == "all" else f"_{a.part}")
