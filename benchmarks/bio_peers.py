@@ -76,25 +76,58 @@ def main(argv=None) -> str:
         raise SystemExit(f"Geneformer dictionaries not found at {dictionary_dir} (--dictionary-dir)")
     config = default_config_path(dictionary_dir)
     overrides = small_config_overrides(128, 2, a.max_length)
-    cells = load_cells(h5ad=BUILTIN_PBMC, dictionary_dir=str(dictionary_dir), obs_columns=["bulk_labels"], progress=False)
+    cells = load_cells(
+        h5ad=BUILTIN_PBMC, dictionary_dir=str(dictionary_dir), obs_columns=["bulk_labels"], progress=False
+    )
     work = Path(tempfile.mkdtemp(prefix="bio_peers_"))
-    kw = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-              log_every_n_steps=5)
+    kw = dict(
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+    )
 
     L.seed_everything(a.seed, verbose=False)
-    mlm = MaskedGeneDataModule.from_dataset(cells, dictionary_dir=str(dictionary_dir), batch_size=a.batch_size,
-                                            max_length=a.max_length, seed=a.seed, val_fraction=0.0)
-    pre = GeneformerPretrainer(model_config=str(config), config_overrides=overrides, optimizer="adamw", lr=1e-3,
-                               warmup_steps=5, save_dir=str(work / "pretrained"), memory_monitor=False)
+    mlm = MaskedGeneDataModule.from_dataset(
+        cells,
+        dictionary_dir=str(dictionary_dir),
+        batch_size=a.batch_size,
+        max_length=a.max_length,
+        seed=a.seed,
+        val_fraction=0.0,
+    )
+    pre = GeneformerPretrainer(
+        model_config=str(config),
+        config_overrides=overrides,
+        optimizer="adamw",
+        lr=1e-3,
+        warmup_steps=5,
+        save_dir=str(work / "pretrained"),
+        memory_monitor=False,
+    )
     L.Trainer(max_epochs=a.pretrain_epochs, logger=False, limit_val_batches=0, **kw).fit(pre, datamodule=mlm)
 
     rows, baseline = [], None
     for name in a.optimizers.split(","):
         L.seed_everything(a.seed, verbose=False)
-        dm = CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels", group_column=None,
-                                                       batch_size=a.batch_size, max_length=a.max_length, seed=a.seed)
-        model = GeneformerClassifier(dm.label_names, pretrained=str(work / "pretrained"), optimizer=name, rank=a.rank,
-                                     lr=lrs[name], warmup_steps=10, memory_monitor=False)
+        dm = CellClassificationDataModule.from_dataset(
+            cells,
+            label_column="bulk_labels",
+            group_column=None,
+            batch_size=a.batch_size,
+            max_length=a.max_length,
+            seed=a.seed,
+        )
+        model = GeneformerClassifier(
+            dm.label_names,
+            pretrained=str(work / "pretrained"),
+            optimizer=name,
+            rank=a.rank,
+            lr=lrs[name],
+            warmup_steps=10,
+            memory_monitor=False,
+        )
         logger = CSVLogger(work, name=name)
         trainer = L.Trainer(max_epochs=a.epochs, logger=logger, **kw)
         t0 = time.perf_counter()
@@ -110,13 +143,27 @@ def main(argv=None) -> str:
             eff_s = f"{a.rank} (fixed)"
         else:
             eff_s = "full"
-        rows.append(dict(name=name, lr=lrs[name], f1=[h["val/f1_macro"] for h in model.history],
-                         test_f1=test["test/f1_macro"], test_acc=test["test/accuracy"], wall=wall,
-                         state=optimizer_state_bytes(trainer.optimizers[0]), eff=eff_s, trainable=trainable))
+        rows.append(
+            dict(
+                name=name,
+                lr=lrs[name],
+                f1=[h["val/f1_macro"] for h in model.history],
+                test_f1=test["test/f1_macro"],
+                test_acc=test["test/accuracy"],
+                wall=wall,
+                state=optimizer_state_bytes(trainer.optimizers[0]),
+                eff=eff_s,
+                trainable=trainable,
+            )
+        )
         print(f"{name}: test macro-F1 {test['test/f1_macro']:.3f}, {wall:.1f} s", file=sys.stderr, flush=True)
 
     adamw_state = next((r["state"] for r in rows if r["name"] == "adamw"), None)
-    cmd = "python benchmarks/bio_peers.py" + (" --quick" if a.quick else "") + "".join(f" {x}" for x in (argv or sys.argv[1:]) if x != "--quick")
+    cmd = (
+        "python benchmarks/bio_peers.py"
+        + (" --quick" if a.quick else "")
+        + "".join(f" {x}" for x in (argv or sys.argv[1:]) if x != "--quick")
+    )
     lines = [
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
@@ -132,8 +179,10 @@ def main(argv=None) -> str:
     for r in rows:
         ratio = f"{r['state'] / adamw_state:.2f}x" if adamw_state else "n/a"
         per_epoch = " / ".join(f"{v:.3f}" for v in r["f1"])
-        lines.append(f"| {r['name']} | {r['lr']:g} | {per_epoch} | {r['test_f1']:.3f} | {r['test_acc']:.3f} | "
-                     f"{r['wall']:.1f} | {r['state'] / 2**20:.2f} MiB | {ratio} | {r['eff']} | {r['trainable']:,} |")
+        lines.append(
+            f"| {r['name']} | {r['lr']:g} | {per_epoch} | {r['test_f1']:.3f} | {r['test_acc']:.3f} | "
+            f"{r['wall']:.1f} | {r['state'] / 2**20:.2f} MiB | {ratio} | {r['eff']} | {r['trainable']:,} |"
+        )
     table = "\n".join(lines)
     print(table)
     return table

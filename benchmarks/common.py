@@ -26,8 +26,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -182,8 +182,10 @@ def run_child(argv: Sequence[str], timeout: float = 1800) -> dict:
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=REPO)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_TAG):
-            return json.loads(line[len(_RESULT_TAG):])
-    raise RuntimeError(f"child {' '.join(argv)} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            return json.loads(line[len(_RESULT_TAG) :])
+    raise RuntimeError(
+        f"child {' '.join(argv)} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
 
 
 # ----------------------------------------------------------------------------- output

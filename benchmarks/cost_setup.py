@@ -12,9 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 import common as C  # noqa: E402
+import torch  # noqa: E402
 
 GENEFORMER_CONFIG = C.REPO.parent / "shared" / "data" / "geneformer" / "configs" / "gf-12L-30M-i2048_config.json"
 ALL_MODELS = ("bert-base", "roberta-base", "geneformer-12L-30M", "llama-60m", "llama-130m")
@@ -29,7 +28,11 @@ def build_model(name: str):
     """``(model, kind, vocab_size, head)``: kind ``"cls"`` (sequence classification) or ``"lm"`` (causal LM);
     ``head`` is the module LoRA keeps fully trainable (``modules_to_save``), or None."""
     from transformers import (  # noqa: PLC0415
-        BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, RobertaConfig,
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+        RobertaConfig,
         RobertaForSequenceClassification,
     )
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
@@ -48,17 +51,36 @@ def build_model(name: str):
         return BertForSequenceClassification(cfg), "cls", cfg.vocab_size, "classifier"
     if name in LLAMA:  # GaLore's configs/llama_60m.json, llama_130m.json, llama_350m.json
         h, i, n, heads = LLAMA[name]
-        cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
-                          vocab_size=32000, max_position_embeddings=1024, rms_norm_eps=1e-6)
+        cfg = LlamaConfig(
+            hidden_size=h,
+            intermediate_size=i,
+            num_hidden_layers=n,
+            num_attention_heads=heads,
+            vocab_size=32000,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+        )
         return LlamaForCausalLM(cfg), "lm", cfg.vocab_size, None
     if name.startswith("bert-w"):  # "bert-w256-L6": the depth-scaling model of one width (operator counts)
-        width, layers = (int(x) for x in name[len("bert-w"):].split("-L"))
-        cfg = BertConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
-                         intermediate_size=4 * width, num_labels=2)
+        width, layers = (int(x) for x in name[len("bert-w") :].split("-L"))
+        cfg = BertConfig(
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=max(1, width // 64),
+            intermediate_size=4 * width,
+            num_labels=2,
+        )
         return BertForSequenceClassification(cfg), "cls", cfg.vocab_size, "classifier"
     if name == "tiny-bert":  # smoke tests only
-        cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=128, max_position_embeddings=64, num_labels=2)
+        cfg = BertConfig(
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
         return BertForSequenceClassification(cfg), "cls", cfg.vocab_size, "classifier"
     raise ValueError(f"unknown model {name!r}")
 
@@ -114,8 +136,11 @@ def make_optimizer(model, v: Variant):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
     if v.key == "galore":  # GaLore's recipe: embeddings stay with (its own) AdamW, gap 200
         return build_optimizer(model, "galore", lr=lr, rank=v.rank, galore_update_proj_gap=200)
-    extra = {"grouped": {"adarank_emb_loop": False, "adarank_emb_grouped": True}[v.key]} \
-        if v.key in ("adarank_emb_loop", "adarank_emb_grouped") else {}
+    extra = (
+        {"grouped": {"adarank_emb_loop": False, "adarank_emb_grouped": True}[v.key]}
+        if v.key in ("adarank_emb_loop", "adarank_emb_grouped")
+        else {}
+    )
     return build_optimizer(model, "adarankgrad", lr=lr, rank=v.rank, include_embeddings=v.key != "adarank", **extra)
 
 

@@ -58,11 +58,18 @@ MATRIX_SCALE_PREFIX = "adamw_matrix"
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["bio", "bio_pretrained", "llama", "all"], default="all",
-                   help="bio_pretrained: the same classifier fine-tuned from a masked-gene pre-trained checkpoint")
+    p.add_argument(
+        "--part",
+        choices=["bio", "bio_pretrained", "llama", "all"],
+        default="all",
+        help="bio_pretrained: the same classifier fine-tuned from a masked-gene pre-trained checkpoint",
+    )
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--bio-methods", default="adamw,adarankgrad,adarankgrad_emb_projected,galore",
-                   help=f"of {list(BIO_METHODS)} (adarankgrad_emb_dense is what the default resolves to from scratch)")
+    p.add_argument(
+        "--bio-methods",
+        default="adamw,adarankgrad,adarankgrad_emb_projected,galore",
+        help=f"of {list(BIO_METHODS)} (adarankgrad_emb_dense is what the default resolves to from scratch)",
+    )
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--pretrain-epochs", type=int, default=3, help="bio_pretrained: masked-gene epochs")
     p.add_argument("--max-length", type=int, default=128, help="genes per cell (top-ranked)")
@@ -107,8 +114,9 @@ def find(runs: list[dict], key: str) -> dict | None:
 
 # ----------------------------------------------------------------------------- bio
 def bio_setup(a, pretrained: bool = False) -> str:
-    return (f"bio e{a.epochs} L{a.max_length} b{a.batch_size} lr{a.lr:g} r{a.rank} t{a.test_fraction:g}"
-            + (f" pre{a.pretrain_epochs}" if pretrained else ""))
+    return f"bio e{a.epochs} L{a.max_length} b{a.batch_size} lr{a.lr:g} r{a.rank} t{a.test_fraction:g}" + (
+        f" pre{a.pretrain_epochs}" if pretrained else ""
+    )
 
 
 def pretrain_bio(a, cells, seed: int) -> str:
@@ -120,13 +128,33 @@ def pretrain_bio(a, cells, seed: int) -> str:
 
     out = Path(tempfile.mkdtemp(prefix="from_scratch_pretrained_"))
     L.seed_everything(seed, verbose=False)
-    dm = MaskedGeneDataModule.from_dataset(cells, dictionary_dir=a.dictionary_dir, batch_size=a.batch_size,
-                                           max_length=a.max_length, seed=seed, val_fraction=0.0)
-    pre = GeneformerPretrainer(model_config=str(default_config_path(Path(a.dictionary_dir))), optimizer="adamw",
-                               config_overrides=small_config_overrides(128, 2, a.max_length), lr=1e-3, warmup_steps=5,
-                               save_dir=str(out), rank_monitor=False, memory_monitor=False)
-    L.Trainer(max_epochs=a.pretrain_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0).fit(pre, datamodule=dm)
+    dm = MaskedGeneDataModule.from_dataset(
+        cells,
+        dictionary_dir=a.dictionary_dir,
+        batch_size=a.batch_size,
+        max_length=a.max_length,
+        seed=seed,
+        val_fraction=0.0,
+    )
+    pre = GeneformerPretrainer(
+        model_config=str(default_config_path(Path(a.dictionary_dir))),
+        optimizer="adamw",
+        config_overrides=small_config_overrides(128, 2, a.max_length),
+        lr=1e-3,
+        warmup_steps=5,
+        save_dir=str(out),
+        rank_monitor=False,
+        memory_monitor=False,
+    )
+    L.Trainer(
+        max_epochs=a.pretrain_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    ).fit(pre, datamodule=dm)
     return str(out)
 
 
@@ -141,18 +169,43 @@ def run_bio(a, cells, method: str, seed: int, pretrained: str | None = None) -> 
 
     optimizer, include_embeddings, target_modules = BIO_METHODS[method]
     L.seed_everything(seed, verbose=False)
-    dm = CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels", group_column=None,
-                                                   batch_size=a.batch_size, max_length=a.max_length, seed=seed,
-                                                   test_fraction=a.test_fraction)
-    arch = (dict(pretrained=pretrained) if pretrained else
-            dict(model_config=str(default_config_path(Path(a.dictionary_dir))),
-                 config_overrides=small_config_overrides(128, 2, a.max_length)))
-    model = GeneformerClassifier(dm.label_names, **arch, optimizer=optimizer,
-                                 rank=a.rank, lr=a.lr, warmup_steps=10, include_embeddings=include_embeddings,
-                                 target_modules=target_modules,
-                                 rank_monitor=False, memory_monitor=False)
-    trainer = L.Trainer(max_epochs=a.epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
+    dm = CellClassificationDataModule.from_dataset(
+        cells,
+        label_column="bulk_labels",
+        group_column=None,
+        batch_size=a.batch_size,
+        max_length=a.max_length,
+        seed=seed,
+        test_fraction=a.test_fraction,
+    )
+    arch = (
+        dict(pretrained=pretrained)
+        if pretrained
+        else dict(
+            model_config=str(default_config_path(Path(a.dictionary_dir))),
+            config_overrides=small_config_overrides(128, 2, a.max_length),
+        )
+    )
+    model = GeneformerClassifier(
+        dm.label_names,
+        **arch,
+        optimizer=optimizer,
+        rank=a.rank,
+        lr=a.lr,
+        warmup_steps=10,
+        include_embeddings=include_embeddings,
+        target_modules=target_modules,
+        rank_monitor=False,
+        memory_monitor=False,
+    )
+    trainer = L.Trainer(
+        max_epochs=a.epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - t0
@@ -160,10 +213,17 @@ def run_bio(a, cells, method: str, seed: int, pretrained: str | None = None) -> 
     opt = trainer.optimizers[0]
     emb = model.model.bert.embeddings.word_embeddings.weight
     projected = any(g.get("low_rank") and any(p is emb for p in g["params"]) for g in opt.param_groups) or (
-        optimizer == "galore" and any("rank" in g and any(p is emb for p in g["params"]) for g in opt.param_groups))
-    return {"f1": float(test["test/f1_macro"]), "acc": float(test["test/accuracy"]), "seconds": seconds,
-            "state_bytes": optimizer_state_bytes(opt), "emb_projected": bool(projected),
-            "test_cells": len(dm.splits["test"]), "majority_f1": dm.majority_baseline("test")["macro_f1"]}
+        optimizer == "galore" and any("rank" in g and any(p is emb for p in g["params"]) for g in opt.param_groups)
+    )
+    return {
+        "f1": float(test["test/f1_macro"]),
+        "acc": float(test["test/accuracy"]),
+        "seconds": seconds,
+        "state_bytes": optimizer_state_bytes(opt),
+        "emb_projected": bool(projected),
+        "test_cells": len(dm.splits["test"]),
+        "majority_f1": dm.majority_baseline("test")["macro_f1"],
+    }
 
 
 def bio_part(a, pretrained: bool = False) -> str:
@@ -190,13 +250,16 @@ def bio_part(a, pretrained: bool = False) -> str:
             if a.report_only or find(load_runs(a.runs), key):
                 continue
             if cells is None:
-                cells = load_cells(h5ad=BUILTIN_PBMC, dictionary_dir=a.dictionary_dir, obs_columns=["bulk_labels"],
-                                   progress=False)
+                cells = load_cells(
+                    h5ad=BUILTIN_PBMC, dictionary_dir=a.dictionary_dir, obs_columns=["bulk_labels"], progress=False
+                )
             if pretrained and checkpoint is None:
                 checkpoint = pretrain_bio(a, cells, seed)
             r = run_bio(a, cells, method, seed, checkpoint)
             save_run(a.runs, {"key": key, "part": "bio", "setup": setup, "method": method, "seed": seed, **r})
-            print(f"bio {method} seed {seed}: macro-F1 {r['f1']:.3f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"bio {method} seed {seed}: macro-F1 {r['f1']:.3f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True
+            )
     return bio_report(a, setup, methods, pretrained)
 
 
@@ -219,24 +282,49 @@ def bio_report(a, setup: str, methods: list[str], pretrained: bool = False) -> s
     rows = []
     for m in methods:
         got = [by[m, s] for s in seeds if (m, s) in by]
-        rows.append([m, BIO_METHODS[m][0] + ("" if BIO_METHODS[m][2] == "all-linear" else f", target_modules={BIO_METHODS[m][2]!r}"),
-                     {None: "default (None)", True: "True", False: "False"}[BIO_METHODS[m][1]],
-                     "projected" if got[0]["emb_projected"] else "dense",
-                     *[f"{100 * by[m, s]['f1']:.1f}" if (m, s) in by else "—" for s in seeds],
-                     f"**{means[m]:.1f}** ({len(got)})", "—" if ref is None or m == "adamw" else f"{means[m] - ref:+.1f}",
-                     f"{got[0]['state_bytes'] / 2**20:.2f}", f"{statistics.mean(g['seconds'] for g in got):.0f}"])
+        rows.append(
+            [
+                m,
+                BIO_METHODS[m][0]
+                + ("" if BIO_METHODS[m][2] == "all-linear" else f", target_modules={BIO_METHODS[m][2]!r}"),
+                {None: "default (None)", True: "True", False: "False"}[BIO_METHODS[m][1]],
+                "projected" if got[0]["emb_projected"] else "dense",
+                *[f"{100 * by[m, s]['f1']:.1f}" if (m, s) in by else "—" for s in seeds],
+                f"**{means[m]:.1f}** ({len(got)})",
+                "—" if ref is None or m == "adamw" else f"{means[m] - ref:+.1f}",
+                f"{got[0]['state_bytes'] / 2**20:.2f}",
+                f"{statistics.mean(g['seconds'] for g in got):.0f}",
+            ]
+        )
     g0 = runs[0]
-    start = (f"fine-tuned from a checkpoint pre-trained by masked-gene modeling on every cell ({a.pretrain_epochs} "
-             f"epochs, AdamW lr 0.001, no labels; one per seed)" if pretrained else "random init")
-    text = (f"### Cell-type classifier {'fine-tuned' if pretrained else 'from scratch'} (pbmc68k_reduced, bulk_labels)\n\n"
-            f"- set-up: gf-6L-30M config shrunk to 2 layers / hidden 128 (25,426-gene embedding table), {start}, "
-            f"top {a.max_length} genes, {a.epochs} epochs, batch {a.batch_size}, lr {a.lr:g} for every method "
-            f"(10 warm-up steps, linear decay), rank {a.rank}; stratified split with test fraction {a.test_fraction:g} "
-            f"({g0['test_cells']} test cells; majority-class macro-F1 {100 * g0['majority_f1']:.1f} on seed "
-            f"{g0['seed']}); the seed sets split, init and batch order\n\n")
+    start = (
+        f"fine-tuned from a checkpoint pre-trained by masked-gene modeling on every cell ({a.pretrain_epochs} "
+        f"epochs, AdamW lr 0.001, no labels; one per seed)"
+        if pretrained
+        else "random init"
+    )
+    text = (
+        f"### Cell-type classifier {'fine-tuned' if pretrained else 'from scratch'} (pbmc68k_reduced, bulk_labels)\n\n"
+        f"- set-up: gf-6L-30M config shrunk to 2 layers / hidden 128 (25,426-gene embedding table), {start}, "
+        f"top {a.max_length} genes, {a.epochs} epochs, batch {a.batch_size}, lr {a.lr:g} for every method "
+        f"(10 warm-up steps, linear decay), rank {a.rank}; stratified split with test fraction {a.test_fraction:g} "
+        f"({g0['test_cells']} test cells; majority-class macro-F1 {100 * g0['majority_f1']:.1f} on seed "
+        f"{g0['seed']}); the seed sets split, init and batch order\n\n"
+    )
     text += common.markdown_table(
-        ["method", "optimizer", "include_embeddings", "embedding table", *[f"seed {s}" for s in seeds],
-         "mean macro-F1 (seeds)", "vs AdamW (points)", "state MiB", "fit s"], rows)
+        [
+            "method",
+            "optimizer",
+            "include_embeddings",
+            "embedding table",
+            *[f"seed {s}" for s in seeds],
+            "mean macro-F1 (seeds)",
+            "vs AdamW (points)",
+            "state MiB",
+            "fit s",
+        ],
+        rows,
+    )
     return text
 
 
@@ -245,8 +333,11 @@ def llama_part(a) -> str:
     import llama_pretrain
 
     methods = [m for m in a.llama_methods.split(",") if m]
-    bad = {m for m in methods if not m.startswith(MATRIX_SCALE_PREFIX)} - set(llama_pretrain.METHODS) - set(
-        llama_pretrain.EXTRA_METHODS)
+    bad = (
+        {m for m in methods if not m.startswith(MATRIX_SCALE_PREFIX)}
+        - set(llama_pretrain.METHODS)
+        - set(llama_pretrain.EXTRA_METHODS)
+    )
     if bad:
         raise SystemExit(f"unknown llama methods {sorted(bad)}")
     lrs = [float(x) for x in a.llama_lrs.split(",") if x]
@@ -265,20 +356,54 @@ def llama_part(a) -> str:
                 if data is None:
                     data = Path(tempfile.mkdtemp(prefix="from_scratch_llama_")) / "blocks.pt"
                     llama_pretrain.prepare_data(la, data)
-                child = ["benchmarks/llama_pretrain.py", "--steps", str(la.steps), "--eval-every", str(la.steps),
-                         "--batch", str(la.batch), "--block", str(la.block), "--rank", str(la.rank),
-                         "--threads", str(a.threads), "--seed", str(seed), "--lr-lowrank", f"{lr:g}",
-                         "--lr-adam", f"{lr:g}", "--data", str(data)]
+                child = [
+                    "benchmarks/llama_pretrain.py",
+                    "--steps",
+                    str(la.steps),
+                    "--eval-every",
+                    str(la.steps),
+                    "--batch",
+                    str(la.batch),
+                    "--block",
+                    str(la.block),
+                    "--rank",
+                    str(la.rank),
+                    "--threads",
+                    str(a.threads),
+                    "--seed",
+                    str(seed),
+                    "--lr-lowrank",
+                    f"{lr:g}",
+                    "--lr-adam",
+                    f"{lr:g}",
+                    "--data",
+                    str(data),
+                ]
                 if method.startswith(MATRIX_SCALE_PREFIX):
-                    child += ["--child", "adamw_matched", "--matched-scale", method[len(MATRIX_SCALE_PREFIX):]]
+                    child += ["--child", "adamw_matched", "--matched-scale", method[len(MATRIX_SCALE_PREFIX) :]]
                 else:
                     child += ["--child", method]
                 r = common.run_child(child, timeout=7200)
                 ppl = r["curve"][-1][1]
-                save_run(a.runs, {"key": key, "part": "llama", "setup": setup, "method": method, "lr": lr, "seed": seed,
-                                  "ppl": ppl, "seconds": r["seconds"], "state_bytes": r["state_bytes"]})
-                print(f"llama {method} lr {lr:g} seed {seed}: ppl {ppl:.1f} ({r['seconds']:.0f} s)", file=sys.stderr,
-                      flush=True)
+                save_run(
+                    a.runs,
+                    {
+                        "key": key,
+                        "part": "llama",
+                        "setup": setup,
+                        "method": method,
+                        "lr": lr,
+                        "seed": seed,
+                        "ppl": ppl,
+                        "seconds": r["seconds"],
+                        "state_bytes": r["state_bytes"],
+                    },
+                )
+                print(
+                    f"llama {method} lr {lr:g} seed {seed}: ppl {ppl:.1f} ({r['seconds']:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return llama_report(a, la, setup, methods, lrs)
 
 
@@ -308,22 +433,42 @@ def llama_report(a, la, setup: str, methods: list[str], lrs: list[float]) -> str
         grid_rows.append([m, *cells])
     ref = best.get("adamw_matched")
     full = [best[m][1] for m in best if m.startswith("adamw")]  # every full-rank AdamW variant
-    best_rows = [[m, f"{lr:g}", *[f"{by[m, lr, s]:.1f}" if (m, lr, s) in by else "—" for s in seeds],
-                  f"**{mean:.1f}**", "—" if ref is None else f"{mean / ref[1]:.3f}",
-                  "—" if not full else f"{mean / min(full):.3f}"] for m, (lr, mean) in best.items()]
-    text = (f"### Small LLaMA from scratch, fair comparison\n\n"
-            f"- set-up: `{la.model}` on SST-2 sentences (BPE vocab {la.vocab}), blocks of {la.block}, batch {la.batch}, "
-            f"{la.steps} steps, warm-up 10 %, cosine to 10 %; rank {la.rank}; scale 0.25 for the projected matrices "
-            f"(AdaRankGrad `scale_mode='galore'`, GaLore, gap {la.gap}); `adamw_matched` = full AdamW with dense "
-            f"parameters at lr and attention/MLP matrices at 0.25 lr; every method on the same lr grid\n\n"
-            f"Final validation perplexity by peak lr, mean over the seeds run (how many in brackets):\n\n")
+    best_rows = [
+        [
+            m,
+            f"{lr:g}",
+            *[f"{by[m, lr, s]:.1f}" if (m, lr, s) in by else "—" for s in seeds],
+            f"**{mean:.1f}**",
+            "—" if ref is None else f"{mean / ref[1]:.3f}",
+            "—" if not full else f"{mean / min(full):.3f}",
+        ]
+        for m, (lr, mean) in best.items()
+    ]
+    text = (
+        f"### Small LLaMA from scratch, fair comparison\n\n"
+        f"- set-up: `{la.model}` on SST-2 sentences (BPE vocab {la.vocab}), blocks of {la.block}, batch {la.batch}, "
+        f"{la.steps} steps, warm-up 10 %, cosine to 10 %; rank {la.rank}; scale 0.25 for the projected matrices "
+        f"(AdaRankGrad `scale_mode='galore'`, GaLore, gap {la.gap}); `adamw_matched` = full AdamW with dense "
+        f"parameters at lr and attention/MLP matrices at 0.25 lr; every method on the same lr grid\n\n"
+        f"Final validation perplexity by peak lr, mean over the seeds run (how many in brackets):\n\n"
+    )
     text += common.markdown_table(["method", *[f"lr {x:g}" for x in lrs]], grid_rows)
     text += "\nBest lr of each (lowest mean), per seed:\n\n" + common.markdown_table(
-        ["method", "best lr", *[f"seed {s}" for s in seeds], "mean ppl", "ppl / AdamW (matched)",
-         "ppl / best AdamW variant"], best_rows)
-    text += ("\n`adamw_matrix<s>`: `adamw_matched` with the attention/MLP matrices at s x lr instead of the recipe's "
-             "0.25 x lr (AdaRankGrad's projected update in `scale_mode='galore'` is smaller than its nominal "
-             "0.25 lr: the back-projected Adam step of a rank-r subspace has about sqrt(r/m) of full Adam's RMS).\n")
+        [
+            "method",
+            "best lr",
+            *[f"seed {s}" for s in seeds],
+            "mean ppl",
+            "ppl / AdamW (matched)",
+            "ppl / best AdamW variant",
+        ],
+        best_rows,
+    )
+    text += (
+        "\n`adamw_matrix<s>`: `adamw_matched` with the attention/MLP matrices at s x lr instead of the recipe's "
+        "0.25 x lr (AdaRankGrad's projected update in `scale_mode='galore'` is smaller than its nominal "
+        "0.25 lr: the back-projected Adam step of a rank-r subspace has about sqrt(r/m) of full Adam's RMS).\n"
+    )
     return text
 
 
@@ -341,9 +486,11 @@ def main(argv=None) -> str:
     if a.part in ("llama", "all"):
         parts.append(llama_part(a))
     cmd = "python benchmarks/from_scratch.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"## Training from scratch\n\n- command: `{cmd.strip()}`\n- machine: {common.machine(device)}; "
-            f"{a.threads} torch thread(s); this call {(time.time() - t0) / 60:.1f} min (runs reused from "
-            f"`{a.runs.name}` are not re-timed)\n\n" + "\n".join(parts))
+    text = (
+        f"## Training from scratch\n\n- command: `{cmd.strip()}`\n- machine: {common.machine(device)}; "
+        f"{a.threads} torch thread(s); this call {(time.time() - t0) / 60:.1f} min (runs reused from "
+        f"`{a.runs.name}` are not re-timed)\n\n" + "\n".join(parts)
+    )
     tag = "from_scratch" + ("_smoke" if a.smoke else "") + ("" if a.part == "all" else f"_{a.part}")
     out = common.save(tag, device, text, a.out_dir if a.out_dir else (a.runs.parent if a.smoke else None))
     print(text)

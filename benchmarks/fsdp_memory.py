@@ -88,13 +88,23 @@ def worker(args: argparse.Namespace) -> None:
     if isinstance(opt, AdaRankGrad):
         state = opt.state_bytes()
     else:
-        state = sum(v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else v.numel() * v.element_size()
-                    for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+        state = sum(
+            v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else v.numel() * v.element_size()
+            for st in opt.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )
     peak = common.peak_bytes(device)
-    mine = {"rank": rank, "state": state, "peak": peak, "growth": peak - start, "opt_ms": statistics.median(step_ms),
-            "step_ms": statistics.median(total_ms),
-            "params": sum(p.numel() for p in model.parameters()),
-            "ranks": sorted(set(opt.ranks().values())) if isinstance(opt, AdaRankGrad) else []}
+    mine = {
+        "rank": rank,
+        "state": state,
+        "peak": peak,
+        "growth": peak - start,
+        "opt_ms": statistics.median(step_ms),
+        "step_ms": statistics.median(total_ms),
+        "params": sum(p.numel() for p in model.parameters()),
+        "ranks": sorted(set(opt.ranks().values())) if isinstance(opt, AdaRankGrad) else [],
+    }
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
@@ -104,15 +114,30 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(args: argparse.Namespace, method: str) -> dict:
     world = max(1, torch.cuda.device_count()) if args.device == "cuda" else args.world
-    argv = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), __file__, "--worker",
-            "--method", method, *sys.argv[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(common.REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=3600, cwd=common.REPO,
-                          env=env)
+    argv = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(world),
+        __file__,
+        "--worker",
+        "--method",
+        method,
+        *sys.argv[1:],
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(common.REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, timeout=3600, cwd=common.REPO, env=env
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(common._RESULT_TAG):
-            return json.loads(line[len(common._RESULT_TAG):])
+            return json.loads(line[len(common._RESULT_TAG) :])
     raise RuntimeError(f"{method} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
@@ -146,21 +171,56 @@ def main() -> None:
         worst = {k: max(r[k] for r in per) for k in ("state", "peak", "growth", "opt_ms", "step_ms")}
         results[m]["worst"] = worst
         ranks = per[0]["ranks"]
-        rows.append([m, results[m]["world"], f"{per[0]['params'] / 1e6:.2f}M", common.mib(worst["state"]),
-                     common.mib(worst["peak"]), common.mib(worst["growth"]), common.ms(worst["opt_ms"]),
-                     common.ms(worst["step_ms"]), f"{min(ranks)}–{max(ranks)}" if ranks else "—"])
+        rows.append(
+            [
+                m,
+                results[m]["world"],
+                f"{per[0]['params'] / 1e6:.2f}M",
+                common.mib(worst["state"]),
+                common.mib(worst["peak"]),
+                common.mib(worst["growth"]),
+                common.ms(worst["opt_ms"]),
+                common.ms(worst["step_ms"]),
+                f"{min(ranks)}–{max(ranks)}" if ranks else "—",
+            ]
+        )
     b = results["adamw"]["worst"]
     for m in METHODS[1:]:
         a = results[m]["worst"]
-        rows.append([f"{m} / adamw", "", "", *(common.ratio(a[k], b[k]) for k in ("state", "peak", "growth", "opt_ms",
-                                                                                 "step_ms")), ""])
-    notes = [f"{args.model}, vocabulary {args.vocab}, {args.batch}×{args.seq} tokens per rank, {args.steps} steps after"
-             f" {args.warmup} warm-up; AdaRankGrad max_rank={args.rank} on self_attn|mlp (adarankgrad_emb: every linear, the embedding and lm_head too); per-rank numbers are the"
-             " worst rank's; peak memory: " + ("CUDA max_memory_allocated" if args.device == "cuda" else
-                                                "peak RSS of the process (model, activations, state, communication buffers)")]
+        rows.append(
+            [
+                f"{m} / adamw",
+                "",
+                "",
+                *(common.ratio(a[k], b[k]) for k in ("state", "peak", "growth", "opt_ms", "step_ms")),
+                "",
+            ]
+        )
+    notes = [
+        f"{args.model}, vocabulary {args.vocab}, {args.batch}×{args.seq} tokens per rank, {args.steps} steps after"
+        f" {args.warmup} warm-up; AdaRankGrad max_rank={args.rank} on self_attn|mlp (adarankgrad_emb: every linear, the embedding and lm_head too); per-rank numbers are the"
+        " worst rank's; peak memory: "
+        + (
+            "CUDA max_memory_allocated"
+            if args.device == "cuda"
+            else "peak RSS of the process (model, activations, state, communication buffers)"
+        )
+    ]
     text = common.header("FSDP2 per-rank memory and step time", device, args.threads, notes) + "\n"
-    text += common.markdown_table(["optimizer", "world", "params", "state / rank (MiB)", "peak / rank (MiB)",
-                                   "peak − RSS before step 1 (MiB)", "optimizer.step (ms)", "whole step (ms)", "ranks"], rows)
+    text += common.markdown_table(
+        [
+            "optimizer",
+            "world",
+            "params",
+            "state / rank (MiB)",
+            "peak / rank (MiB)",
+            "peak − RSS before step 1 (MiB)",
+            "optimizer.step (ms)",
+            "whole step (ms)",
+            "ranks",
+        ],
+        rows,
+    )
     print(text)
     if not args.smoke:
         print("saved", common.save("fsdp_memory", device, text, args.out_dir))

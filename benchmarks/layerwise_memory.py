@@ -19,9 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
 
 METHODS = ("adamw", "galore", "adarankgrad", "adarankgrad_layerwise")
 
@@ -35,8 +34,12 @@ def child(args: argparse.Namespace) -> None:
     device = common.pick_device(args.device)
     common.set_threads(args.threads)
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                     num_attention_heads=max(1, args.hidden // 64))
+    cfg = BertConfig(
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+    )
     model = BertForSequenceClassification(cfg).to(device)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
@@ -71,7 +74,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--out-dir", type=Path, default=None, help="where to write the Markdown (default benchmarks/results)")
+    p.add_argument(
+        "--out-dir", type=Path, default=None, help="where to write the Markdown (default benchmarks/results)"
+    )
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--hidden", type=int, default=768, help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, default=12, help=argparse.SUPPRESS)
@@ -90,16 +95,41 @@ def main() -> None:
     shape = f"BERT hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens"
     rows, res = [], {}
     for name in METHODS:
-        argv = [__file__, "--child", name, "--device", str(device), "--threads", str(threads), "--rank",
-                str(args.rank), "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch",
-                str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+        argv = [
+            __file__,
+            "--child",
+            name,
+            "--device",
+            str(device),
+            "--threads",
+            str(threads),
+            "--rank",
+            str(args.rank),
+            "--hidden",
+            str(args.hidden),
+            "--layers",
+            str(args.layers),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+        ]
         res[name] = r = common.run_child(argv)
         r["overhead"] = r["peak"] - r["base"]
     for name in METHODS:
         r = res[name]
-        rows.append([name, common.mib(r["peak"]), common.mib(r["overhead"]), common.mib(r["state"]),
-                     common.ratio(r["overhead"], res["adamw"]["overhead"]),
-                     common.ratio(r["overhead"], res["galore"]["overhead"])])
+        rows.append(
+            [
+                name,
+                common.mib(r["peak"]),
+                common.mib(r["overhead"]),
+                common.mib(r["state"]),
+                common.ratio(r["overhead"], res["adamw"]["overhead"]),
+                common.ratio(r["overhead"], res["galore"]["overhead"]),
+            ]
+        )
     what = "CUDA max_memory_allocated" if device.type == "cuda" else "process peak RSS"
     notes = [
         shape + f"; {args.steps} training steps (forward, backward, step); rank {args.rank}",
@@ -108,8 +138,17 @@ def main() -> None:
         "(embeddings on full AdamW, as in its recipes); each method in its own fresh process",
     ]
     text = common.header("Peak training-step memory: layer-wise vs the peers", device, threads, notes)
-    text += common.markdown_table(["method", "peak MiB", "training overhead MiB", "optimizer state MiB",
-                                   "overhead vs AdamW", "overhead vs GaLore"], rows)
+    text += common.markdown_table(
+        [
+            "method",
+            "peak MiB",
+            "training overhead MiB",
+            "optimizer state MiB",
+            "overhead vs AdamW",
+            "overhead vs GaLore",
+        ],
+        rows,
+    )
     print(text)
     if not args.smoke:
         common.save("layerwise_memory", device, text, args.out_dir)

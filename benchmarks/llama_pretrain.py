@@ -42,8 +42,16 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 SST2 = common.REPO.parent / "shared" / "data" / "glue" / "SST-2"
-METHODS = ("adamw", "adamw8bit", "galore", "galore8bit", "adarankgrad32", "adarankgrad8", "adarankgrad32emb",
-           "adarankgrad8emb")
+METHODS = (
+    "adamw",
+    "adamw8bit",
+    "galore",
+    "galore8bit",
+    "adarankgrad32",
+    "adarankgrad8",
+    "adarankgrad32emb",
+    "adarankgrad8emb",
+)
 EXTRA_METHODS = ("adamw_matched", "adarankgrad32_emb")
 
 
@@ -66,8 +74,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-adam", type=float, default=3e-3)
     p.add_argument("--lr-lowrank", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation and batch order")
-    p.add_argument("--matched-scale", type=float, default=0.25,
-                   help="adamw_matched: the matrices' lr is this times --lr-lowrank (0.25: the low-rank recipe's scale)")
+    p.add_argument(
+        "--matched-scale",
+        type=float,
+        default=0.25,
+        help="adamw_matched: the matrices' lr is this times --lr-lowrank (0.25: the low-rank recipe's scale)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=2, help="methods trained at a time")
@@ -84,9 +96,16 @@ def parse(argv=None) -> argparse.Namespace:
 def prepare_data(a: argparse.Namespace, path: Path) -> int:
     from nlp.lm_data import PackedTextDataModule
 
-    dm = PackedTextDataModule(train_files=a.train_files, val_files=a.val_files, text_column=a.text_column,
-                              tokenizer=a.tokenizer, vocab_size=a.vocab, block_size=a.block, batch_size=a.batch,
-                              max_val_blocks=a.val_blocks)
+    dm = PackedTextDataModule(
+        train_files=a.train_files,
+        val_files=a.val_files,
+        text_column=a.text_column,
+        tokenizer=a.tokenizer,
+        vocab_size=a.vocab,
+        block_size=a.block,
+        batch_size=a.batch,
+        max_val_blocks=a.val_blocks,
+    )
     dm.setup()
     torch.save({"train": dm._train.blocks, "val": dm._val.blocks, "vocab": dm.vocab_size}, path)
     return dm.vocab_size
@@ -109,14 +128,24 @@ def child(a: argparse.Namespace) -> None:
     if name == "adamw_matched":
         opt = matched_adamw(model, a.lr_lowrank, a.matched_scale)
     elif name == "adarankgrad32_emb":  # the embedding table projected too (include_embeddings=True's rule)
-        opt = build_pretrain_optimizer(model, "adarankgrad", lr=a.lr_lowrank, rank=a.rank, scale=0.25,
-                                       scale_mode="galore", include_embeddings=True)
+        opt = build_pretrain_optimizer(
+            model, "adarankgrad", lr=a.lr_lowrank, rank=a.rank, scale=0.25, scale_mode="galore", include_embeddings=True
+        )
     elif name.startswith("adarankgrad"):
         emb = name.endswith("emb")  # the embedding and lm_head projected too
-        bits = int(name[len("adarankgrad"):].removesuffix("emb"))  # 8-bit: projected AND dense moments
+        bits = int(name[len("adarankgrad") :].removesuffix("emb"))  # 8-bit: projected AND dense moments
         where = dict(include_embeddings=True, target_modules=r"attn|mlp|lm_head") if emb else {}
-        opt = build_pretrain_optimizer(model, "adarankgrad", lr=a.lr_lowrank, rank=a.rank, scale=0.25, scale_mode="galore",
-                                       state_bits=bits, dense_state_bits=bits, **where)
+        opt = build_pretrain_optimizer(
+            model,
+            "adarankgrad",
+            lr=a.lr_lowrank,
+            rank=a.rank,
+            scale=0.25,
+            scale_mode="galore",
+            state_bits=bits,
+            dense_state_bits=bits,
+            **where,
+        )
     elif name.startswith("galore"):
         opt = build_pretrain_optimizer(model, name, lr=a.lr_lowrank, rank=a.rank, scale=0.25, update_proj_gap=a.gap)
     else:
@@ -131,7 +160,7 @@ def child(a: argparse.Namespace) -> None:
         model.eval()
         total = 0.0
         for i in range(0, len(val), 32):
-            x = val[i: i + 32].to(device)
+            x = val[i : i + 32].to(device)
             total += model(input_ids=x, labels=x).loss.item() * len(x)
         model.train()
         return math.exp(total / len(val))
@@ -141,7 +170,7 @@ def child(a: argparse.Namespace) -> None:
     curve = [(0, evaluate())]
     t0 = time.perf_counter()
     for step in range(1, a.steps + 1):
-        x = train[order[(step - 1) * a.batch: step * a.batch]].to(device)
+        x = train[order[(step - 1) * a.batch : step * a.batch]].to(device)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
@@ -151,11 +180,19 @@ def child(a: argparse.Namespace) -> None:
             curve.append((step, evaluate()))
     seconds = time.perf_counter() - t0
     ranks = opt.ranks() if hasattr(opt, "ranks") else {}
-    common.emit_result({
-        "method": name, "curve": curve, "state_bytes": optimizer_state_bytes(opt), "lowrank_bytes": lowrank_bytes(opt), "peak": common.peak_bytes(device),
-        "base": base, "seconds": seconds, "params": sum(p.numel() for p in model.parameters()),
-        "avg_rank": (sum(ranks.values()) / len(ranks)) if ranks else None,
-    })
+    common.emit_result(
+        {
+            "method": name,
+            "curve": curve,
+            "state_bytes": optimizer_state_bytes(opt),
+            "lowrank_bytes": lowrank_bytes(opt),
+            "peak": common.peak_bytes(device),
+            "base": base,
+            "seconds": seconds,
+            "params": sum(p.numel() for p in model.parameters()),
+            "avg_rank": (sum(ranks.values()) / len(ranks)) if ranks else None,
+        }
+    )
 
 
 def matched_adamw(model, lr: float, scale: float) -> torch.optim.Optimizer:
@@ -197,7 +234,13 @@ def plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         steps, ppl = zip(*r["curve"][1:])
-        ax.plot(steps, ppl, marker=".", label=r["method"], linestyle="--" if r["method"].endswith("8") or "8bit" in r["method"] else "-")
+        ax.plot(
+            steps,
+            ppl,
+            marker=".",
+            label=r["method"],
+            linestyle="--" if r["method"].endswith("8") or "8bit" in r["method"] else "-",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -223,26 +266,44 @@ def main(argv=None) -> None:
     data = tmp / "blocks.pt"
     vocab = prepare_data(a, data)
     passthrough = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--smoke"]
-    smoke = ["--steps", str(a.steps), "--eval-every", str(a.eval_every), "--batch", str(a.batch),
-             "--rank", str(a.rank)] if a.smoke else []
+    smoke = (
+        ["--steps", str(a.steps), "--eval-every", str(a.eval_every), "--batch", str(a.batch), "--rank", str(a.rank)]
+        if a.smoke
+        else []
+    )
     from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        results = list(pool.map(lambda m: common.run_child(
-            [os.path.relpath(__file__, common.REPO), *passthrough, *smoke, "--child", m, "--data", str(data)],
-            timeout=7200), methods))
+        results = list(
+            pool.map(
+                lambda m: common.run_child(
+                    [os.path.relpath(__file__, common.REPO), *passthrough, *smoke, "--child", m, "--data", str(data)],
+                    timeout=7200,
+                ),
+                methods,
+            )
+        )
     wall = time.time() - t0
     by = {r["method"]: r for r in results}
     ref = by.get("adamw")
     rows = []
     for r in results:
         final = r["curve"][-1][1]
-        rows.append([r["method"], f"{final:.1f}", common.ratio(final, ref["curve"][-1][1]) if ref else "—",
-                     f"{r['state_bytes'] / 2**10:,.0f}", common.ratio(r["state_bytes"], ref["state_bytes"]) if ref else "—",
-                     "—" if r["lowrank_bytes"] is None else f"{r['lowrank_bytes'] / 2**10:,.0f}",
-                     common.mib(r["peak"]), common.mib(r["peak"] - r["base"]),
-                     "—" if r["avg_rank"] is None else f"{r['avg_rank']:.1f}", f"{r['seconds']:.0f}"])
+        rows.append(
+            [
+                r["method"],
+                f"{final:.1f}",
+                common.ratio(final, ref["curve"][-1][1]) if ref else "—",
+                f"{r['state_bytes'] / 2**10:,.0f}",
+                common.ratio(r["state_bytes"], ref["state_bytes"]) if ref else "—",
+                "—" if r["lowrank_bytes"] is None else f"{r['lowrank_bytes'] / 2**10:,.0f}",
+                common.mib(r["peak"]),
+                common.mib(r["peak"] - r["base"]),
+                "—" if r["avg_rank"] is None else f"{r['avg_rank']:.1f}",
+                f"{r['seconds']:.0f}",
+            ]
+        )
     steps = [s for s, _ in results[0]["curve"]]
     curve_rows = [[s, *[f"{dict(r['curve'])[s]:.1f}" for r in results]] for s in steps]
     p = results[0]["params"]
@@ -258,9 +319,23 @@ def main(argv=None) -> None:
     ]
     text = common.header("Small-LLaMA pre-training: perplexity, optimizer state, peak memory", device, a.threads, notes)
     text += "\n" + common.markdown_table(
-        ["method", "final val ppl", "ppl / AdamW", "state KiB", "state / AdamW", "projected-matrix state KiB", "peak MiB", "peak − start MiB",
-         "avg rank", "train s"], rows)
-    text += "\nValidation perplexity by step:\n\n" + common.markdown_table(["step", *[r["method"] for r in results]], curve_rows)
+        [
+            "method",
+            "final val ppl",
+            "ppl / AdamW",
+            "state KiB",
+            "state / AdamW",
+            "projected-matrix state KiB",
+            "peak MiB",
+            "peak − start MiB",
+            "avg rank",
+            "train s",
+        ],
+        rows,
+    )
+    text += "\nValidation perplexity by step:\n\n" + common.markdown_table(
+        ["step", *[r["method"] for r in results]], curve_rows
+    )
     text += "\n"
     for suffix, what in (("", ""), ("emb", ", embedding and lm_head projected")):
         if f"adarankgrad8{suffix}" in by and f"adarankgrad32{suffix}" in by:
@@ -271,8 +346,10 @@ def main(argv=None) -> None:
     for key in ("adarankgrad8", "adarankgrad8emb"):
         if "galore8bit" in by and key in by:
             a8, g8 = by[key], by["galore8bit"]
-            text += (f"- {key} / 8-bit GaLore optimizer state: {a8['state_bytes'] / g8['state_bytes']:.3f} "
-                     f"(target ≤ 0.5); projected matrices only: {a8['lowrank_bytes'] / g8['lowrank_bytes']:.3f}\n")
+            text += (
+                f"- {key} / 8-bit GaLore optimizer state: {a8['state_bytes'] / g8['state_bytes']:.3f} "
+                f"(target ≤ 0.5); projected matrices only: {a8['lowrank_bytes'] / g8['lowrank_bytes']:.3f}\n"
+            )
     tag = "llama_pretrain" + ("_smoke" if a.smoke else "")
     out = common.save(tag, device, text, a.out_dir)
     plot(results, out.with_suffix(".png"))

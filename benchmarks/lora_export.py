@@ -57,7 +57,7 @@ def _accuracy(model, dev, chunk=128) -> float:
     model.eval()
     n = dev["labels"].shape[0]
     inputs = {k: v for k, v in dev.items() if k != "labels"}
-    logits = torch.cat([model(**{k: v[i: i + chunk] for k, v in inputs.items()}).logits for i in range(0, n, chunk)])
+    logits = torch.cat([model(**{k: v[i : i + chunk] for k, v in inputs.items()}).logits for i in range(0, n, chunk)])
     return 100.0 * float((logits.argmax(-1) == dev["labels"]).double().mean())
 
 
@@ -103,8 +103,14 @@ def main() -> None:
     rest = groups.pop()
     for head in (False, True):
         idx = [i for i, n in enumerate(rest["param_names"]) if n.startswith("classifier.") == head]
-        groups.append({"params": [rest["params"][i] for i in idx], "param_names": [rest["param_names"][i] for i in idx],
-                       "low_rank": False, **({"lr": args.head_lr} if head else {})})
+        groups.append(
+            {
+                "params": [rest["params"][i] for i in idx],
+                "param_names": [rest["param_names"][i] for i in idx],
+                "low_rank": False,
+                **({"lr": args.head_lr} if head else {}),
+            }
+        )
     opt = AdaRankGrad(groups, lr=args.lr, scale=args.scale)
     n = train["labels"].shape[0]
     tuned.train()
@@ -112,7 +118,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for step in range(args.steps):
         i = (step * args.batch) % n
-        tuned(**{k: v[i: i + args.batch] for k, v in train.items()}).loss.backward()
+        tuned(**{k: v[i : i + args.batch] for k, v in train.items()}).loss.backward()
         opt.step()
         opt.zero_grad()
     common.sync(device)
@@ -134,11 +140,20 @@ def main() -> None:
             lora = rep.lora_modules
             factor_mib = sum(m.stored for m in lora) * 4 / 2**20
             other_mib = sum(m.stored for m in rep.modules if m.kind != "lora") * 4 / 2**20
-            rows.append([
-                f"{kind} {value}", rep.total_rank, f"{min(m.rank for m in lora)}–{max(m.rank for m in lora)}",
-                f"{factor_mib:.2f}", f"{other_mib:.2f}", f"{rep.adapter_mib:.2f}", f"{rep.rel_error:.4f}",
-                f"{acc:.2f}", f"{acc - acc_tuned:+.2f}", f"{export_s:.1f}",
-            ])
+            rows.append(
+                [
+                    f"{kind} {value}",
+                    rep.total_rank,
+                    f"{min(m.rank for m in lora)}–{max(m.rank for m in lora)}",
+                    f"{factor_mib:.2f}",
+                    f"{other_mib:.2f}",
+                    f"{rep.adapter_mib:.2f}",
+                    f"{rep.rel_error:.4f}",
+                    f"{acc:.2f}",
+                    f"{acc - acc_tuned:+.2f}",
+                    f"{export_s:.1f}",
+                ]
+            )
             print(rows[-1], flush=True)
     n_lora = len(lora)
     notes = [
@@ -155,8 +170,20 @@ def main() -> None:
     ]
     text = common.header("LoRA export of an AdaRankGrad fine-tune (MiniLM / SST-2)", device, threads, notes)
     text += common.markdown_table(
-        ["export", "total rank", "rank range", "factors MiB", "other MiB", "adapter file MiB", "rel. error ‖ΔW‖",
-         "dev acc %", "Δ vs tuned", "export s"], rows)
+        [
+            "export",
+            "total rank",
+            "rank range",
+            "factors MiB",
+            "other MiB",
+            "adapter file MiB",
+            "rel. error ‖ΔW‖",
+            "dev acc %",
+            "Δ vs tuned",
+            "export s",
+        ],
+        rows,
+    )
     print(text)
     if not args.smoke or args.out_dir:
         saved = common.save("lora_export" + ("_smoke" if args.smoke else ""), device, text, args.out_dir)

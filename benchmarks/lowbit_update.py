@@ -44,9 +44,16 @@ def build(layers: int, seed: int = 0):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=layers, num_attention_heads=12,
-                     intermediate_size=1536, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     tie_word_embeddings=False)  # untied: only the rows of the batch's tokens get a gradient
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        tie_word_embeddings=False,
+    )  # untied: only the rows of the batch's tokens get a gradient
     return BertForMaskedLM(cfg)
 
 
@@ -69,10 +76,14 @@ def compare(low: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[
     whole = sum(float((low[n] - ref[n]).square().sum()) for n in ref) ** 0.5
     whole_ref = sum(float(ref[n].square().sum()) for n in ref) ** 0.5
     return {
-        "norm8": float(e8.norm()), "norm32": float(e32.norm()), "ratio": float(e8.norm() / e32.norm()),
-        "row_max": float((rows8 / rows32).max()), "row_min": float((rows8 / rows32).min()),
+        "norm8": float(e8.norm()),
+        "norm32": float(e32.norm()),
+        "ratio": float(e8.norm() / e32.norm()),
+        "row_max": float((rows8 / rows32).max()),
+        "row_min": float((rows8 / rows32).min()),
         "untouched_zero": bool((e8[~touched] == 0).all()),
-        "emb_diff": float((e8 - e32).norm() / e32.norm()), "model_diff": whole / whole_ref,
+        "emb_diff": float((e8 - e32).norm() / e32.norm()),
+        "model_diff": whole / whole_ref,
     }
 
 
@@ -92,8 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
 
     def ada(bits: int, projected: bool, rank: int = 8):
-        return lambda m: AdaRankGrad(param_groups(m, include_embeddings=projected), lr=args.lr, max_rank=rank,
-                                     weight_decay=0.0, state_bits=bits, dense_state_bits=bits)
+        return lambda m: AdaRankGrad(
+            param_groups(m, include_embeddings=projected),
+            lr=args.lr,
+            max_rank=rank,
+            weight_decay=0.0,
+            state_bits=bits,
+            dense_state_bits=bits,
+        )
 
     for rank in args.ranks:
         ref = run(args.layers, args.steps, ada(32, True, rank), batches)
@@ -103,23 +120,48 @@ def main(argv: list[str] | None = None) -> None:
     low = run(args.layers, args.steps, ada(8, False), batches)
     rows.append(("AdaRankGrad dense AdamW path", compare(low, ref)))
     if not args.no_torchao:
-        adamw = run(args.layers, args.steps, lambda m: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0),
-                    batches)
+        adamw = run(
+            args.layers, args.steps, lambda m: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0), batches
+        )
         os.environ["TORCHDYNAMO_DISABLE"] = "1"  # torch.compile then returns the function itself
         from torchao.optim import AdamW8bit
 
-        low = run(args.layers, args.steps, lambda m: AdamW8bit(m.parameters(), lr=args.lr, weight_decay=0.0),
-                  batches)
+        low = run(args.layers, args.steps, lambda m: AdamW8bit(m.parameters(), lr=args.lr, weight_decay=0.0), batches)
         rows.append(("torchao AdamW8bit vs torch AdamW", compare(low, adamw)))
     table = common.markdown_table(
-        ["method (8-bit vs its 32-bit run)", "‖ΔE‖ 8-bit", "‖ΔE‖ 32-bit", "ratio", "row ratio max / min",
-         "untouched rows 0", "‖ΔE8−ΔE32‖/‖ΔE32‖", "whole model ‖Δ8−Δ32‖/‖Δ32‖"],
-        [(name, f"{r['norm8']:.4g}", f"{r['norm32']:.4g}", f"{r['ratio']:.3f}x",
-          f"{r['row_max']:.3f} / {r['row_min']:.3f}", r["untouched_zero"], f"{r['emb_diff']:.3f}",
-          f"{r['model_diff']:.3f}") for name, r in rows],
+        [
+            "method (8-bit vs its 32-bit run)",
+            "‖ΔE‖ 8-bit",
+            "‖ΔE‖ 32-bit",
+            "ratio",
+            "row ratio max / min",
+            "untouched rows 0",
+            "‖ΔE8−ΔE32‖/‖ΔE32‖",
+            "whole model ‖Δ8−Δ32‖/‖Δ32‖",
+        ],
+        [
+            (
+                name,
+                f"{r['norm8']:.4g}",
+                f"{r['norm32']:.4g}",
+                f"{r['ratio']:.3f}x",
+                f"{r['row_max']:.3f} / {r['row_min']:.3f}",
+                r["untouched_zero"],
+                f"{r['emb_diff']:.3f}",
+                f"{r['model_diff']:.3f}",
+            )
+            for name, r in rows
+        ],
     )
-    text = common.header(f"8-bit vs 32-bit update, BERT {args.layers} layers, vocabulary 30522, {args.steps} steps",
-                         torch.device("cpu"), threads) + "\n" + table
+    text = (
+        common.header(
+            f"8-bit vs 32-bit update, BERT {args.layers} layers, vocabulary 30522, {args.steps} steps",
+            torch.device("cpu"),
+            threads,
+        )
+        + "\n"
+        + table
+    )
     print(text)
     common.save(f"lowbit_update_{args.layers}l", torch.device("cpu"), text, args.out_dir)
 

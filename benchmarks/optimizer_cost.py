@@ -31,8 +31,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import tempfile
 import sys
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,28 +41,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 import common as C  # noqa: E402
+import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 from cost_setup import (  # noqa: E402
-    GENEFORMER_CONFIG,
     ALL_MODELS,
+    GENEFORMER_CONFIG,
     GPU_MODELS,
     LLAMA_EXTRA_RANK,
-    build_model,
-    make_batch,
-    forward_backward,
     Variant,
-    variants,
-    make_optimizer,
-    lora_model,
     arm,
-    rank_summary,
+    build_model,
     count_ops,
+    forward_backward,
+    lora_model,
+    make_batch,
+    make_optimizer,
+    rank_summary,
+    variants,
 )
 
 
@@ -90,15 +89,23 @@ def time_variant(model, v: Variant, device, args, ops: bool | None = None) -> Ro
     if v.key.startswith("adarank"):
         row.ranks = rank_summary(opt)
     stat = min if args.stat == "min" else C.median
-    row.normal = stat(C.time_ms(opt.step, device, repeats=args.repeats, warmup=args.warmup,
-                                    before=lambda: arm(opt, v, False)))
+    row.normal = stat(
+        C.time_ms(opt.step, device, repeats=args.repeats, warmup=args.warmup, before=lambda: arm(opt, v, False))
+    )
     if args.ops if ops is None else ops:
         arm(opt, v, False)
         row.ops = count_ops(opt.step, device)
     if v.key in ("galore", "adarank", "adarank_emb", "adarank_emb_loop", "adarank_emb_grouped"):
-        row.refresh = stat(C.time_ms(opt.step, device, repeats=args.refresh_repeats, warmup=args.refresh_warmup,
-                                         before=lambda: arm(opt, v, True)))
-    del opt
+        row.refresh = stat(
+            C.time_ms(
+                opt.step,
+                device,
+                repeats=args.refresh_repeats,
+                warmup=args.refresh_warmup,
+                before=lambda: arm(opt, v, True),
+            )
+        )
+    opt = None  # free the state before the next variant (the timing lambdas close over the name)
     gc.collect()
     return row
 
@@ -153,7 +160,9 @@ def measure_peaks(name: str, ranks: list[int], rows: list[Row], device, threads:
     base = dict(model=name, device=str(device), threads=threads, batch=args.batch, seq=args.seq, steps=2)
     script = str(Path(__file__).resolve())
     specs = [{**base, "opt": "none", "rank": None}] + [{**base, "opt": r.v.key, "rank": r.v.rank} for r in rows]
-    print(f"  [{name}] peak memory: {len(specs)} fresh processes, {args.jobs} at a time ...", file=sys.stderr, flush=True)
+    print(
+        f"  [{name}] peak memory: {len(specs)} fresh processes, {args.jobs} at a time ...", file=sys.stderr, flush=True
+    )
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # peak memory is per process: parallel is safe
         peaks = list(pool.map(lambda s: C.run_child([script, "--child", json.dumps(s)])["peak"], specs))
     for row, peak in zip(rows, peaks[1:]):
@@ -164,20 +173,41 @@ def measure_peaks(name: str, ranks: list[int], rows: list[Row], device, threads:
 # ----------------------------------------------------------------------------- tables
 def model_table(name: str, rows: list[Row], none_peak: int | None, gaps=(200, 20)) -> str:
     with_ops = any(r.ops is not None for r in rows)
-    heads = ["optimizer", "trainable params", "state MiB", "normal step ms", "refresh step ms",
-             *[f"amortized ms (gap {g})" for g in gaps], "first step ms", "ranks mean (min–max)",
-             "peak train-step MiB", "peak − fwd/bwd-only MiB"] + (["ops / normal step"] if with_ops else [])
+    heads = [
+        "optimizer",
+        "trainable params",
+        "state MiB",
+        "normal step ms",
+        "refresh step ms",
+        *[f"amortized ms (gap {g})" for g in gaps],
+        "first step ms",
+        "ranks mean (min–max)",
+        "peak train-step MiB",
+        "peak − fwd/bwd-only MiB",
+    ] + (["ops / normal step"] if with_ops else [])
     out = []
     if none_peak is not None:
-        out.append([Variant("none").label, "—", "—", "—", "—", *["—" for _ in gaps], "—", "", C.mib(none_peak), "0.0"]
-                   + (["—"] if with_ops else []))
+        out.append(
+            [Variant("none").label, "—", "—", "—", "—", *["—" for _ in gaps], "—", "", C.mib(none_peak), "0.0"]
+            + (["—"] if with_ops else [])
+        )
     for r in rows:
         amort = [C.ms(C.amortized(r.normal, r.refresh if r.refresh is not None else r.normal, g)) for g in gaps]
-        out.append([
-            r.v.label, f"{r.trainable / 1e6:.1f}M", C.mib(r.state), C.ms(r.normal), C.ms(r.refresh), *amort,
-            C.ms(r.first), r.ranks, C.mib(r.peak),
-            C.mib(r.peak - none_peak) if (r.peak is not None and none_peak is not None) else "—",
-        ] + ([str(r.ops) if r.ops is not None else "—"] if with_ops else []))
+        out.append(
+            [
+                r.v.label,
+                f"{r.trainable / 1e6:.1f}M",
+                C.mib(r.state),
+                C.ms(r.normal),
+                C.ms(r.refresh),
+                *amort,
+                C.ms(r.first),
+                r.ranks,
+                C.mib(r.peak),
+                C.mib(r.peak - none_peak) if (r.peak is not None and none_peak is not None) else "—",
+            ]
+            + ([str(r.ops) if r.ops is not None else "—"] if with_ops else [])
+        )
     return f"### {name}\n\n" + C.markdown_table(heads, out)
 
 
@@ -185,8 +215,15 @@ def ratio_table(name: str, rows: list[Row]) -> str:
     """AdaRankGrad / peer for every rank (below 1×: AdaRankGrad is faster or smaller)."""
     by = {(r.v.key, r.v.rank): r for r in rows}
     adamw = by.get(("adamw", None))
-    heads = ["AdaRankGrad variant", "peer", "normal step", "refresh step", "amortized (gap 200)", "state bytes",
-             "peak train-step"]
+    heads = [
+        "AdaRankGrad variant",
+        "peer",
+        "normal step",
+        "refresh step",
+        "amortized (gap 200)",
+        "state bytes",
+        "peak train-step",
+    ]
     out = []
     for (key, rank), a in by.items():
         if not key.startswith("adarank"):
@@ -195,14 +232,20 @@ def ratio_table(name: str, rows: list[Row]) -> str:
             if peer is None:
                 continue
             pa = C.amortized(peer.normal, peer.refresh or peer.normal, 200)
-            out.append([
-                a.v.label, peer.v.label, C.ratio(a.normal, peer.normal),
-                C.ratio(a.refresh, peer.refresh) if peer.refresh is not None else "—",
-                C.ratio(C.amortized(a.normal, a.refresh, 200), pa), C.ratio(a.state, peer.state),
-                C.ratio(a.peak, peer.peak),
-            ])
-    return f"#### {name}: ratios AdaRankGrad / peer (below 1× = AdaRankGrad faster or smaller)\n\n" + \
-        C.markdown_table(heads, out)
+            out.append(
+                [
+                    a.v.label,
+                    peer.v.label,
+                    C.ratio(a.normal, peer.normal),
+                    C.ratio(a.refresh, peer.refresh) if peer.refresh is not None else "—",
+                    C.ratio(C.amortized(a.normal, a.refresh, 200), pa),
+                    C.ratio(a.state, peer.state),
+                    C.ratio(a.peak, peer.peak),
+                ]
+            )
+    return f"#### {name}: ratios AdaRankGrad / peer (below 1× = AdaRankGrad faster or smaller)\n\n" + C.markdown_table(
+        heads, out
+    )
 
 
 # ----------------------------------------------------------------------------- depth scaling (operators per step)
@@ -225,21 +268,35 @@ def depth_section(device, args) -> str:
         gc.collect()
     lo, hi = min(args.depth_layers), max(args.depth_layers)
     unit = "CUDA kernels + memory ops" if device.type == "cuda" else "top-level aten operators"
-    heads = ["optimizer", *[f"ops @ {n} layers" for n in args.depth_layers], f"ops {hi}L / {lo}L",
-             *[f"normal ms @ {n}L" for n in args.depth_layers], *[f"refresh ms @ {n}L" for n in args.depth_layers],
-             f"normal / AdamW @ {hi}L", f"refresh / normal @ {hi}L"]
+    heads = [
+        "optimizer",
+        *[f"ops @ {n} layers" for n in args.depth_layers],
+        f"ops {hi}L / {lo}L",
+        *[f"normal ms @ {n}L" for n in args.depth_layers],
+        *[f"refresh ms @ {n}L" for n in args.depth_layers],
+        f"normal / AdamW @ {hi}L",
+        f"refresh / normal @ {hi}L",
+    ]
     out = []
     for key in DEPTH_VARIANTS:
         r = {n: rows[(n, key)] for n in args.depth_layers}
         adamw = rows[(hi, "adamw")]
-        out.append([
-            r[hi].v.label, *[str(r[n].ops) for n in args.depth_layers], C.ratio(r[hi].ops, r[lo].ops),
-            *[C.ms(r[n].normal) for n in args.depth_layers], *[C.ms(r[n].refresh) for n in args.depth_layers],
-            C.ratio(r[hi].normal, adamw.normal), C.ratio(r[hi].refresh, r[hi].normal),
-        ])
-    title = (f"### Depth scaling: BERT width {args.depth_width}, {' and '.join(map(str, args.depth_layers))} layers, "
-             f"r≤{args.depth_rank}, embeddings projected\n\nops = {unit} issued by one normal step (torch.profiler); "
-             "'grouped' = grouped=True (the default on GPUs), 'per-matrix loop' = grouped=False (the default on CPU)\n\n")
+        out.append(
+            [
+                r[hi].v.label,
+                *[str(r[n].ops) for n in args.depth_layers],
+                C.ratio(r[hi].ops, r[lo].ops),
+                *[C.ms(r[n].normal) for n in args.depth_layers],
+                *[C.ms(r[n].refresh) for n in args.depth_layers],
+                C.ratio(r[hi].normal, adamw.normal),
+                C.ratio(r[hi].refresh, r[hi].normal),
+            ]
+        )
+    title = (
+        f"### Depth scaling: BERT width {args.depth_width}, {' and '.join(map(str, args.depth_layers))} layers, "
+        f"r≤{args.depth_rank}, embeddings projected\n\nops = {unit} issued by one normal step (torch.profiler); "
+        "'grouped' = grouped=True (the default on GPUs), 'per-matrix loop' = grouped=False (the default on CPU)\n\n"
+    )
     return title + C.markdown_table(heads, out)
 
 
@@ -255,30 +312,46 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed normal steps (median)")
     p.add_argument("--warmup", type=int, default=None, help="untimed normal steps first")
     p.add_argument("--refresh-repeats", type=int, default=None, help="timed refresh steps (median)")
-    p.add_argument("--refresh-warmup", type=int, default=None,
-                   help="untimed refresh steps besides the first step (which is one)")
-    p.add_argument("--stat", choices=("median", "min"), default="median",
-                   help="statistic of the timed steps (min: robust on a shared machine, where load only adds time)")
+    p.add_argument(
+        "--refresh-warmup", type=int, default=None, help="untimed refresh steps besides the first step (which is one)"
+    )
+    p.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="statistic of the timed steps (min: robust on a shared machine, where load only adds time)",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--jobs", type=int, default=1,
-                   help="peak-memory subprocesses run at a time (each measures only itself; >1 needs the RAM)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="peak-memory subprocesses run at a time (each measures only itself; >1 needs the RAM)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--out-dir", default=None, help="where the .md goes (default benchmarks/results)")
     p.add_argument("--ops", action="store_true", help="count the operators (CUDA: kernels) of one normal step")
     p.add_argument("--loop", action="store_true", help="add AdaRankGrad's per-matrix loop (grouped=False)")
-    p.add_argument("--peers", nargs="+", default=None,
-                   help="subset of optimizer keys: adamw lora galore adarank adarank_emb adarank_emb_loop "
-                        "adarank_emb_grouped (adarank*: grouped=None, the device's default)")
+    p.add_argument(
+        "--peers",
+        nargs="+",
+        default=None,
+        help="subset of optimizer keys: adamw lora galore adarank adarank_emb adarank_emb_loop "
+        "adarank_emb_grouped (adarank*: grouped=None, the device's default)",
+    )
     p.add_argument("--depth", action="store_true", help="add the depth-scaling table (operators per step)")
     p.add_argument("--depth-only", action="store_true", help="only the depth-scaling table")
     p.add_argument("--depth-width", type=int, default=256)
     p.add_argument("--depth-layers", nargs="+", type=int, default=[6, 12])
     p.add_argument("--depth-rank", type=int, default=8)
-    p.add_argument("--gpu-run", action="store_true",
-                   help="issue 13's CUDA table in one short run: BERT-base, RoBERTa-base, Geneformer-12L-30M, "
-                        "LLaMA-130M/350M at r=8; AdamW, GaLore, AdaRankGrad grouped and per-matrix; operator counts; "
-                        "depth scaling; no peak-memory subprocesses")
+    p.add_argument(
+        "--gpu-run",
+        action="store_true",
+        help="issue 13's CUDA table in one short run: BERT-base, RoBERTa-base, Geneformer-12L-30M, "
+        "LLaMA-130M/350M at r=8; AdamW, GaLore, AdaRankGrad grouped and per-matrix; operator counts; "
+        "depth scaling; no peak-memory subprocesses",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.smoke:
@@ -286,8 +359,11 @@ def parse_args(argv=None):
         a.ranks = a.ranks or [4]
         a.batch, a.seq, a.no_memory = 2, 16, True
         a.out_dir = a.out_dir or str(Path(tempfile.gettempdir()) / "adarank_bench_smoke")
-    defaults = dict(repeats=3, warmup=1, refresh_repeats=1, refresh_warmup=0) if (a.quick or a.smoke) else \
-        dict(repeats=10, warmup=3, refresh_repeats=3, refresh_warmup=1)
+    defaults = (
+        dict(repeats=3, warmup=1, refresh_repeats=1, refresh_warmup=0)
+        if (a.quick or a.smoke)
+        else dict(repeats=10, warmup=3, refresh_repeats=3, refresh_warmup=1)
+    )
     for k, val in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, val)
@@ -333,8 +409,12 @@ def main(argv=None) -> None:
     ]
     text = C.header("Optimizer cost on real model shapes", device, threads, notes)
     print(text)
-    tag = "optimizer_cost" + ("_quick" if args.quick else "") + ("_gpu_run" if args.gpu_run else "") + \
-        ("_depth" if args.depth_only else "")
+    tag = (
+        "optimizer_cost"
+        + ("_quick" if args.quick else "")
+        + ("_gpu_run" if args.gpu_run else "")
+        + ("_depth" if args.depth_only else "")
+    )
     if args.depth or args.depth_only:
         part = depth_section(device, args) + "\n"
         print(part, flush=True)

@@ -26,10 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-import common as C  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 LONG_CALL_MS = 2000.0  # a call this long is timed once (after no warm-up): see the header note
@@ -70,8 +69,9 @@ def measure(h: int, rank: int, device, args) -> dict:
 
     projector = GaLoreProjector(rank, update_proj_gap=200, scale=0.25, proj_type="std")
     out["ada_refresh"] = timed(ada_refresh, device, args.repeats, args.warmup)
-    out["galore_refresh"] = timed(lambda: projector.get_orthogonal_matrix(g, rank, "left"), device,
-                                  args.repeats, args.warmup)
+    out["galore_refresh"] = timed(
+        lambda: projector.get_orthogonal_matrix(g, rank, "left"), device, args.repeats, args.warmup
+    )
 
     def param():
         p = torch.nn.Parameter(torch.zeros(h, 4 * h, device=device))
@@ -88,10 +88,13 @@ def measure(h: int, rank: int, device, args) -> dict:
 
     out["ada_step"] = timed(ada.step, device, args.repeats, args.warmup, before=ada_normal)
     out["ada_rank"] = next(iter(ada.ranks().values()))
-    del ada
+    ada = None  # free the state (ada_normal closes over the name)
     p = param()
-    gal = GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}],
-                      lr=1e-4, no_deprecation_warning=True)
+    gal = GaLoreAdamW(
+        [{"params": [p], "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}],
+        lr=1e-4,
+        no_deprecation_warning=True,
+    )
     gal.step()
 
     def gal_normal():
@@ -99,7 +102,7 @@ def measure(h: int, rank: int, device, args) -> dict:
             st["step"] = 1
 
     out["galore_step"] = timed(gal.step, device, args.repeats, args.warmup, before=gal_normal)
-    del gal
+    gal = None  # free the state (gal_normal closes over the name)
     p = param()
     adamw = torch.optim.AdamW([p], lr=1e-4, fused=True)
     adamw.step()
@@ -154,8 +157,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out-dir", default=None)
-    p.add_argument("--replot", default=None, metavar="RESULTS.md",
-                   help="only redraw the PNG beside a results file written by this script")
+    p.add_argument(
+        "--replot",
+        default=None,
+        metavar="RESULTS.md",
+        help="only redraw the PNG beside a results file written by this script",
+    )
     a = p.parse_args(argv)
     if a.smoke:
         a.sizes = a.sizes or [32, 64, 128]
@@ -205,21 +212,49 @@ def main(argv=None) -> None:
     for h in args.sizes:
         print(f"  h={h} ...", file=sys.stderr, flush=True)
         results.append(measure(h, args.rank, device, args))
-    heads = ["h", "matrix", "AdaRankGrad refresh ms", "GaLore SVD refresh ms", "refresh ratio Ada/GaLore",
-             "AdaRankGrad step ms", "GaLore step ms", "AdamW fused step ms", "step ratio Ada/GaLore",
-             "step ratio Ada/AdamW", "Ada rank"]
-    rows = [[r["h"], f"{r['h']}×{4 * r['h']}", C.ms(r["ada_refresh"]), C.ms(r["galore_refresh"]),
-             C.ratio(r["ada_refresh"], r["galore_refresh"]), C.ms(r["ada_step"]), C.ms(r["galore_step"]),
-             C.ms(r["adamw_step"]), C.ratio(r["ada_step"], r["galore_step"]), C.ratio(r["ada_step"], r["adamw_step"]),
-             r["ada_rank"]] for r in results]
+    heads = [
+        "h",
+        "matrix",
+        "AdaRankGrad refresh ms",
+        "GaLore SVD refresh ms",
+        "refresh ratio Ada/GaLore",
+        "AdaRankGrad step ms",
+        "GaLore step ms",
+        "AdamW fused step ms",
+        "step ratio Ada/GaLore",
+        "step ratio Ada/AdamW",
+        "Ada rank",
+    ]
+    rows = [
+        [
+            r["h"],
+            f"{r['h']}×{4 * r['h']}",
+            C.ms(r["ada_refresh"]),
+            C.ms(r["galore_refresh"]),
+            C.ratio(r["ada_refresh"], r["galore_refresh"]),
+            C.ms(r["ada_step"]),
+            C.ms(r["galore_step"]),
+            C.ms(r["adamw_step"]),
+            C.ratio(r["ada_step"], r["galore_step"]),
+            C.ratio(r["ada_step"], r["adamw_step"]),
+            r["ada_rank"],
+        ]
+        for r in results
+    ]
     table = C.markdown_table(heads, rows)
     hs = [r["h"] for r in results]
     srows = []
     for key, label, expected in SERIES:
         ys = [r[key] for r in results]
         tail = slope(hs[-3:], ys[-3:]) if len(hs) > 3 else float("nan")
-        srows.append([label, f"{slope(hs, ys):.2f}", "—" if tail != tail else f"{tail:.2f}",
-                      expected if "refresh" in key else f"{expected} (memory-bound, ∝ m·n)"])
+        srows.append(
+            [
+                label,
+                f"{slope(hs, ys):.2f}",
+                "—" if tail != tail else f"{tail:.2f}",
+                expected if "refresh" in key else f"{expected} (memory-bound, ∝ m·n)",
+            ]
+        )
     slopes = C.markdown_table(["series", "slope (all h)", "slope (largest 3 h)", "expected"], srows)
     name = "scaling" + ("_quick" if args.quick else "")
     png = Path(args.out_dir or C.RESULTS) / f"{name}_{device.type}.png"

@@ -45,11 +45,17 @@ def soak(steps: int, every: int, width: int = 64, seed: int = 0) -> list[dict]:
         if step % every == 0:
             gc.collect()
             ranks = list(opt.ranks().values())
-            rows.append({
-                "step": step, "rss_mb": rss_bytes() / 2**20, "state_bytes": opt.state_bytes(),
-                "rank_mean": sum(ranks) / len(ranks), "rank_min": min(ranks), "rank_max": max(ranks),
-                "refreshes": sum(s.refreshes for s in opt.subspaces().values()),
-            })
+            rows.append(
+                {
+                    "step": step,
+                    "rss_mb": rss_bytes() / 2**20,
+                    "state_bytes": opt.state_bytes(),
+                    "rank_mean": sum(ranks) / len(ranks),
+                    "rank_min": min(ranks),
+                    "rank_max": max(ranks),
+                    "refreshes": sum(s.refreshes for s in opt.subspaces().values()),
+                }
+            )
     return rows
 
 
@@ -57,8 +63,10 @@ def growth(rows: list[dict], warmup: int) -> dict[str, float]:
     """RSS (MB) and state bytes: max after warm-up minus the value at the end of warm-up."""
     after = [r for r in rows if r["step"] >= warmup]
     base = after[0]
-    return {"rss_mb": max(r["rss_mb"] for r in after) - base["rss_mb"],
-            "state_bytes": max(r["state_bytes"] for r in after) - base["state_bytes"]}
+    return {
+        "rss_mb": max(r["rss_mb"] for r in after) - base["rss_mb"],
+        "state_bytes": max(r["state_bytes"] for r in after) - base["state_bytes"],
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -69,13 +77,21 @@ def plot(rows: list[dict], path: Path) -> None:
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
-    ax[0].plot(steps, [r["rss_mb"] for r in rows]); ax[0].set_ylabel("RSS (MB)")
-    ax[1].plot(steps, [r["state_bytes"] / 1024 for r in rows]); ax[1].set_ylabel("optimizer state (KiB)")
+    ax[0].plot(steps, [r["rss_mb"] for r in rows])
+    ax[0].set_ylabel("RSS (MB)")
+    ax[1].plot(steps, [r["state_bytes"] / 1024 for r in rows])
+    ax[1].set_ylabel("optimizer state (KiB)")
     ax[2].plot(steps, [r["rank_mean"] for r in rows], label="mean rank")
     ax[2].fill_between(steps, [r["rank_min"] for r in rows], [r["rank_max"] for r in rows], alpha=0.3, label="min-max")
-    ax2 = ax[2].twinx(); ax2.plot(steps, [r["refreshes"] for r in rows], "k--", lw=0.8); ax2.set_ylabel("refreshes")
-    ax[2].set_ylabel("rank"); ax[2].set_xlabel("step"); ax[2].legend(loc="upper left")
-    fig.tight_layout(); fig.savefig(path, dpi=90); plt.close(fig)
+    ax2 = ax[2].twinx()
+    ax2.plot(steps, [r["refreshes"] for r in rows], "k--", lw=0.8)
+    ax2.set_ylabel("refreshes")
+    ax[2].set_ylabel("rank")
+    ax[2].set_xlabel("step")
+    ax[2].legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -93,15 +109,20 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader(); w.writerows(rows)
+        w.writeheader()
+        w.writerows(rows)
     plot(rows, args.out.with_suffix(".png"))
     gr = growth(rows, args.warmup)
     first, last = rows[0], rows[-1]
     print(f"steps {args.steps}, wall {wall:.0f} s, refreshes {last['refreshes']}")
-    print(f"RSS MB: first {first['rss_mb']:.1f}, after warm-up {[r for r in rows if r['step'] >= args.warmup][0]['rss_mb']:.1f},"
-          f" last {last['rss_mb']:.1f}, max growth after warm-up {gr['rss_mb']:.2f}")
-    print(f"state bytes: min {min(r['state_bytes'] for r in rows)}, max {max(r['state_bytes'] for r in rows)},"
-          f" max growth after warm-up {gr['state_bytes']}")
+    print(
+        f"RSS MB: first {first['rss_mb']:.1f}, after warm-up {[r for r in rows if r['step'] >= args.warmup][0]['rss_mb']:.1f},"
+        f" last {last['rss_mb']:.1f}, max growth after warm-up {gr['rss_mb']:.2f}"
+    )
+    print(
+        f"state bytes: min {min(r['state_bytes'] for r in rows)}, max {max(r['state_bytes'] for r in rows)},"
+        f" max growth after warm-up {gr['state_bytes']}"
+    )
     print(f"rank: min {min(r['rank_min'] for r in rows)}, max {max(r['rank_max'] for r in rows)}")
 
 

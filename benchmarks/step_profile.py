@@ -55,11 +55,18 @@ def _floors(model: torch.nn.Module, rank: int, repeats: int) -> list[tuple[str, 
     read = _timed(lambda: [q.grad.sum() for q in mats], repeats)
     proj = _timed(lambda: [project(q.grad, b, projection_side(q.shape)) for q, b in zip(mats, bases)], repeats)
     lows = [project(q.grad, b, projection_side(q.shape)) * 1e-12 for q, b in zip(mats, bases)]
-    back = _timed(lambda: [apply_update_(q.data, b, n, projection_side(q.shape), decay=1.0, alpha=1.0)
-                           for q, b, n in zip(mats, bases, lows)], repeats)
-    return [(f"floor: one read of the {len(mats)} projected gradients", read),
-            (f"floor: their rank-{rank} projections alone", proj),
-            (f"floor: their rank-{rank} back-projections alone (W += P N)", back)]
+    back = _timed(
+        lambda: [
+            apply_update_(q.data, b, n, projection_side(q.shape), decay=1.0, alpha=1.0)
+            for q, b, n in zip(mats, bases, lows)
+        ],
+        repeats,
+    )
+    return [
+        (f"floor: one read of the {len(mats)} projected gradients", read),
+        (f"floor: their rank-{rank} projections alone", proj),
+        (f"floor: their rank-{rank} back-projections alone (W += P N)", back),
+    ]
 
 
 def main() -> None:

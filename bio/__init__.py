@@ -8,11 +8,11 @@ Public API:
 Command line: ``python -m bio tokenize|pretrain|fit|validate|test|demo``.
 """
 
-from .dictionaries import GeneDictionaries, load_dictionaries
 from .data import CellClassificationDataModule, split_indices
-from .pretrain_data import MaskedGeneDataModule
+from .dictionaries import GeneDictionaries, load_dictionaries
 from .model import GeneformerClassifier
 from .pretrain import GeneformerPretrainer
+from .pretrain_data import MaskedGeneDataModule
 from .tokenizer import TokenizationReport, tokenize_anndata, tokenize_anndata_with_report, tokenize_h5ad
 
 __all__ = [

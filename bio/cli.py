@@ -18,9 +18,9 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from .data import CellClassificationDataModule
-from .pretrain_data import MaskedGeneDataModule
 from .model import GeneformerClassifier
 from .pretrain import GeneformerPretrainer
+from .pretrain_data import MaskedGeneDataModule
 
 __all__ = ["ClassifierCLI", "main"]
 
@@ -41,8 +41,12 @@ class ClassifierCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
-        parser.add_argument("--export_dir", type=str | None, default=None,
-                            help="where fit exports the Hugging Face model (default: <log_dir>/hf_model)")
+        parser.add_argument(
+            "--export_dir",
+            type=str | None,
+            default=None,
+            help="where fit exports the Hugging Face model (default: <log_dir>/hf_model)",
+        )
 
     def after_fit(self):
         trainer, model, dm = self.trainer, self.model, self.datamodule
@@ -102,8 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "pretrain":
         _pretrain_cli(rest)
     elif command in ("fit", "validate", "test", "predict"):
-        ClassifierCLI(GeneformerClassifier, CellClassificationDataModule, args=[command, *rest],
-                      save_config_kwargs={"overwrite": True})
+        ClassifierCLI(
+            GeneformerClassifier,
+            CellClassificationDataModule,
+            args=[command, *rest],
+            save_config_kwargs={"overwrite": True},
+        )
     elif command == "demo":
         from .demo import main as demo_main
 

@@ -239,7 +239,7 @@ class CellClassificationDataModule(L.LightningDataModule):
                     f"train/validation/test: {rare}. Drop them (drop_rare_classes=True), merge them, or lower "
                     "min_cells_per_class."
                 )
-            warnings.warn(f"dropping rare classes {rare}")
+            warnings.warn(f"dropping rare classes {rare}", stacklevel=2)
             keep &= ~np.isin(labels, list(rare))
         label_names = list(h.classes) if h.classes is not None else sorted(set(labels[keep].tolist()))
         label_names = [n for n in label_names if n not in rare]
@@ -255,14 +255,22 @@ class CellClassificationDataModule(L.LightningDataModule):
         if h.group_column is not None:
             groups = np.asarray([str(g) for g in ds.select(index)[h.group_column]])
         tr, va, te = split_indices(
-            y, groups, val_fraction=h.val_fraction, test_fraction=h.test_fraction, seed=h.seed,
-            val_groups=h.val_groups, test_groups=h.test_groups,
+            y,
+            groups,
+            val_fraction=h.val_fraction,
+            test_fraction=h.test_fraction,
+            seed=h.seed,
+            val_groups=h.val_groups,
+            test_groups=h.test_groups,
         )
         labelled = ds.select(index).add_column("label", y.tolist())
         cols = [c for c in labelled.column_names if c not in ("input_ids", "label")]
         labelled = labelled.remove_columns(cols)
         self._splits = {"train": labelled.select(tr), "val": labelled.select(va), "test": labelled.select(te)}
-        self._groups = {k: sorted(set(groups[v].tolist())) if groups is not None else None for k, v in (("train", tr), ("val", va), ("test", te))}
+        self._groups = {
+            k: sorted(set(groups[v].tolist())) if groups is not None else None
+            for k, v in (("train", tr), ("val", va), ("test", te))
+        }
         self._label_names = label_names
 
     def setup(self, stage: str | None = None) -> None:
@@ -308,14 +316,18 @@ class CellClassificationDataModule(L.LightningDataModule):
         }
 
     def save_label_mapping(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"label_names": self.label_names, "label_column": self.hparams.label_column}, indent=2))
+        Path(path).write_text(
+            json.dumps({"label_names": self.label_names, "label_column": self.hparams.label_column}, indent=2)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"label_names": self._label_names}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._label_names is not None and state_dict.get("label_names") not in (None, self._label_names):
-            raise ValueError(f"checkpoint labels {state_dict['label_names']} differ from the data's {self._label_names}")
+            raise ValueError(
+                f"checkpoint labels {state_dict['label_names']} differ from the data's {self._label_names}"
+            )
 
     # ------------------------------------------------------------------ loaders
     def _collator(self):

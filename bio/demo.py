@@ -72,9 +72,9 @@ def run_demo(
     from lightning.pytorch.loggers import CSVLogger
 
     from .data import BUILTIN_PBMC, CellClassificationDataModule, default_dictionary_dir, load_cells
-    from .pretrain_data import MaskedGeneDataModule
     from .model import GeneformerClassifier
     from .pretrain import GeneformerPretrainer
+    from .pretrain_data import MaskedGeneDataModule
 
     dictionary_dir = Path(dictionary_dir) if dictionary_dir else default_dictionary_dir()
     if not dictionary_dir.is_dir():
@@ -90,29 +90,52 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     overrides = small_config_overrides(hidden, 2, max_length)
     t0 = time.time()
-    cells = load_cells(h5ad=BUILTIN_PBMC, dictionary_dir=str(dictionary_dir), obs_columns=["bulk_labels"],
-                       progress=progress)
-    trainer_kw = dict(accelerator="cpu", enable_progress_bar=progress, enable_model_summary=False,
-                      enable_checkpointing=False, log_every_n_steps=5)
+    cells = load_cells(
+        h5ad=BUILTIN_PBMC, dictionary_dir=str(dictionary_dir), obs_columns=["bulk_labels"], progress=progress
+    )
+    trainer_kw = dict(
+        accelerator="cpu",
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+    )
 
     # 1) brief masked-gene pre-training on all cells (no labels used)
     L.seed_everything(seed, verbose=False)
-    mlm_dm = MaskedGeneDataModule.from_dataset(cells, dictionary_dir=str(dictionary_dir), batch_size=batch_size,
-                                               max_length=max_length, seed=seed, val_fraction=0.0)
-    pre = GeneformerPretrainer(model_config=str(config), config_overrides=overrides, optimizer=optimizer, rank=rank,
-                               lr=pretrain_lr, warmup_steps=5, save_dir=str(out / "pretrained"),
-                               rank_monitor=False, memory_monitor=False)
-    pre_trainer = L.Trainer(max_epochs=pretrain_epochs, logger=CSVLogger(out, name="pretrain"),
-                            limit_val_batches=0, **trainer_kw)
+    mlm_dm = MaskedGeneDataModule.from_dataset(
+        cells,
+        dictionary_dir=str(dictionary_dir),
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        val_fraction=0.0,
+    )
+    pre = GeneformerPretrainer(
+        model_config=str(config),
+        config_overrides=overrides,
+        optimizer=optimizer,
+        rank=rank,
+        lr=pretrain_lr,
+        warmup_steps=5,
+        save_dir=str(out / "pretrained"),
+        rank_monitor=False,
+        memory_monitor=False,
+    )
+    pre_trainer = L.Trainer(
+        max_epochs=pretrain_epochs, logger=CSVLogger(out, name="pretrain"), limit_val_batches=0, **trainer_kw
+    )
     pre_trainer.fit(pre, datamodule=mlm_dm)
     mlm_loss = float(pre_trainer.callback_metrics.get("train/mlm_loss_epoch", float("nan")))
 
     # 2) fine-tune the cell-type classifier from the pre-trained weights
     L.seed_everything(seed, verbose=False)
-    dm = CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels", group_column=None,
-                                                   batch_size=batch_size, max_length=max_length, seed=seed)
-    model = GeneformerClassifier(dm.label_names, pretrained=str(out / "pretrained"), optimizer=optimizer,
-                                 rank=rank, lr=lr, warmup_steps=10)
+    dm = CellClassificationDataModule.from_dataset(
+        cells, label_column="bulk_labels", group_column=None, batch_size=batch_size, max_length=max_length, seed=seed
+    )
+    model = GeneformerClassifier(
+        dm.label_names, pretrained=str(out / "pretrained"), optimizer=optimizer, rank=rank, lr=lr, warmup_steps=10
+    )
     logger = CSVLogger(out, name="finetune")
     trainer = L.Trainer(max_epochs=epochs, logger=logger, **trainer_kw)
     trainer.fit(model, datamodule=dm)
@@ -149,10 +172,14 @@ def run_demo(
 
 def main(argv: list[str] | None = None) -> dict:
     """``python -m bio demo [--dictionary-dir DIR] [--output-dir DIR] [--optimizer NAME] ...``"""
-    p = argparse.ArgumentParser(prog="python -m bio demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dictionary-dir", default=None,
-                   help="Geneformer gc30M dictionary folder (default: <repo>/../shared/data/geneformer/gc30M)")
+    p = argparse.ArgumentParser(
+        prog="python -m bio demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--dictionary-dir",
+        default=None,
+        help="Geneformer gc30M dictionary folder (default: <repo>/../shared/data/geneformer/gc30M)",
+    )
     p.add_argument("--output-dir", default=str(REPO / "demo_runs" / "bio"))
     p.add_argument("--optimizer", default="adarankgrad", choices=["adarankgrad", "galore", "adamw"])
     p.add_argument("--rank", type=int, default=16)
@@ -164,8 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (AdamW-sized updates)")
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1 is fastest for this tiny model on a shared 2-core machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 is fastest for this tiny model on a shared 2-core machine)",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     import torch
@@ -174,8 +205,21 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
-    s = run_demo(a.dictionary_dir, a.output_dir, a.optimizer, a.rank, a.max_length, a.hidden, a.pretrain_epochs,
-                 a.epochs, a.batch_size, a.lr, a.pretrain_lr, a.seed, not a.no_progress)
+    s = run_demo(
+        a.dictionary_dir,
+        a.output_dir,
+        a.optimizer,
+        a.rank,
+        a.max_length,
+        a.hidden,
+        a.pretrain_epochs,
+        a.epochs,
+        a.batch_size,
+        a.lr,
+        a.pretrain_lr,
+        a.seed,
+        not a.no_progress,
+    )
     base = s["majority_baseline"]
     print("\n=== bio demo: Geneformer-architecture model on pbmc68k_reduced (bulk_labels) ===")
     print(f"cells {s['cells']}, classes {s['classes']}, splits {s['split_sizes']}, optimizer {s['optimizer']}")
@@ -183,7 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     for h in s["val_per_epoch"]:
         print(f"  epoch {h['epoch']}: val macro-F1 {h['val/f1_macro']:.3f}  accuracy {h['val/accuracy']:.3f}")
     print(f"test macro-F1 {s['test_macro_f1']:.3f}  accuracy {s['test_accuracy']:.3f}")
-    print(f"majority-class baseline ({base['class']}): macro-F1 {base['macro_f1']:.3f}  accuracy {base['accuracy']:.3f}")
+    print(
+        f"majority-class baseline ({base['class']}): macro-F1 {base['macro_f1']:.3f}  accuracy {base['accuracy']:.3f}"
+    )
     print(f"optimizer state: {s['optimizer_state_bytes'] / 2**20:.2f} MiB")
     if s["avg_effective_rank"] is not None:
         print(f"average effective rank (parameter-weighted, max {a.rank}): {s['avg_effective_rank']:.2f}")

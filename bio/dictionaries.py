@@ -95,7 +95,9 @@ def load_dictionaries(dictionary_dir: str | Path) -> GeneDictionaries:
         )
     token_path = _find_one(directory, "token_dictionary")
     median_path = _find_one(directory, "gene_median_dictionary")
-    missing = [n for n, p in (("token_dictionary*.pkl", token_path), ("gene_median_dictionary*.pkl", median_path)) if p is None]
+    missing = [
+        n for n, p in (("token_dictionary*.pkl", token_path), ("gene_median_dictionary*.pkl", median_path)) if p is None
+    ]
     if missing:
         raise FileNotFoundError(f"{directory} lacks {', '.join(missing)}")
     token_dict = {str(k): int(v) for k, v in safe_load_pickle(token_path).items()}

@@ -41,21 +41,34 @@ def export_checkpoint(
     module = GeneformerClassifier.load_from_checkpoint(ckpt, map_location="cpu")
     hp = dict(module.hparams)
     if hp.get("optimizer") == "lora":
-        raise SystemExit(f"{ckpt} is a LoRA fine-tune already: its adapter is module.model.save_pretrained(...); "
-                         "export-lora turns a full-parameter fine-tune into one")
+        raise SystemExit(
+            f"{ckpt} is a LoRA fine-tune already: its adapter is module.model.save_pretrained(...); "
+            "export-lora turns a full-parameter fine-tune into one"
+        )
     base = base or hp.get("pretrained")
     if not base:
-        raise SystemExit(f"{ckpt} was trained from scratch (no `pretrained` folder): a LoRA adapter needs the "
-                         "pre-trained base it is relative to; pass --base if there is one")
+        raise SystemExit(
+            f"{ckpt} was trained from scratch (no `pretrained` folder): a LoRA adapter needs the "
+            "pre-trained base it is relative to; pass --base if there is one"
+        )
     hp["pretrained"] = str(base)
     hp["model_config"] = None
     base_model = GeneformerClassifier(**hp).model  # built as for training: same overrides, a fresh head
-    report = export_lora(base_model, module.model, out, energy=energy, rank=rank, alpha=alpha,
-                         base_model_name_or_path=str(base))
+    report = export_lora(
+        base_model, module.model, out, energy=energy, rank=rank, alpha=alpha, base_model_name_or_path=str(base)
+    )
     (Path(out) / "label_mapping.json").write_text(json.dumps({"label_names": list(module.label_names)}, indent=2))
     print(report.summary())
-    print(json.dumps({"out": str(Path(out)), "total_rank": report.total_rank, "adapter_mib": report.adapter_mib,
-                      "rel_error": report.rel_error}))
+    print(
+        json.dumps(
+            {
+                "out": str(Path(out)),
+                "total_rank": report.total_rank,
+                "adapter_mib": report.adapter_mib,
+                "rel_error": report.rel_error,
+            }
+        )
+    )
     return report
 
 

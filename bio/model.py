@@ -107,7 +107,9 @@ class GeneformerClassifier(OptimizerChoice, L.LightningModule):
             }
         )
         self.metrics = torch.nn.ModuleDict({f"{s}_": metrics.clone(prefix=f"{s}/") for s in ("train", "val", "test")})
-        self.confusion = torch.nn.ModuleDict({f"{s}_": MulticlassConfusionMatrix(num_classes=k) for s in ("val", "test")})
+        self.confusion = torch.nn.ModuleDict(
+            {f"{s}_": MulticlassConfusionMatrix(num_classes=k) for s in ("val", "test")}
+        )
         self.history: list[dict[str, float]] = []  # per validation epoch
         self.confusion_matrices: dict[str, list[list[int]]] = {}
 
@@ -123,7 +125,11 @@ class GeneformerClassifier(OptimizerChoice, L.LightningModule):
             if not path.is_dir():
                 raise FileNotFoundError(f"pretrained checkpoint folder not found: {path}")
             model = BertForSequenceClassification.from_pretrained(
-                str(path), num_labels=k, id2label=id2label, label2id=label2id, local_files_only=True,
+                str(path),
+                num_labels=k,
+                id2label=id2label,
+                label2id=label2id,
+                local_files_only=True,
                 **(h.config_overrides or {}),
             )
         else:
@@ -142,8 +148,9 @@ class GeneformerClassifier(OptimizerChoice, L.LightningModule):
         if h.optimizer == "lora":
             from lightning_adarank import apply_lora
 
-            model = apply_lora(model, h.rank, alpha=h.lora_alpha, target_modules=h.target_modules,
-                               modules_to_save=["classifier"])
+            model = apply_lora(
+                model, h.rank, alpha=h.lora_alpha, target_modules=h.target_modules, modules_to_save=["classifier"]
+            )
         return model
 
     # ------------------------------------------------------------------ steps

@@ -52,9 +52,13 @@ def make_optimizer(
         rank=rank,
         scale=scale,
         target_modules=target_modules,
-        include_embeddings=resolve_include_embeddings(include_embeddings, from_pretrained=from_pretrained,
-                                                      optimizer=optimizer, owner=type(module).__name__,
-                                                      report=rank_zero_info),
+        include_embeddings=resolve_include_embeddings(
+            include_embeddings,
+            from_pretrained=from_pretrained,
+            optimizer=optimizer,
+            owner=type(module).__name__,
+            report=rank_zero_info,
+        ),
         **extra,
     )
     if lr_schedule == "constant" and warmup_steps <= 0:
@@ -103,9 +107,18 @@ class OptimizerChoice:
     def configure_optimizers(self):
         h = self.hparams
         return make_optimizer(
-            self, self.model, optimizer=h.optimizer, lr=h.lr, weight_decay=h.weight_decay, rank=h.rank,
-            scale=h.scale, target_modules=h.target_modules, include_embeddings=h.include_embeddings,
-            adarank=h.adarank, warmup_steps=h.warmup_steps, lr_schedule=h.lr_schedule,
+            self,
+            self.model,
+            optimizer=h.optimizer,
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            rank=h.rank,
+            scale=h.scale,
+            target_modules=h.target_modules,
+            include_embeddings=h.include_embeddings,
+            adarank=h.adarank,
+            warmup_steps=h.warmup_steps,
+            lr_schedule=h.lr_schedule,
             from_pretrained=bool(h.pretrained),
         )
 

@@ -77,8 +77,14 @@ class GeneformerPretrainer(OptimizerChoice, L.LightningModule):
 
     def _step(self, batch, stage):
         loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self.log(f"{stage}/mlm_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
-                 batch_size=batch["input_ids"].shape[0])
+        self.log(
+            f"{stage}/mlm_loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch["input_ids"].shape[0],
+        )
         return loss
 
     def training_step(self, batch, batch_idx):

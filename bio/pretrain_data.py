@@ -73,9 +73,14 @@ class MaskedGeneDataModule(L.LightningDataModule):
         h = self.hparams
         if self._dataset is None:
             self._dataset = load_cells(
-                dataset_path=h.dataset_path, h5ad=h.h5ad, dictionary_dir=h.dictionary_dir,
-                model_input_size=h.model_input_size, special_tokens=h.special_tokens, counts=h.counts,
-                undo_log1p=h.undo_log1p, gene_id_column=h.gene_id_column,
+                dataset_path=h.dataset_path,
+                h5ad=h.h5ad,
+                dictionary_dir=h.dictionary_dir,
+                model_input_size=h.model_input_size,
+                special_tokens=h.special_tokens,
+                counts=h.counts,
+                undo_log1p=h.undo_log1p,
+                gene_id_column=h.gene_id_column,
             )
         ds = self._dataset.select_columns(["input_ids"])
         rng = np.random.default_rng(h.seed)
@@ -86,7 +91,9 @@ class MaskedGeneDataModule(L.LightningDataModule):
 
         from .dictionaries import gene_tokenizer
 
-        self._mlm = DataCollatorForLanguageModeling(gene_tokenizer(self._dictionaries()), mlm_probability=h.mlm_probability)
+        self._mlm = DataCollatorForLanguageModeling(
+            gene_tokenizer(self._dictionaries()), mlm_probability=h.mlm_probability
+        )
 
     def _collate(self, rows):
         ml = self.hparams.max_length

@@ -72,7 +72,9 @@ def split_indices(
     if val_groups is not None:
         val = rest[np.isin(groups[rest], list(map(str, val_groups)))]
     elif val_fraction > 0:
-        _, held = _group_fold(labels[rest], groups[rest], val_fraction / max(1e-9, 1 - test_fraction), seed + 1, "validation")
+        _, held = _group_fold(
+            labels[rest], groups[rest], val_fraction / max(1e-9, 1 - test_fraction), seed + 1, "validation"
+        )
         val = rest[held]
     else:
         val = all_idx[:0]
@@ -80,7 +82,10 @@ def split_indices(
     for name, part in (("train", train), ("validation", val), ("test", test)):
         missing = sorted(set(labels.tolist()) - set(labels[part].tolist()))
         if len(part) and missing:
-            warnings.warn(f"group-aware split: class(es) {missing} have no cells in the {name} split (too few groups)")
+            warnings.warn(
+                f"group-aware split: class(es) {missing} have no cells in the {name} split (too few groups)",
+                stacklevel=2,
+            )
     if len(train) == 0:
         raise ValueError("group-aware split left no training cells; lower val/test fractions or add groups")
     return np.sort(train), np.sort(val), np.sort(test)

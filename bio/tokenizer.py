@@ -26,7 +26,14 @@ import scipy.sparse as sp
 
 from .dictionaries import CLS, EOS, GeneDictionaries, load_dictionaries
 
-__all__ = ["tokenize_anndata", "tokenize_anndata_with_report", "tokenize_h5ad", "TokenizationReport", "map_genes", "counts_matrix"]
+__all__ = [
+    "tokenize_anndata",
+    "tokenize_anndata_with_report",
+    "tokenize_h5ad",
+    "TokenizationReport",
+    "map_genes",
+    "counts_matrix",
+]
 
 log = logging.getLogger(__name__)
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d+(\.\d+)?$")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib
 import sys
 
+from . import distributed as _distributed  # noqa: F401  (registers the FSDP2 step with the optimizer)
 from .optim.config import AdaRankGradConfig
 from .optim.groups import param_groups, target_parameter_names
 from .optim.optimizer import AdaRankGrad, SubspaceInfo
-from . import distributed as _distributed  # noqa: F401  (registers the FSDP2 step with the optimizer)
 
 __version__ = "0.2.0"
 

@@ -22,7 +22,6 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_adarank.integrations.resumable import resumable_loader  # exact mid-epoch resume
-
 from nlp.hub import load_tokenizer
 from nlp.readers import (
     DataError,
@@ -45,7 +44,9 @@ _CACHE_VERSION = 1
 
 def default_cache_dir() -> Path:
     """``$LIGHTNING_ADARANK_CACHE/nlp`` or ``~/.cache/lightning_adarank/nlp``."""
-    base = os.environ.get("LIGHTNING_ADARANK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightning_adarank")
+    base = os.environ.get("LIGHTNING_ADARANK_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "lightning_adarank"
+    )
     return Path(base) / "nlp"
 
 
@@ -154,11 +155,21 @@ class TextClassificationDataModule(L.LightningDataModule):
         """A string that changes whenever the raw data of ``split`` changes (cache key part)."""
         path = self.train_file if split == "train" else self.val_file
         if not path:
-            raise DataError(f"No file given for split {split!r} (set {'train_file' if split == 'train' else 'val_file'}).")
+            raise DataError(
+                f"No file given for split {split!r} (set {'train_file' if split == 'train' else 'val_file'})."
+            )
         if not Path(path).expanduser().is_file():
             raise DataError(f"Data file {str(path)!r} not found.")
-        return json.dumps([file_fingerprint(Path(path).expanduser()), self.text_columns, self.label_column,
-                           self.label_list, self.is_regression, self.delimiter])
+        return json.dumps(
+            [
+                file_fingerprint(Path(path).expanduser()),
+                self.text_columns,
+                self.label_column,
+                self.label_list,
+                self.is_regression,
+                self.delimiter,
+            ]
+        )
 
     def _read_split(self, split: str):
         """Records (list of dicts or a ``datasets.Dataset``) with ``text_a``[, ``text_b``], ``label``."""
@@ -240,14 +251,24 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, padded per batch."""
-        return resumable_loader(self.datasets["train"], batch_size=self.batch_size, shuffle=True,
-                                collate_fn=self._collator(), num_workers=self.num_workers)
+        return resumable_loader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self._collator(),
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """One loader per validation split (two for MNLI: matched, mismatched)."""
         loaders = [
-            DataLoader(self.datasets[s], batch_size=self.eval_batch_size, shuffle=False,
-                       collate_fn=self._collator(), num_workers=self.num_workers)
+            DataLoader(
+                self.datasets[s],
+                batch_size=self.eval_batch_size,
+                shuffle=False,
+                collate_fn=self._collator(),
+                num_workers=self.num_workers,
+            )
             for s in self.eval_split_names
         ]
         return loaders[0] if len(loaders) == 1 else loaders

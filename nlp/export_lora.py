@@ -40,20 +40,31 @@ def export_checkpoint(
     module = GLUETransformer.load_from_checkpoint(ckpt, map_location="cpu")
     hp = module.hparams
     if hp.optimizer == "lora":
-        raise SystemExit(f"{ckpt} is a LoRA fine-tune already: its adapter is module.model.save_pretrained(...); "
-                         "export-lora turns a full-parameter fine-tune into one")
+        raise SystemExit(
+            f"{ckpt} is a LoRA fine-tune already: its adapter is module.model.save_pretrained(...); "
+            "export-lora turns a full-parameter fine-tune into one"
+        )
     base_path = base or hp.model_name_or_path
     id2label = getattr(module.model.config, "id2label", None)
     base_model = load_classifier(base_path, hp.num_labels, id2label=id2label)
-    report = export_lora(base_model, module.model, out, energy=energy, rank=rank, alpha=alpha,
-                         base_model_name_or_path=str(base_path))
+    report = export_lora(
+        base_model, module.model, out, energy=energy, rank=rank, alpha=alpha, base_model_name_or_path=str(base_path)
+    )
     try:
         load_tokenizer(base_path).save_pretrained(out)
     except Exception as err:  # noqa: BLE001  (the adapter is written; the tokenizer is a convenience)
         print(f"note: tokenizer not saved ({err})", file=sys.stderr)
     print(report.summary())
-    print(json.dumps({"out": str(Path(out)), "total_rank": report.total_rank, "adapter_mib": report.adapter_mib,
-                      "rel_error": report.rel_error}))
+    print(
+        json.dumps(
+            {
+                "out": str(Path(out)),
+                "total_rank": report.total_rank,
+                "adapter_mib": report.adapter_mib,
+                "rel_error": report.rel_error,
+            }
+        )
+    )
     return report
 
 

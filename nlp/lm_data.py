@@ -78,7 +78,13 @@ class _StreamedBlocks(IterableDataset):
     """Blocks packed on the fly from a streamed hub dataset (the real path for C4; never run in tests)."""
 
     def __init__(self, make_stream, encode, block_size: int, eos_id: int, limit: int | None) -> None:
-        self.make_stream, self.encode, self.block_size, self.eos_id, self.limit = make_stream, encode, block_size, eos_id, limit
+        self.make_stream, self.encode, self.block_size, self.eos_id, self.limit = (
+            make_stream,
+            encode,
+            block_size,
+            eos_id,
+            limit,
+        )
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -165,8 +171,12 @@ class PackedTextDataModule(L.LightningDataModule):
         tok = Tokenizer(models.BPE(unk_token=None))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=hp.vocab_size, special_tokens=["<eos>"], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=hp.vocab_size,
+            special_tokens=["<eos>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(docs, trainer=trainer)
         self.tokenizer = tok
         self.eos_id = tok.token_to_id("<eos>")
@@ -188,7 +198,7 @@ class PackedTextDataModule(L.LightningDataModule):
                 val = [d for f in self.val_files for d in read_documents(f, self.hparams.text_column)]
             else:
                 n_val = int(len(train) * self.hparams.val_fraction)
-                train, val = (train[: len(train) - n_val], train[len(train) - n_val:]) if n_val else (train, [])
+                train, val = (train[: len(train) - n_val], train[len(train) - n_val :]) if n_val else (train, [])
             if not train:
                 raise ValueError(f"PackedTextDataModule: no training text in {self.train_files}")
             self._docs = (train, val)
@@ -197,7 +207,9 @@ class PackedTextDataModule(L.LightningDataModule):
     def _pack(self, docs: list[str]) -> torch.Tensor:
         blocks = list(pack_tokens(self._encode_batch(docs), self.hparams.block_size, self.eos_id))
         if not blocks:
-            raise ValueError(f"PackedTextDataModule: the text holds fewer than block_size={self.hparams.block_size} tokens")
+            raise ValueError(
+                f"PackedTextDataModule: the text holds fewer than block_size={self.hparams.block_size} tokens"
+            )
         return torch.tensor(blocks, dtype=torch.long)
 
     def setup(self, stage: str | None = None) -> None:
@@ -219,19 +231,27 @@ class PackedTextDataModule(L.LightningDataModule):
                 if split == hp.train_split:
                     ds = ds.shuffle(seed=hp.seed, buffer_size=10_000)
                 return (row[hp.text_column] for row in ds)
+
             return make
 
         self._train = _StreamedBlocks(stream(hp.train_split), self._encode, hp.block_size, self.eos_id, None)
         if hp.val_split:
-            self._val = _StreamedBlocks(stream(hp.val_split), self._encode, hp.block_size, self.eos_id,
-                                        hp.max_val_blocks or 256)
+            self._val = _StreamedBlocks(
+                stream(hp.val_split), self._encode, hp.block_size, self.eos_id, hp.max_val_blocks or 256
+            )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         shuffle = isinstance(self._train, _Blocks)
         gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self._train, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=True,
-                          num_workers=self.hparams.num_workers, generator=gen if shuffle else None)
+        return DataLoader(
+            self._train,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            drop_last=True,
+            num_workers=self.hparams.num_workers,
+            generator=gen if shuffle else None,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()

@@ -7,7 +7,6 @@ The optimizer is chosen by name (``adarankgrad``, ``galore``, ``adamw``, ``lora`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -25,7 +24,13 @@ __all__ = ["GLUETransformer"]
 
 OPTIMIZERS = ("adarankgrad", "galore", "adamw", "lora")
 #: AdaRankGrad settings GLUETransformer sets with its own arguments
-_RESERVED = {"lr": "learning_rate", "betas": "betas", "weight_decay": "weight_decay", "max_rank": "rank", "scale": "scale"}
+_RESERVED = {
+    "lr": "learning_rate",
+    "betas": "betas",
+    "weight_decay": "weight_decay",
+    "max_rank": "rank",
+    "scale": "scale",
+}
 
 
 class GLUETransformer(L.LightningModule):
@@ -96,12 +101,24 @@ class GLUETransformer(L.LightningModule):
             lora_modules_to_save = ["classifier"]
         self.save_hyperparameters(
             dict(
-                model_name_or_path=model_name_or_path, task=task, num_labels=num_labels,
-                eval_splits=eval_splits, metrics=metrics, optimizer=optimizer, learning_rate=learning_rate,
-                weight_decay=weight_decay, betas=tuple(betas), rank=rank, scale=scale, warmup_ratio=warmup_ratio,
-                target_modules=target_modules, include_embeddings=include_embeddings,
-                galore_update_proj_gap=galore_update_proj_gap, lora_alpha=lora_alpha,
-                lora_modules_to_save=lora_modules_to_save, adarank=adarank_overrides(adarank, _RESERVED),
+                model_name_or_path=model_name_or_path,
+                task=task,
+                num_labels=num_labels,
+                eval_splits=eval_splits,
+                metrics=metrics,
+                optimizer=optimizer,
+                learning_rate=learning_rate,
+                weight_decay=weight_decay,
+                betas=tuple(betas),
+                rank=rank,
+                scale=scale,
+                warmup_ratio=warmup_ratio,
+                target_modules=target_modules,
+                include_embeddings=include_embeddings,
+                galore_update_proj_gap=galore_update_proj_gap,
+                lora_alpha=lora_alpha,
+                lora_modules_to_save=lora_modules_to_save,
+                adarank=adarank_overrides(adarank, _RESERVED),
             )
         )
         self.task_spec = spec
@@ -110,8 +127,9 @@ class GLUETransformer(L.LightningModule):
         if optimizer == "lora":
             from lightning_adarank import apply_lora
 
-            model = apply_lora(model, rank, alpha=lora_alpha, target_modules=target_modules,
-                               modules_to_save=lora_modules_to_save)
+            model = apply_lora(
+                model, rank, alpha=lora_alpha, target_modules=target_modules, modules_to_save=lora_modules_to_save
+            )
         model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout on
         self.model = model
         names = list(eval_splits) if eval_splits else (list(spec.eval_splits) if spec else ["val"])
@@ -166,8 +184,9 @@ class GLUETransformer(L.LightningModule):
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
         """The chosen optimizer (via ``lightning_adarank.build_optimizer``) with linear warm-up and decay."""
-        from lightning_adarank import build_optimizer
         from transformers import get_linear_schedule_with_warmup
+
+        from lightning_adarank import build_optimizer
 
         hp = self.hparams
         extra: dict[str, Any] = {}
@@ -176,11 +195,20 @@ class GLUETransformer(L.LightningModule):
         elif hp.optimizer == "galore":
             extra["galore_update_proj_gap"] = hp.galore_update_proj_gap
         elif hp.adarank:
-            raise ValueError(f"adarank settings {sorted(hp.adarank)} are for optimizer='adarankgrad', not {hp.optimizer!r}.")
+            raise ValueError(
+                f"adarank settings {sorted(hp.adarank)} are for optimizer='adarankgrad', not {hp.optimizer!r}."
+            )
         opt = build_optimizer(
-            self.model, hp.optimizer, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
-            rank=hp.rank, scale=hp.scale, target_modules=hp.target_modules,
-            include_embeddings=hp.include_embeddings, **extra,
+            self.model,
+            hp.optimizer,
+            lr=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            rank=hp.rank,
+            scale=hp.scale,
+            target_modules=hp.target_modules,
+            include_embeddings=hp.include_embeddings,
+            **extra,
         )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(hp.warmup_ratio * total)

@@ -48,12 +48,20 @@ def llama_config(vocab_size: int, model: str | None = None, max_position_embeddi
         else:
             raise ValueError(f"model={model!r} is neither a preset ({', '.join(LLAMA_PRESETS)}) nor a config file")
     base.update({k: v for k, v in sizes.items() if v is not None})
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in base]
+    missing = [
+        k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in base
+    ]
     if missing:
         raise ValueError(f"give model=<preset or config.json> or the sizes {missing}")
     base.setdefault("rms_norm_eps", 1e-6)
-    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, hidden_act="silu",
-                       tie_word_embeddings=False, use_cache=False, **base)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        use_cache=False,
+        **base,
+    )
 
 
 class _CPUSafeGaLoreAdamW8bit:
@@ -106,19 +114,31 @@ def build_pretrain_optimizer(
         extra = dict(adarank) if name == "adarankgrad" else {}
         if name == "galore":
             extra["galore_update_proj_gap"] = update_proj_gap
-        return build_optimizer(model, name, lr=lr, weight_decay=weight_decay, betas=tuple(betas), rank=rank,
-                               scale=scale, target_modules=target_modules, include_embeddings=include_embeddings,
-                               **extra)
+        return build_optimizer(
+            model,
+            name,
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=tuple(betas),
+            rank=rank,
+            scale=scale,
+            target_modules=target_modules,
+            include_embeddings=include_embeddings,
+            **extra,
+        )
     if name == "adamw8bit":
         from torchao.optim import AdamW8bit
 
-        return AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(betas),
-                         weight_decay=weight_decay)
+        return AdamW8bit(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(betas), weight_decay=weight_decay
+        )
     groups = param_groups(model, target_modules, include_embeddings)
     for g in groups:
         g.pop("param_names")
         if g.pop("low_rank"):
-            g.update(rank=rank, update_proj_gap=update_proj_gap, scale=0.25 if scale is None else scale, proj_type="std")
+            g.update(
+                rank=rank, update_proj_gap=update_proj_gap, scale=0.25 if scale is None else scale, proj_type="std"
+            )
     return _CPUSafeGaLoreAdamW8bit.build(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
@@ -185,9 +205,15 @@ class CausalLMPretrainer(L.LightningModule):
         self.save_hyperparameters()
         from transformers import LlamaForCausalLM
 
-        config = llama_config(vocab_size, model, max_position_embeddings, hidden_size=hidden_size,
-                              intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
-                              num_attention_heads=num_attention_heads)
+        config = llama_config(
+            vocab_size,
+            model,
+            max_position_embeddings,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = LlamaForCausalLM(config)
@@ -225,14 +251,28 @@ class CausalLMPretrainer(L.LightningModule):
 
         hp = self.hparams
         projects = "galore" if hp.optimizer.startswith("galore") else hp.optimizer  # galore8bit projects too
-        include_embeddings = resolve_include_embeddings(hp.include_embeddings, from_pretrained=False, optimizer=projects,
-                                                        owner=type(self).__name__, report=rank_zero_info)
+        include_embeddings = resolve_include_embeddings(
+            hp.include_embeddings,
+            from_pretrained=False,
+            optimizer=projects,
+            owner=type(self).__name__,
+            report=rank_zero_info,
+        )
         opt = build_pretrain_optimizer(
-            self.model, hp.optimizer, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
-            rank=hp.rank, scale=hp.scale, update_proj_gap=hp.update_proj_gap, target_modules=hp.target_modules,
-            include_embeddings=include_embeddings, **(hp.adarank or {}),
+            self.model,
+            hp.optimizer,
+            lr=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            rank=hp.rank,
+            scale=hp.scale,
+            update_proj_gap=hp.update_proj_gap,
+            target_modules=hp.target_modules,
+            include_embeddings=include_embeddings,
+            **(hp.adarank or {}),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_with_warmup(s, hp.warmup_steps, total, hp.min_lr_ratio))
+            opt, lambda s: cosine_with_warmup(s, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -87,9 +87,7 @@ def _label_to_id(value: str, task: GLUETask, where: str) -> int | float:
         return x
     assert task.file_label_values is not None
     if value not in task.file_label_values:
-        raise DataError(
-            f"{where}: label {value!r} is not one of {task.name}'s labels {list(task.file_label_values)}."
-        )
+        raise DataError(f"{where}: label {value!r} is not one of {task.name}'s labels {list(task.file_label_values)}.")
     return task.file_label_values.index(value)
 
 

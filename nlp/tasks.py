@@ -39,9 +39,7 @@ class GLUETask:
     hub_text_columns: tuple[str, ...]
     label_names: tuple[str, ...] | None
     file_label_values: tuple[str, ...] | None
-    eval_splits: dict[str, tuple[str, str]] = field(
-        default_factory=lambda: {"val": ("dev.tsv", "validation")}
-    )
+    eval_splits: dict[str, tuple[str, str]] = field(default_factory=lambda: {"val": ("dev.tsv", "validation")})
     metrics: tuple[str, ...] = ("accuracy",)
     monitor: str = "accuracy"
     header: bool = True

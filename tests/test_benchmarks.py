@@ -19,9 +19,21 @@ pytestmark = pytest.mark.slow  # ~20 s of CPU for both scripts (transformers imp
 
 def _run(script: str, tmp_path: Path) -> str:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--device", "cpu", "--threads", "1",
-         "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / script),
+            "--smoke",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -32,7 +44,7 @@ def _rows(text: str, first_header: str) -> list[list[str]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in line.strip("|").split("|")])
@@ -71,9 +83,21 @@ def test_llama_pretrain_smoke(tmp_path):
     if not (sst2 / "train.tsv").is_file():
         pytest.skip(f"SST-2 not found under {sst2}")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "llama_pretrain.py"), "--smoke", "--methods",
-         "adamw,adarankgrad8", "--jobs", "1", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "llama_pretrain.py"),
+            "--smoke",
+            "--methods",
+            "adamw,adarankgrad8",
+            "--jobs",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(proc.stdout, "method")

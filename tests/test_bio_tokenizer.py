@@ -12,7 +12,8 @@ import scipy.sparse as sp
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geneformer"
 pytestmark = pytest.mark.skipif(
-    not (SHARED / "gc30M").is_dir(), reason=f"Geneformer dictionaries not found at {SHARED} (shared data folder missing)"
+    not (SHARED / "gc30M").is_dir(),
+    reason=f"Geneformer dictionaries not found at {SHARED} (shared data folder missing)",
 )
 
 sc = pytest.importorskip("scanpy")
@@ -101,8 +102,12 @@ def test_gc95m_special_tokens_and_truncation(pbmc):
 
     d = load_dictionaries(SHARED / "gc95M")
     cls_id, eos_id = d.token_dict["<cls>"], d.token_dict["<eos>"]
-    ds = tokenize_anndata(pbmc, d, counts="raw", undo_log1p=True, special_tokens=True, model_input_size=100, progress=False)
-    full = tokenize_anndata(pbmc, d, counts="raw", undo_log1p=True, special_tokens=True, model_input_size=4096, progress=False)
+    ds = tokenize_anndata(
+        pbmc, d, counts="raw", undo_log1p=True, special_tokens=True, model_input_size=100, progress=False
+    )
+    full = tokenize_anndata(
+        pbmc, d, counts="raw", undo_log1p=True, special_tokens=True, model_input_size=4096, progress=False
+    )
     for i in range(20):
         ids, ids_full = ds[i]["input_ids"], full[i]["input_ids"]
         assert ids[0] == cls_id and ids[-1] == eos_id and ids_full[0] == cls_id and ids_full[-1] == eos_id

@@ -10,11 +10,17 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geneformer"
 pytestmark = pytest.mark.skipif(
-    not (SHARED / "gc30M").is_dir(), reason=f"Geneformer dictionaries not found at {SHARED} (shared data folder missing)"
+    not (SHARED / "gc30M").is_dir(),
+    reason=f"Geneformer dictionaries not found at {SHARED} (shared data folder missing)",
 )
 CONFIG = SHARED / "configs" / "gf-6L-30M-i2048_config.json"
-SMALL = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
-         "max_position_embeddings": 64}
+SMALL = {
+    "num_hidden_layers": 2,
+    "hidden_size": 128,
+    "num_attention_heads": 4,
+    "intermediate_size": 256,
+    "max_position_embeddings": 64,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -32,16 +38,25 @@ def one_thread():
 def cells():
     from bio.data import BUILTIN_PBMC, load_cells
 
-    return load_cells(h5ad=BUILTIN_PBMC, dictionary_dir=str(SHARED / "gc30M"), obs_columns=["bulk_labels", "phase"],
-                      progress=False)
+    return load_cells(
+        h5ad=BUILTIN_PBMC, dictionary_dir=str(SHARED / "gc30M"), obs_columns=["bulk_labels", "phase"], progress=False
+    )
 
 
 def _trainer(tmp_path, epochs, **kw):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    return L.Trainer(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-                     enable_checkpointing=False, logger=CSVLogger(tmp_path), log_every_n_steps=5, **kw)
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=5,
+        **kw,
+    )
 
 
 def test_group_aware_split_keeps_individuals_apart(cells):
@@ -49,8 +64,9 @@ def test_group_aware_split_keeps_individuals_apart(cells):
 
     donors = [f"donor{i % 9}" for i in range(len(cells))]  # synthetic donors (pbmc68k has none)
     ds = cells.add_column("individual", donors)
-    dm = CellClassificationDataModule.from_dataset(ds, label_column="bulk_labels", group_column="individual",
-                                                   val_fraction=0.2, test_fraction=0.2)
+    dm = CellClassificationDataModule.from_dataset(
+        ds, label_column="bulk_labels", group_column="individual", val_fraction=0.2, test_fraction=0.2
+    )
     g = dm.split_groups
     assert not (set(g["train"]) & set(g["val"])) and not (set(g["train"]) & set(g["test"]))
     assert not (set(g["val"]) & set(g["test"]))
@@ -68,12 +84,14 @@ def test_bad_columns_and_rare_classes_are_reported(cells):
     with pytest.raises(ValueError, match="group_column='individual'.*group_column: null"):
         CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels").setup()
     with pytest.raises(ValueError, match=r"fewer than 20 cells.*CD34\+"):
-        CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels", group_column=None,
-                                                  min_cells_per_class=20).setup()
+        CellClassificationDataModule.from_dataset(
+            cells, label_column="bulk_labels", group_column=None, min_cells_per_class=20
+        ).setup()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dm = CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels", group_column=None,
-                                                       min_cells_per_class=20, drop_rare_classes=True)
+        dm = CellClassificationDataModule.from_dataset(
+            cells, label_column="bulk_labels", group_column=None, min_cells_per_class=20, drop_rare_classes=True
+        )
         assert dm.num_labels == 7 and "CD34+" not in dm.label_names
 
 
@@ -85,10 +103,18 @@ def test_finetune_adarankgrad_beats_majority_baseline(cells, tmp_path):
     from lightning_adarank import AdaRankGrad
 
     L.seed_everything(0, verbose=False)
-    dm = CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels", group_column=None,
-                                                   batch_size=32, max_length=64, seed=0)
-    model = GeneformerClassifier(dm.label_names, model_config=str(CONFIG), config_overrides=SMALL,
-                                 optimizer="adarankgrad", rank=16, lr=3e-3, warmup_steps=5)
+    dm = CellClassificationDataModule.from_dataset(
+        cells, label_column="bulk_labels", group_column=None, batch_size=32, max_length=64, seed=0
+    )
+    model = GeneformerClassifier(
+        dm.label_names,
+        model_config=str(CONFIG),
+        config_overrides=SMALL,
+        optimizer="adarankgrad",
+        rank=16,
+        lr=3e-3,
+        warmup_steps=5,
+    )
     # lr 3e-3: the update no longer shrinks with √(r/s) (issue 12); the old 1e-2 took steps √(16/128) ≈ 0.35× as big
     trainer = _trainer(tmp_path, 3)
     trainer.fit(model, datamodule=dm)
@@ -115,10 +141,18 @@ def test_mlm_pretraining_lowers_loss_and_loads_into_classifier(cells, tmp_path):
 
     L.seed_everything(0, verbose=False)
     sub = cells.select(range(320))
-    dm = MaskedGeneDataModule.from_dataset(sub, dictionary_dir=str(SHARED / "gc30M"), batch_size=32, max_length=48,
-                                           val_fraction=0.0)
-    model = GeneformerPretrainer(model_config=str(CONFIG), config_overrides=SMALL, optimizer="adarankgrad",
-                                 lr=3e-3, save_dir=str(tmp_path / "pre"), rank_monitor=False, memory_monitor=False)
+    dm = MaskedGeneDataModule.from_dataset(
+        sub, dictionary_dir=str(SHARED / "gc30M"), batch_size=32, max_length=48, val_fraction=0.0
+    )
+    model = GeneformerPretrainer(
+        model_config=str(CONFIG),
+        config_overrides=SMALL,
+        optimizer="adarankgrad",
+        lr=3e-3,
+        save_dir=str(tmp_path / "pre"),
+        rank_monitor=False,
+        memory_monitor=False,
+    )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     masked = batch["labels"] != -100
@@ -141,14 +175,41 @@ def test_cli_fit_links_labels_tests_and_exports(tmp_path):
 
     from bio.cli import main
 
-    main([
-        "fit", "--data.h5ad", "scanpy:pbmc68k_reduced", "--data.dictionary_dir", str(SHARED / "gc30M"),
-        "--data.label_column", "bulk_labels", "--data.group_column", "null", "--data.max_length", "32",
-        "--data.batch_size", "32", "--model.model_config", str(CONFIG),
-        "--model.config_overrides", json.dumps(SMALL), "--model.optimizer", "galore", "--model.lr", "1e-2",
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.enable_progress_bar", "false",
-        "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
-    ])
+    main(
+        [
+            "fit",
+            "--data.h5ad",
+            "scanpy:pbmc68k_reduced",
+            "--data.dictionary_dir",
+            str(SHARED / "gc30M"),
+            "--data.label_column",
+            "bulk_labels",
+            "--data.group_column",
+            "null",
+            "--data.max_length",
+            "32",
+            "--data.batch_size",
+            "32",
+            "--model.model_config",
+            str(CONFIG),
+            "--model.config_overrides",
+            json.dumps(SMALL),
+            "--model.optimizer",
+            "galore",
+            "--model.lr",
+            "1e-2",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "4",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     run = tmp_path / "lightning_logs" / "version_0"
     summary = json.loads((run / "summary.json").read_text())
     assert len(summary["label_names"]) == 10 and "test/f1_macro" in summary["test"]

@@ -13,9 +13,15 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
-
-from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradConfig, AdaRankGradStrategy, EffectiveRankMonitor
 from scripts.tiny import ADARANK, TinyModule, loader, make_data, trainer_kwargs
+
+from lightning_adarank import (
+    AdaRankGrad,
+    AdaRankGradCallback,
+    AdaRankGradConfig,
+    AdaRankGradStrategy,
+    EffectiveRankMonitor,
+)
 
 
 def _fit(module, callbacks, steps=6, data=None, ckpt_path=None, **kw):
@@ -37,8 +43,11 @@ def test_callback_swaps_adamw_and_the_schedule_follows(scheduler):
     """The callback and the strategy give the same optimizer and run (one swap implementation); the learning
     rates follow the module's schedule exactly as under its own AdamW."""
     runs = {}
-    for name, kw in (("adamw", {}), ("callback", {"callbacks": [AdaRankGradCallback(**ADARANK)]}),
-                     ("strategy", {"strategy": AdaRankGradStrategy(**ADARANK)})):
+    for name, kw in (
+        ("adamw", {}),
+        ("callback", {"callbacks": [AdaRankGradCallback(**ADARANK)]}),
+        ("strategy", {"strategy": AdaRankGradStrategy(**ADARANK)}),
+    ):
         lrs = _Lrs()
         module = TinyModule(scheduler=scheduler)
         trainer = _fit(module, [*kw.get("callbacks", []), lrs], steps=8, strategy=kw.get("strategy", "auto"))
@@ -81,9 +90,17 @@ def test_callback_resume_restores_the_swapped_optimizer_and_schedule(tmp_path):
     full_module = TinyModule(scheduler="cosine", by_step=True)
     full = _fit(full_module, [AdaRankGradCallback(**ADARANK)], steps=10, data=data)
 
-    _fit(TinyModule(scheduler="cosine", by_step=True), [
-        AdaRankGradCallback(**ADARANK), ModelCheckpoint(tmp_path, every_n_train_steps=5, save_top_k=-1),
-    ], steps=5, data=data, enable_checkpointing=True, default_root_dir=tmp_path)
+    _fit(
+        TinyModule(scheduler="cosine", by_step=True),
+        [
+            AdaRankGradCallback(**ADARANK),
+            ModelCheckpoint(tmp_path, every_n_train_steps=5, save_top_k=-1),
+        ],
+        steps=5,
+        data=data,
+        enable_checkpointing=True,
+        default_root_dir=tmp_path,
+    )
     ckpt = tmp_path / "epoch=0-step=5.ckpt"
     saved = torch.load(ckpt, weights_only=True)
     assert any("basis" in st for st in saved["optimizer_states"][0]["state"].values())  # AdaRankGrad's state
@@ -134,9 +151,16 @@ def test_nothing_projected_warns_once_and_fit_ends_cleanly(tmp_path):
     """max_rank above every matrix's smaller side: a warning naming the matrices, then plain AdamW; the rank
     monitor writes no plot instead of crashing at on_fit_end."""
     monitor = EffectiveRankMonitor()
-    with pytest.warns(UserWarning, match=r"projects no matrix.*net\.0\.weight \(24, 16\): min\(shape\)=16 <= max_rank=32") as rec:
-        trainer = _fit(TinyModule(), [AdaRankGradCallback(max_rank=32), monitor], steps=4, log_every_n_steps=1,
-                       default_root_dir=tmp_path)
+    with pytest.warns(
+        UserWarning, match=r"projects no matrix.*net\.0\.weight \(24, 16\): min\(shape\)=16 <= max_rank=32"
+    ) as rec:
+        trainer = _fit(
+            TinyModule(),
+            [AdaRankGradCallback(max_rank=32), monitor],
+            steps=4,
+            log_every_n_steps=1,
+            default_root_dir=tmp_path,
+        )
     assert sum("projects no matrix" in str(w.message) for w in rec) == 1
     assert type(trainer.optimizers[0]) is AdaRankGrad and not trainer.optimizers[0].subspaces()
     assert monitor.plot_path is None and not monitor.history.layers

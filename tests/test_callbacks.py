@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 
+import lightning as L
 import pytest
 import torch
-
-import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs
+
 from lightning_adarank import (
     AdaRankGrad,
     AdaRankGradStrategy,
@@ -20,7 +21,6 @@ from lightning_adarank import (
     rank_metrics,
 )
 from lightning_adarank.optim.baselines import optimizer_state_bytes
-from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs
 
 
 def _rows(path):
@@ -36,8 +36,11 @@ def test_trainer_logs_rank_and_memory_series_and_saves_plot(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     ranks = EffectiveRankMonitor(per_layer=True)
     trainer = L.Trainer(
-        strategy=AdaRankGradStrategy(**ADARANK), max_steps=12, log_every_n_steps=2,
-        callbacks=[ranks, MemoryMonitor()], **trainer_kwargs(logger=logger),
+        strategy=AdaRankGradStrategy(**ADARANK),
+        max_steps=12,
+        log_every_n_steps=2,
+        callbacks=[ranks, MemoryMonitor()],
+        **trainer_kwargs(logger=logger),
     )
     trainer.fit(TinyModule(), loader(make_data(), 16))
     rows = _rows(f"{logger.log_dir}/metrics.csv")
@@ -51,8 +54,9 @@ def test_trainer_logs_rank_and_memory_series_and_saves_plot(tmp_path):
     numel = {n: a * b for n, (a, b) in sizes.items()}
     assert avg[12] == pytest.approx(sum(rank[n] * numel[n] for n in sizes) / sum(numel.values()))
     # the state counts the moment sketch too (GaLore has none)
-    state = sum(s["basis"].numel() + s["exp_avg"].numel() + s["exp_avg_sq"].numel() + s["sketch"].numel()
-                for s in st.values())
+    state = sum(
+        s["basis"].numel() + s["exp_avg"].numel() + s["exp_avg_sq"].numel() + s["sketch"].numel() for s in st.values()
+    )
     galore = sum(ADARANK["max_rank"] * (min(s) + 2 * max(s)) for s in sizes.values())
     assert _series(rows, "adarank/state_reduction_vs_galore")[12] == pytest.approx(1 - state / galore)
     for n in sizes:
@@ -70,8 +74,9 @@ def test_memory_monitor_with_plain_adamw_and_rank_monitor_warns(tmp_path):
     logger = CSVLogger(tmp_path, name="adamw")
     rank_mon = EffectiveRankMonitor(log_every_n_steps=1)
     with pytest.warns(UserWarning, match="no AdaRankGrad"):
-        trainer = L.Trainer(max_steps=3, callbacks=[rank_mon, MemoryMonitor(log_every_n_steps=1)],
-                            **trainer_kwargs(logger=logger))
+        trainer = L.Trainer(
+            max_steps=3, callbacks=[rank_mon, MemoryMonitor(log_every_n_steps=1)], **trainer_kwargs(logger=logger)
+        )
         trainer.fit(TinyModule(), loader(make_data(), 16))
     rows = _rows(f"{logger.log_dir}/metrics.csv")
     assert "adarank/avg_rank" not in rows[0]
@@ -97,7 +102,8 @@ def test_rank_metrics_and_history_roundtrip(tmp_path):
     assert m["adarank/rank/0.weight"] == r["0.weight"]
     sketch = opt.state[net[2].weight]["sketch"].numel()  # the moment sketch counts; GaLore (rank 6) has none
     assert m["adarank/state_reduction_vs_galore/2.weight"] == pytest.approx(
-        1 - (r["2.weight"] * (24 + 2 * 24) + sketch) / (6 * (24 + 2 * 24)))
+        1 - (r["2.weight"] * (24 + 2 * 24) + sketch) / (6 * (24 + 2 * 24))
+    )
     hist.record(2, opt)  # re-recording an earlier step (a resumed run) truncates the later rows
     assert hist.steps == [1, 2]
     state = hist.state_dict()
@@ -112,8 +118,11 @@ def test_rank_metrics_and_history_roundtrip(tmp_path):
 
 def _resume_trainer(tmp_path, steps, name, callbacks=(), **kw):
     return L.Trainer(
-        strategy=AdaRankGradStrategy(**ADARANK), max_steps=steps, log_every_n_steps=2,
-        callbacks=[EffectiveRankMonitor(), *callbacks], **trainer_kwargs(logger=CSVLogger(tmp_path, name=name), **kw),
+        strategy=AdaRankGradStrategy(**ADARANK),
+        max_steps=steps,
+        log_every_n_steps=2,
+        callbacks=[EffectiveRankMonitor(), *callbacks],
+        **trainer_kwargs(logger=CSVLogger(tmp_path, name=name), **kw),
     )
 
 
@@ -126,8 +135,13 @@ def test_interrupted_and_resumed_training_matches_uninterrupted(tmp_path):
     full_module = TinyModule(scheduler="cosine", by_step=True)
     full.fit(full_module, data)
 
-    first = _resume_trainer(tmp_path, 10, "part", enable_checkpointing=True,
-                            callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)])
+    first = _resume_trainer(
+        tmp_path,
+        10,
+        "part",
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)],
+    )
     first.fit(TinyModule(scheduler="cosine", by_step=True), data)
     ckpt = tmp_path / "ckpt" / "epoch=0-step=10.ckpt"
     # the whole Lightning checkpoint, our optimizer and callback state included, loads without pickle

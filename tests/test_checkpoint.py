@@ -154,15 +154,23 @@ def _lightning_fit(tmp_path, steps, ckpt_path=None):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
-
-    from lightning_adarank import AdaRankGradStrategy, EffectiveRankMonitor, MemoryMonitor
     from scripts.tiny import ADARANK, TinyModule, loader, make_data, trainer_kwargs
 
-    trainer = L.Trainer(**trainer_kwargs(
-        max_steps=steps, strategy=AdaRankGradStrategy(**ADARANK), enable_checkpointing=True,
-        logger=CSVLogger(tmp_path), callbacks=[EffectiveRankMonitor(), MemoryMonitor(),
-                                              ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)],
-    ))
+    from lightning_adarank import AdaRankGradStrategy, EffectiveRankMonitor, MemoryMonitor
+
+    trainer = L.Trainer(
+        **trainer_kwargs(
+            max_steps=steps,
+            strategy=AdaRankGradStrategy(**ADARANK),
+            enable_checkpointing=True,
+            logger=CSVLogger(tmp_path),
+            callbacks=[
+                EffectiveRankMonitor(),
+                MemoryMonitor(),
+                ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True),
+            ],
+        )
+    )
     trainer.fit(TinyModule(), loader(make_data(), 16), ckpt_path=ckpt_path)
     return trainer
 
@@ -175,7 +183,7 @@ def _middle_of_largest_entry(data: bytes) -> int:
 
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         info = max(zf.infolist(), key=lambda i: i.compress_size)
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
     return info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
 
 

@@ -13,13 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs
 from torch import nn
 
-import lightning as L
 from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradStrategy, param_groups
-from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 STEPS = 10
@@ -29,8 +29,14 @@ GLOBAL_BATCH = 16  # the script's ranks take 8 each
 def _launch(mode: str, out: Path) -> dict[int, dict]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), "--steps", str(STEPS)], cwd=out, env=env,
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), mode, str(out), "--steps", str(STEPS)],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {r: torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)}
 

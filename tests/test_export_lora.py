@@ -115,8 +115,11 @@ def test_report_ranks_errors_and_size(run, exported):
         assert m.energy_kept >= 0.99 - 1e-9 and m.rel_error <= math.sqrt(1 - m.energy_kept) + 1e-4
     # per-module ranks are in the config and in the stored factors
     tensors = load_file(str(folder / "adapter_model.safetensors"))
-    ranks = {k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0]
-             for k, v in tensors.items() if ".lora_A." in k}
+    ranks = {
+        k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0]
+        for k, v in tensors.items()
+        if ".lora_A." in k
+    }
     assert ranks == {m.name: m.rank for m in lora}
     assert sorted(cfg["rank_pattern"].values()) == sorted(m.rank for m in lora)
     assert report.total_rank == sum(ranks.values())
@@ -156,16 +159,18 @@ def test_merge_and_unload_gives_the_same_weights(run, exported):
         r = a.shape[0]
         scaling = cfg["alpha_pattern"][next(k for k in cfg["alpha_pattern"] if k.replace("\\", "") == name)] / r
         torch.testing.assert_close(sd[f"{name}.weight"], base[f"{name}.weight"] + scaling * b @ a, atol=2e-6, rtol=0)
-        torch.testing.assert_close(sd[f"{name}.bias"], base[f"{name}.bias"] + scaling * tensors[f"{key}.lora_B.bias"],
-                                   atol=2e-6, rtol=0)
+        torch.testing.assert_close(
+            sd[f"{name}.bias"], base[f"{name}.bias"] + scaling * tensors[f"{key}.lora_B.bias"], atol=2e-6, rtol=0
+        )
         torch.testing.assert_close(sd[f"{name}.bias"], tuned[f"{name}.bias"], atol=2e-6, rtol=0)  # biases exact
     # everything not factored is the tuned model's, exactly (head, LayerNorms, embeddings)
     for key in tuned:
         if key.rsplit(".", 1)[0] not in lora_names:
             assert torch.equal(sd[key], tuned[key]), key
     # the merged model computes what the adapter does, and the same as the tuned one within the energy's error
-    torch.testing.assert_close(logits(merged, {k: v[:256] for k, v in run["dev"].items()}), la[:256],
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits(merged, {k: v[:256] for k, v in run["dev"].items()}), la[:256], atol=1e-4, rtol=1e-4
+    )
     # and the merged weights are the fine-tuned ones up to the reported reconstruction error
     for m in report.lora_modules:
         w = f"{m.name}.weight"
@@ -281,8 +286,14 @@ def test_tiny_custom_model_round_trip(tmp_path):
         tuned.classifier.weight += 0.3
     report = export_lora(base, tuned, tmp_path, energy=0.999)
     kinds = {m.name: (m.kind, m.rank) for m in report.modules}
-    assert kinds == {"emb": ("tokens", 0), "norm": ("full", 0), "up": ("lora", 2), "down": ("lora", 1),
-                     "pre_classifier": ("full", 0), "classifier": ("full", 0)}  # "frozen" did not change
+    assert kinds == {
+        "emb": ("tokens", 0),
+        "norm": ("full", 0),
+        "up": ("lora", 2),
+        "down": ("lora", 1),
+        "pre_classifier": ("full", 0),
+        "classifier": ("full", 0),
+    }  # "frozen" did not change
     torch.manual_seed(1)
     fresh = _Tiny()
     fresh.load_state_dict(base.state_dict())

@@ -28,8 +28,14 @@ def _quiet():
 
 def _cli(package: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", package, "export-lora", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", package, "export-lora", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -47,8 +53,17 @@ def test_nlp_export_lora_cli(tmp_path):
 
     path = minilm_path()
     L.seed_everything(0)
-    dm = GLUEDataModule("sst2", data_dir=str(SST2.parent), model_name_or_path=path, max_length=24, batch_size=8,
-                        eval_batch_size=32, max_train_samples=48, max_eval_samples=32, cache_dir=str(tmp_path / "c"))
+    dm = GLUEDataModule(
+        "sst2",
+        data_dir=str(SST2.parent),
+        model_name_or_path=path,
+        max_length=24,
+        batch_size=8,
+        eval_batch_size=32,
+        max_train_samples=48,
+        max_eval_samples=32,
+        cache_dir=str(tmp_path / "c"),
+    )
     model = GLUETransformer(path, task="sst2", optimizer="adarankgrad", learning_rate=1e-4, rank=4)
     trainer = L.Trainer(max_steps=4, limit_val_batches=0, **QUIET)
     trainer.fit(model, datamodule=dm)
@@ -81,15 +96,30 @@ def test_bio_export_lora_cli(tmp_path):
     from bio.model import GeneformerClassifier
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=96, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=32,
+    )
     BertForMaskedLM(cfg).save_pretrained(tmp_path / "pre")
-    module = GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "pre"), optimizer="adarankgrad", lr=1e-3,
-                                  rank=4, rank_monitor=False, memory_monitor=False)
+    module = GeneformerClassifier(
+        ["a", "b"],
+        pretrained=str(tmp_path / "pre"),
+        optimizer="adarankgrad",
+        lr=1e-3,
+        rank=4,
+        rank_monitor=False,
+        memory_monitor=False,
+    )
     ids = torch.randint(1, 64, (32, 16))
     labels = (ids[:, 0] > 32).long()
-    data = [{"input_ids": ids[i], "attention_mask": torch.ones(16, dtype=torch.long), "labels": labels[i]}
-            for i in range(32)]
+    data = [
+        {"input_ids": ids[i], "attention_mask": torch.ones(16, dtype=torch.long), "labels": labels[i]}
+        for i in range(32)
+    ]
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     trainer = L.Trainer(max_steps=6, limit_val_batches=0, **QUIET)
     trainer.fit(module, train_dataloaders=loader)
@@ -112,13 +142,28 @@ def test_bio_export_lora_cli(tmp_path):
     assert float((la - lt).norm() / lt.norm()) < 0.05
 
     # a classifier trained from scratch has no base to be relative to: refused with a clear message
-    scratch = GeneformerClassifier(["a", "b"], model_config=cfg.to_dict(), optimizer="adarankgrad",
-                                   rank_monitor=False, memory_monitor=False)
+    scratch = GeneformerClassifier(
+        ["a", "b"], model_config=cfg.to_dict(), optimizer="adarankgrad", rank_monitor=False, memory_monitor=False
+    )
     trainer = L.Trainer(max_steps=1, limit_val_batches=0, **QUIET)
     trainer.fit(scratch, train_dataloaders=loader)
     trainer.save_checkpoint(tmp_path / "scratch.ckpt")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "bio", "export-lora", "--ckpt", str(tmp_path / "scratch.ckpt"),
-                           "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bio",
+            "export-lora",
+            "--ckpt",
+            str(tmp_path / "scratch.ckpt"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode != 0 and "trained from scratch" in proc.stderr

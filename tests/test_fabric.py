@@ -5,14 +5,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.fabric.loggers import CSVLogger
+from scripts.tiny import ADARANK, loader, make_data, make_net
 from torch import nn
 
-import lightning as L
-from lightning.fabric.loggers import CSVLogger
 from lightning_adarank import AdaRankGrad, FabricRankMonitor, param_groups
-from scripts.tiny import ADARANK, loader, make_data, make_net
 
 
 def _train(fabric, model, optimizer, batches, start, stop):

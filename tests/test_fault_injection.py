@@ -22,8 +22,14 @@ EVERY, STEPS = 5, 24  # 9 batches per epoch: checkpoints at steps 5, 10, 15, 20 
 
 def _run(*args, every=EVERY, timeout=400) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--max-steps", str(STEPS), "--every",
-                           str(every)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args), "--max-steps", str(STEPS), "--every", str(every)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _flat(x, prefix=""):

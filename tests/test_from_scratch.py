@@ -15,8 +15,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-TINY = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "intermediate_size": 32, "max_position_embeddings": 32}
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+}
 
 
 def _projected_names(opt) -> set[str]:
@@ -64,8 +70,15 @@ def test_rule_obeys_explicit_choices_and_warns_only_for_projected_from_scratch()
 def test_bio_classifier_default_follows_the_rule(tmp_path, caplog):
     from bio import GeneformerClassifier
 
-    kw = dict(model_config=dict(TINY), optimizer="adarankgrad", rank=4, lr_schedule="constant", warmup_steps=0,
-              rank_monitor=False, memory_monitor=False)
+    kw = dict(
+        model_config=dict(TINY),
+        optimizer="adarankgrad",
+        rank=4,
+        lr_schedule="constant",
+        warmup_steps=0,
+        rank_monitor=False,
+        memory_monitor=False,
+    )
     scratch = GeneformerClassifier(["a", "b"], **kw)
     assert scratch.hparams.include_embeddings is None
     with caplog.at_level(logging.INFO):
@@ -74,8 +87,10 @@ def test_bio_classifier_default_follows_the_rule(tmp_path, caplog):
     linears = {n for n, m in scratch.model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert emb not in _projected_names(opt)
     assert {f"{n}.weight" for n in linears} == _projected_names(opt)  # every linear, no embedding table
-    assert any("GeneformerClassifier: include_embeddings=None -> False (training from scratch)" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "GeneformerClassifier: include_embeddings=None -> False (training from scratch)" in r.getMessage()
+        for r in caplog.records
+    )
 
     scratch.save_pretrained(tmp_path / "ckpt")
     tuned = GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "ckpt"), **kw)
@@ -84,8 +99,10 @@ def test_bio_classifier_default_follows_the_rule(tmp_path, caplog):
         projected = _projected_names(tuned.configure_optimizers())
     embeddings = {f"{n}.weight" for n, m in tuned.model.named_modules() if isinstance(m, torch.nn.Embedding)}
     assert len(embeddings) == 3 and not embeddings & projected  # word, position, token type: dense by default
-    assert any("include_embeddings=None -> False (fine-tuning a pretrained checkpoint)" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "include_embeddings=None -> False (fine-tuning a pretrained checkpoint)" in r.getMessage()
+        for r in caplog.records
+    )
     asked = GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "ckpt"), include_embeddings=True, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning fine-tuning a checkpoint
@@ -100,8 +117,15 @@ def test_bio_classifier_default_follows_the_rule(tmp_path, caplog):
 def test_bio_pretrainer_from_scratch_keeps_embeddings_dense():
     from bio import GeneformerPretrainer
 
-    pre = GeneformerPretrainer(model_config=dict(TINY), optimizer="galore", rank=4, lr_schedule="constant",
-                               warmup_steps=0, rank_monitor=False, memory_monitor=False)
+    pre = GeneformerPretrainer(
+        model_config=dict(TINY),
+        optimizer="galore",
+        rank=4,
+        lr_schedule="constant",
+        warmup_steps=0,
+        rank_monitor=False,
+        memory_monitor=False,
+    )
     opt = pre.configure_optimizers()
     emb = pre.model.bert.embeddings.word_embeddings.weight
     with_rank = [g for g in opt.param_groups if "rank" in g]  # GaLore's projected group
@@ -113,10 +137,18 @@ def test_bio_pretrainer_from_scratch_keeps_embeddings_dense():
 def test_matched_adamw_gives_matrices_the_scaled_lr_and_the_rest_the_full_lr():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import llama_pretrain
+
     from nlp.pretrain import CausalLMPretrainer
 
-    model = CausalLMPretrainer(vocab_size=50, model=None, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, optimizer="adamw").model
+    model = CausalLMPretrainer(
+        vocab_size=50,
+        model=None,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        optimizer="adamw",
+    ).model
     opt = llama_pretrain.matched_adamw(model, 0.02, 0.25)
     assert isinstance(opt, torch.optim.AdamW)
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
@@ -129,11 +161,18 @@ def test_matched_adamw_gives_matrices_the_scaled_lr_and_the_rest_the_full_lr():
 
 
 # ----------------------------------------------------------------------------- the benchmark
-@pytest.mark.skipif(not (SHARED / "geneformer" / "gc30M").is_dir() or not (SHARED / "glue" / "SST-2").is_dir(),
-                    reason=f"shared data not found under {SHARED}")
+@pytest.mark.skipif(
+    not (SHARED / "geneformer" / "gc30M").is_dir() or not (SHARED / "glue" / "SST-2").is_dir(),
+    reason=f"shared data not found under {SHARED}",
+)
 def test_from_scratch_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/from_scratch.py", "--smoke", "--runs", str(tmp_path / "runs.json")],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/from_scratch.py", "--smoke", "--runs", str(tmp_path / "runs.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     tables = {}  # section title -> first table of the section: {method: cells}
     for section in proc.stdout.split("### ")[1:]:
@@ -143,8 +182,10 @@ def test_from_scratch_benchmark_smoke(tmp_path):
                 cells = [c.strip() for c in line.split("|")[1:-1]]
                 rows.setdefault(cells[0], cells)
         tables[section.split("\n")[0]] = rows
-    scratch, tuned, llama = (next(v for k, v in tables.items() if k.startswith(t))
-                             for t in ("Cell-type classifier from scratch", "Cell-type classifier fine-tuned", "Small LLaMA"))
+    scratch, tuned, llama = (
+        next(v for k, v in tables.items() if k.startswith(t))
+        for t in ("Cell-type classifier from scratch", "Cell-type classifier fine-tuned", "Small LLaMA")
+    )
     assert scratch["adamw"][3] == "dense" and scratch["adarankgrad"][2:4] == ["default (None)", "dense"]
     assert tuned["adarankgrad"][2:4] == ["default (None)", "dense"]  # dense when fine-tuning too (measured)
     for name in ("adamw", "adarankgrad"):
@@ -166,18 +207,36 @@ def test_llama_pretrainer_default_keeps_embeddings_dense(caplog):
     loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=4)
 
     def fit(**kw):
-        module = CausalLMPretrainer(vocab_size=50, model=None, hidden_size=16, intermediate_size=32,
-                                    num_hidden_layers=1, num_attention_heads=2, optimizer="adarankgrad", rank=4,
-                                    warmup_steps=1, **kw)
-        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        module = CausalLMPretrainer(
+            vocab_size=50,
+            model=None,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            optimizer="adarankgrad",
+            rank=4,
+            warmup_steps=1,
+            **kw,
+        )
+        trainer = L.Trainer(
+            max_steps=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(module, train_dataloaders=loader)
         return _projected_names(trainer.optimizers[0])
 
     with caplog.at_level(logging.INFO):
         projected = fit()
     assert "model.embed_tokens.weight" not in projected and "model.layers.0.mlp.up_proj.weight" in projected
-    assert any("CausalLMPretrainer: include_embeddings=None -> False (training from scratch)" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "CausalLMPretrainer: include_embeddings=None -> False (training from scratch)" in r.getMessage()
+        for r in caplog.records
+    )
     with pytest.warns(ProjectedEmbeddingsFromScratchWarning):
         assert "model.embed_tokens.weight" in fit(include_embeddings=True)

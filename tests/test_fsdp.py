@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts.fsdp_model import RAW_SETTINGS as SETTINGS
+from scripts.fsdp_model import TinyLM, batches
 
 from lightning_adarank import AdaRankGrad, param_groups
-from scripts.fsdp_model import RAW_SETTINGS as SETTINGS, TinyLM, batches
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_train.py"
 STEPS, RESUME = 8, 5
@@ -35,8 +36,13 @@ def launch(script: Path, *args: str, timeout: int = 400) -> subprocess.Completed
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -59,14 +65,20 @@ def single():
         opt.step()
         opt.zero_grad()
         ranks.append(opt.ranks())
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "ranks": ranks, "opt": opt,
-            "model": model}
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "ranks": ranks,
+        "opt": opt,
+        "model": model,
+    }
 
 
 def _close(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(
+            a[name], b[name], rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{what} {name}: {m}"
+        )
 
 
 @pytest.mark.slow
@@ -88,7 +100,11 @@ def test_sharded_run_matches_single_process(runs, single):
 def test_ranks_and_bases_identical_across_ranks(runs):
     a, b = runs[0]["train"], runs[1]["train"]
     assert a["ranks"] == b["ranks"]
-    assert a["bases"].keys() == b["bases"].keys() == {"emb.weight", "up.weight", "down.weight", "mix.weight", "head.weight"}
+    assert (
+        a["bases"].keys()
+        == b["bases"].keys()
+        == {"emb.weight", "up.weight", "down.weight", "mix.weight", "head.weight"}
+    )
     for name in a["bases"]:
         assert torch.equal(a["bases"][name], b["bases"][name]), name
     for name in a["params"]:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lightning_adarank import AdaRankGrad, param_groups
 from scripts.fsdp_model import SETTINGS, TinyLM, batches
 from test_fsdp import launch
+
+from lightning_adarank import AdaRankGrad, param_groups
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_lightning.py"
 STEPS, RESUME = 6, 3

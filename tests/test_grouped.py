@@ -28,13 +28,29 @@ def _set_grads(params, t):
         p.grad = (base * (0.9 ** (t % 7))).to(p.device, p.dtype)
 
 
-@pytest.mark.parametrize("source,weight_decay,scale_mode,noise_floor", [
-    ("moment", 0.0, "rms", False), ("moment", 0.1, "galore", False), ("gradient", 0.1, "rms", False),
-    ("moment", 0.0, "rms", True),
-])
+@pytest.mark.parametrize(
+    "source,weight_decay,scale_mode,noise_floor",
+    [
+        ("moment", 0.0, "rms", False),
+        ("moment", 0.1, "galore", False),
+        ("gradient", 0.1, "rms", False),
+        ("moment", 0.0, "rms", True),
+    ],
+)
 def test_grouped_step_matches_the_per_matrix_loop(source, weight_decay, scale_mode, noise_floor):
-    settings = dict(lr=1e-2, max_rank=6, energy=0.9, min_gap=2, max_gap=6, tol=0.8, weight_decay=weight_decay, seed=3,
-                    subspace_source=source, scale_mode=scale_mode, noise_floor=noise_floor)
+    settings = dict(
+        lr=1e-2,
+        max_rank=6,
+        energy=0.9,
+        min_gap=2,
+        max_gap=6,
+        tol=0.8,
+        weight_decay=weight_decay,
+        seed=3,
+        subspace_source=source,
+        scale_mode=scale_mode,
+        noise_floor=noise_floor,
+    )
     a, b = _params(), _params()
     opt_a = AdaRankGrad(a, grouped=True, **settings)
     opt_b = AdaRankGrad(b, grouped=False, **settings)
@@ -98,7 +114,9 @@ def test_refresh_flags_are_read_every_k_steps():
     g0 = torch.randn(30, 50)
 
     def refresh_steps(k):
-        opt = AdaRankGrad([w, w2], grouped=True, lr=1e-3, max_rank=4, min_gap=3, max_gap=1000, tol=0.5, refresh_check_every=k)
+        opt = AdaRankGrad(
+            [w, w2], grouped=True, lr=1e-3, max_rank=4, min_gap=3, max_gap=1000, tol=0.5, refresh_check_every=k
+        )
         steps, last = [], 0
         for t in range(60):  # a converging gradient: the test fires once the smoothed norm halves
             w.grad, w2.grad = g0 * 0.7**t, g0 * 0.7**t

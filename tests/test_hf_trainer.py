@@ -39,8 +39,17 @@ def data():
 def _args(tmp_path, **kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", save_strategy="no",
-                use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0, logging_steps=2)
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        logging_steps=2,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -89,12 +98,18 @@ def test_trainer_schedules_adarankgrad_and_the_callback_logs_rank_and_memory(dat
     numel = {n: shapes[n][0] * shapes[n][1] for n in ranks}
     assert last["adarank/avg_rank"] == pytest.approx(sum(ranks[n] * numel[n] for n in ranks) / sum(numel.values()))
     params = dict(model.named_parameters())
-    ours = sum(opt.state[params[n]]["basis"].numel() + opt.state[params[n]]["exp_avg"].numel()
-               + opt.state[params[n]]["exp_avg_sq"].numel() + opt.state[params[n]]["sketch"].numel() for n in ranks)
+    ours = sum(
+        opt.state[params[n]]["basis"].numel()
+        + opt.state[params[n]]["exp_avg"].numel()
+        + opt.state[params[n]]["exp_avg_sq"].numel()
+        + opt.state[params[n]]["sketch"].numel()
+        for n in ranks
+    )
     galore = sum(4 * (min(shapes[n]) + 2 * max(shapes[n])) for n in ranks)
     assert last["adarank/state_reduction_vs_galore"] == pytest.approx(1 - ours / galore)
-    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                      if isinstance(t, torch.Tensor))
+    state_bytes = sum(
+        t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)
+    )
     assert last["optimizer/state_bytes"] == state_bytes
     assert callback.metrics()["optimizer/state_bytes"] == state_bytes
     # the Trainer's own linear schedule ran on AdaRankGrad: lr used at step 4 is 1e-4 * (6 - 3) / (6 - 2)
@@ -112,8 +127,15 @@ def _sequential_run(path, rows, tmp_path, *, layerwise, accumulate, steps):
     model.accepts_loss_kwargs = False  # the Trainer then divides each micro-batch's loss by the window size
     start = copy.deepcopy(model)
     opt = AdaRankGrad(param_groups(model, max_rank=4, min_gap=2, max_gap=3), lr=3e-4)
-    args = _args(tmp_path, max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=accumulate,
-                 lr_scheduler_type="constant", max_grad_norm=0.0, train_sampling_strategy="sequential")
+    args = _args(
+        tmp_path,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulate,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None))
     AdaRankGradTrainerCallback(layerwise=layerwise).attach(trainer)
     trainer.train()
@@ -127,7 +149,7 @@ def _reference_layerwise(start, rows, accumulate, steps):
     opt = AdaRankGrad(param_groups(model, max_rank=4, min_gap=2, max_gap=3), lr=3e-4)
     updater = LayerwiseUpdater(opt, accumulate_grad_batches=accumulate).attach()
     for i in range(steps * accumulate):
-        batch = {k: torch.stack([r[k] for r in rows[4 * i: 4 * i + 4]]) for k in rows[0]}
+        batch = {k: torch.stack([r[k] for r in rows[4 * i : 4 * i + 4]]) for k in rows[0]}
         updater.backward(model(**batch).loss / accumulate)
     return model, opt
 
@@ -163,7 +185,12 @@ def test_layerwise_refuses_gradient_clipping(data, tmp_path):
     path, rows = data
     model = load_classifier(path)
     opt = AdaRankGrad(param_groups(model, max_rank=4), lr=1e-4)
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1, max_grad_norm=1.0), train_dataset=rows,
-                      optimizers=(opt, None), callbacks=[AdaRankGradTrainerCallback(layerwise=True)])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=1, max_grad_norm=1.0),
+        train_dataset=rows,
+        optimizers=(opt, None),
+        callbacks=[AdaRankGradTrainerCallback(layerwise=True)],
+    )
     with pytest.raises(ValueError, match="max_grad_norm"):
         trainer.train()

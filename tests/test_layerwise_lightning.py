@@ -13,10 +13,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from scripts.tiny import TinyModule, loader, make_data, make_net, trainer_kwargs
 from torch import nn
 
 from lightning_adarank import AdaRankGrad, AdaRankGradStrategy, layerwise_updater, param_groups
-from scripts.tiny import TinyModule, loader, make_data, make_net, trainer_kwargs
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
@@ -90,13 +90,20 @@ def test_fabric_layerwise_equals_plain_loop():
 def test_layerwise_ddp_with_accumulation_matches_single_process(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), "layerwise", str(tmp_path), "--steps", "5"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "layerwise", str(tmp_path), "--steps", "5"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     module = TinyModule()
-    trainer = L.Trainer(strategy=AdaRankGradStrategy(layerwise=True), max_steps=5, accumulate_grad_batches=2,
-                        **trainer_kwargs())
+    trainer = L.Trainer(
+        strategy=AdaRankGradStrategy(layerwise=True), max_steps=5, accumulate_grad_batches=2, **trainer_kwargs()
+    )
     trainer.fit(module, loader(make_data(), 16))
     single = {n: p.detach() for n, p in module.named_parameters()}
     for name in single:

@@ -19,18 +19,35 @@ from lightning_adarank.integrations.typed import setting_docs
 from lightning_adarank.optim.config import SETTING_NAMES
 
 SCRIPT = Path(__file__).parent / "scripts" / "cli_app.py"
-QUIET = ["--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.accelerator", "cpu"]
+QUIET = [
+    "--trainer.max_steps",
+    "3",
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_checkpointing",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.accelerator",
+    "cpu",
+]
 
 
 def _run(args: list[str], cwd: Path) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "fit", *args, *QUIET], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "fit", *args, *QUIET],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _check(result: dict, strategy: str, max_rank: int, energy: float) -> None:
@@ -43,15 +60,37 @@ def _check(result: dict, strategy: str, max_rank: int, energy: float) -> None:
 
 
 CASES = {
-    "strategy-flags": (["--trainer.strategy", "lightning_adarank.AdaRankGradStrategy",
-                        "--trainer.strategy.init_args.max_rank", "4", "--trainer.strategy.init_args.energy", "0.8"],
-                       None),
-    "strategy-yaml": ([], "trainer:\n  strategy:\n    class_path: lightning_adarank.AdaRankGradStrategy\n"
-                          "    init_args:\n      max_rank: 4\n      energy: 0.8\n"),
-    "callback-flags": (["--trainer.callbacks+=lightning_adarank.AdaRankGradCallback", "--trainer.callbacks.max_rank",
-                        "4", "--trainer.callbacks.energy", "0.8"], None),
-    "callback-yaml": ([], "trainer:\n  callbacks:\n    - class_path: lightning_adarank.AdaRankGradCallback\n"
-                          "      init_args:\n        max_rank: 4\n        energy: 0.8\n"),
+    "strategy-flags": (
+        [
+            "--trainer.strategy",
+            "lightning_adarank.AdaRankGradStrategy",
+            "--trainer.strategy.init_args.max_rank",
+            "4",
+            "--trainer.strategy.init_args.energy",
+            "0.8",
+        ],
+        None,
+    ),
+    "strategy-yaml": (
+        [],
+        "trainer:\n  strategy:\n    class_path: lightning_adarank.AdaRankGradStrategy\n"
+        "    init_args:\n      max_rank: 4\n      energy: 0.8\n",
+    ),
+    "callback-flags": (
+        [
+            "--trainer.callbacks+=lightning_adarank.AdaRankGradCallback",
+            "--trainer.callbacks.max_rank",
+            "4",
+            "--trainer.callbacks.energy",
+            "0.8",
+        ],
+        None,
+    ),
+    "callback-yaml": (
+        [],
+        "trainer:\n  callbacks:\n    - class_path: lightning_adarank.AdaRankGradCallback\n"
+        "      init_args:\n        max_rank: 4\n        energy: 0.8\n",
+    ),
 }
 
 
@@ -78,9 +117,14 @@ def _help(option: str, class_path: str) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("option,class_path", [("trainer.strategy", "lightning_adarank.AdaRankGradStrategy"),
-                                               ("trainer.strategy", "lightning_adarank.AdaRankGradDDPStrategy"),
-                                               ("trainer.callbacks", "lightning_adarank.AdaRankGradCallback")])
+@pytest.mark.parametrize(
+    "option,class_path",
+    [
+        ("trainer.strategy", "lightning_adarank.AdaRankGradStrategy"),
+        ("trainer.strategy", "lightning_adarank.AdaRankGradDDPStrategy"),
+        ("trainer.callbacks", "lightning_adarank.AdaRankGradCallback"),
+    ],
+)
 def test_help_lists_every_setting_with_its_doc(option, class_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["cli_app.py"])
     text = " ".join(_help(option, class_path).split())  # argparse wraps lines
@@ -101,5 +145,13 @@ def test_cli_checks_settings_when_the_strategy_is_built(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["cli_app.py"])
     with pytest.raises(ValueError, match=r"energy=1.5 must be in \(0.0, 1.0\]"):
-        main(["fit", "--trainer.strategy", "lightning_adarank.AdaRankGradStrategy",
-              "--trainer.strategy.init_args.energy", "1.5", *QUIET])
+        main(
+            [
+                "fit",
+                "--trainer.strategy",
+                "lightning_adarank.AdaRankGradStrategy",
+                "--trainer.strategy.init_args.energy",
+                "1.5",
+                *QUIET,
+            ]
+        )

@@ -46,8 +46,16 @@ def test_range_finder_is_orthonormal_and_matches_svd(shape):
 
 def test_rank_of_known_spectrum_is_found():
     a = _with_spectrum(64, 200, [5.0, 3.0, 2.0], noise=1e-4, seed=2)
-    basis, kept, _ = low_rank_basis(a, "left", energy=0.99, min_rank=1, max_rank=8, oversample=4, power_iters=1,
-                                 generator=torch.Generator().manual_seed(0))
+    basis, kept, _ = low_rank_basis(
+        a,
+        "left",
+        energy=0.99,
+        min_rank=1,
+        max_rank=8,
+        oversample=4,
+        power_iters=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert basis.shape[1] == 3
     assert kept >= 0.99
 
@@ -59,8 +67,16 @@ def test_energy_kept_reaches_eta_below_max_rank(seed):
     eta = 0.9
     for side in ("left", "right"):
         mat = a if side == "left" else a.T.contiguous()
-        basis, _, low = low_rank_basis(mat, side, energy=eta, min_rank=1, max_rank=16, oversample=4, power_iters=1,
-                                  generator=torch.Generator().manual_seed(seed))
+        basis, _, low = low_rank_basis(
+            mat,
+            side,
+            energy=eta,
+            min_rank=1,
+            max_rank=16,
+            oversample=4,
+            power_iters=1,
+            generator=torch.Generator().manual_seed(seed),
+        )
         true_kept = float(project(mat, basis, side).square().sum() / mat.square().sum())
         torch.testing.assert_close(low, project(mat, basis, side), atol=1e-5, rtol=1e-4)
         if basis.shape[1] < 16:

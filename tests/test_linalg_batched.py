@@ -5,8 +5,8 @@ import torch
 
 from lightning_adarank.optim.linalg import (
     cholesky_qr_condition_limit,
-    orthonormalize_batched,
     oriented_batched,
+    orthonormalize_batched,
     project,
     range_finder_batched,
     select_ranks_batched,
@@ -75,8 +75,9 @@ def test_ill_conditioned_or_rank_deficient_sketch_falls_back_to_householder():
 @pytest.mark.parametrize("shape", [(48, 120), (120, 48)])
 def test_batched_range_finder_matches_svd_per_matrix(shape):
     side = "left" if shape[0] <= shape[1] else "right"
-    grads = torch.stack([_with_spectrum(*shape, [10.0 * (0.5 + 0.1 * b) ** i for i in range(30)], seed=b)
-                         for b in range(4)])
+    grads = torch.stack(
+        [_with_spectrum(*shape, [10.0 * (0.5 + 0.1 * b) ** i for i in range(30)], seed=b) for b in range(4)]
+    )
     a = oriented_batched(grads, side)
     s, l = a.shape[1:]
     g = torch.Generator().manual_seed(0)
@@ -105,10 +106,18 @@ def _rank_by_definition(sv: list[float], total: float, energy: float, lo: int, h
 
 
 def test_rank_selection_follows_its_definition():
-    sv = torch.tensor([[5.0, 3.0, 2.0, 0.1, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0, 0.0],
-                       [0.0, 0.0, 0.0, 0.0, 0.0], [3.0, 2.0, 1.0, 1.0, 1.0]])
-    totals = torch.stack([sv[0].square().sum(), sv[1].square().sum() * 2, sv[2].square().sum(),
-                          torch.tensor(0.0), sv[4].square().sum()])
+    sv = torch.tensor(
+        [
+            [5.0, 3.0, 2.0, 0.1, 0.0],
+            [1.0, 1.0, 1.0, 1.0, 1.0],
+            [4.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+            [3.0, 2.0, 1.0, 1.0, 1.0],
+        ]
+    )
+    totals = torch.stack(
+        [sv[0].square().sum(), sv[1].square().sum() * 2, sv[2].square().sum(), torch.tensor(0.0), sv[4].square().sum()]
+    )
     for energy, lo, hi in [(0.9, 1, 4), (0.99, 2, 8), (1.0, 1, 3), (0.5, 1, 8)]:
         got = select_ranks_batched(sv, totals, energy, lo, hi).tolist()
         want = [_rank_by_definition(sv[b].tolist(), float(totals[b]), energy, lo, hi) for b in range(5)]

@@ -105,8 +105,9 @@ def test_fabric_resume_is_bit_identical(tmp_path):
     def make():
         fabric = Fabric(accelerator="cpu", devices=1, plugins=[VerifiedCheckpointIO()])
         module = SparseModule()
-        opt = AdaRankGrad(param_groups(module, include_embeddings=True), lr=1e-2, state_bits=8, dense_state_bits=8,
-                          **SETTINGS)
+        opt = AdaRankGrad(
+            param_groups(module, include_embeddings=True), lr=1e-2, state_bits=8, dense_state_bits=8, **SETTINGS
+        )
         model, opt = fabric.setup(module, opt)
         return fabric, model, opt
 
@@ -122,7 +123,9 @@ def test_fabric_resume_is_bit_identical(tmp_path):
     path = tmp_path / "f.ckpt"
     fabric.save(path, {"model": model, "optimizer": opt})
     train(model, opt, fabric, 5, 10)
-    assert any(st["exp_avg"].dtype == torch.uint8 for st in torch.load(path, weights_only=True)["optimizer"]["state"].values())
+    assert any(
+        st["exp_avg"].dtype == torch.uint8 for st in torch.load(path, weights_only=True)["optimizer"]["state"].values()
+    )
 
     fabric2, model2, opt2 = make()
     fabric2.load(path, {"model": model2, "optimizer": opt2})

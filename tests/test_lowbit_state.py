@@ -33,8 +33,15 @@ def _train(model, opt, steps=4):
 
 
 def _opt(model, bits):
-    return AdaRankGrad(param_groups(model, include_embeddings=True), lr=1e-2, max_rank=4, min_gap=2, max_gap=3,
-                       state_bits=bits, dense_state_bits=bits)
+    return AdaRankGrad(
+        param_groups(model, include_embeddings=True),
+        lr=1e-2,
+        max_rank=4,
+        min_gap=2,
+        max_gap=3,
+        state_bits=bits,
+        dense_state_bits=bits,
+    )
 
 
 @pytest.mark.parametrize("bits", [8, 16, 32])
@@ -75,9 +82,15 @@ def test_reduction_figures_include_the_sketch():
     st = opt.state[model["up"].weight]
     info = infos["up.weight"]
     assert info.sketch_numel == st["sketch"].numel() == 64 * st["sketch"].shape[1]
-    assert info.state_numel() == st["basis"].numel() + st["exp_avg"].numel() + st["exp_avg_sq"].numel() + st["sketch"].numel()
-    state = sum(s["basis"].numel() + s["exp_avg"].numel() + s["exp_avg_sq"].numel() + s["sketch"].numel()
-                for p, s in opt.state.items() if "basis" in s)
+    assert (
+        info.state_numel()
+        == st["basis"].numel() + st["exp_avg"].numel() + st["exp_avg_sq"].numel() + st["sketch"].numel()
+    )
+    state = sum(
+        s["basis"].numel() + s["exp_avg"].numel() + s["exp_avg_sq"].numel() + s["sketch"].numel()
+        for p, s in opt.state.items()
+        if "basis" in s
+    )
     galore = sum(4 * (min(p.shape) + 2 * max(p.shape)) for p, s in opt.state.items() if "basis" in s)
     assert rank_metrics(opt)["adarank/state_reduction_vs_galore"] == pytest.approx(1 - state / galore)
     m2 = _model()
@@ -111,10 +124,14 @@ def test_old_8bit_checkpoint_is_migrated():
     for pid, st in sd["state"].items():
         p = [q for g in opt.param_groups for q in g["params"]][pid]
         r = int(st["rank"]) if "rank" in st else None
-        shapes = {"exp_avg": p.shape, "exp_avg_sq": p.shape} if r is None else {
-            "exp_avg": quant.load(st["exp_avg"], _moment_shape(p, r)).shape,
-            "exp_avg_sq": quant.load(st["exp_avg_sq"], _moment_shape(p, r)).shape,
-        }
+        shapes = (
+            {"exp_avg": p.shape, "exp_avg_sq": p.shape}
+            if r is None
+            else {
+                "exp_avg": quant.load(st["exp_avg"], _moment_shape(p, r)).shape,
+                "exp_avg_sq": quant.load(st["exp_avg_sq"], _moment_shape(p, r)).shape,
+            }
+        )
         for key, shape in shapes.items():
             if st[key].dtype != torch.uint8:
                 continue

@@ -38,8 +38,17 @@ def _update(bits: int, projected: bool, rank: int, grads: list[torch.Tensor]) ->
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(ROWS, COLS) * 0.02)
     start = w.detach().clone()
-    opt = AdaRankGrad([{"params": [w], "low_rank": projected}], lr=1e-3, max_rank=rank, energy=1.0,
-                      weight_decay=0.0, min_gap=50, max_gap=100, state_bits=bits, dense_state_bits=bits)
+    opt = AdaRankGrad(
+        [{"params": [w], "low_rank": projected}],
+        lr=1e-3,
+        max_rank=rank,
+        energy=1.0,
+        weight_decay=0.0,
+        min_gap=50,
+        max_gap=100,
+        state_bits=bits,
+        dense_state_bits=bits,
+    )
     for grad in grads:
         w.grad = grad.clone()
         opt.step()

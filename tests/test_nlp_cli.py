@@ -17,8 +17,10 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO.parent / "shared" / "data" / "glue"
 CONFIGS = REPO / "nlp" / "configs"
-needs_glue = pytest.mark.skipif(not (GLUE / "CoLA" / "train.tsv").is_file(),
-                                reason=f"GLUE files not found under {GLUE} (../shared/data/glue next to the repo)")
+needs_glue = pytest.mark.skipif(
+    not (GLUE / "CoLA" / "train.tsv").is_file(),
+    reason=f"GLUE files not found under {GLUE} (../shared/data/glue next to the repo)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +31,32 @@ def minilm() -> str:
 
 def _shrink(minilm: str, tmp_path: Path) -> list[str]:
     return [
-        "--model.model_name_or_path", minilm,
-        "--data.init_args.max_length", "32", "--data.init_args.batch_size", "8",
-        "--data.init_args.eval_batch_size", "32", "--data.init_args.max_train_samples", "32",
-        "--data.init_args.max_eval_samples", "32", "--data.init_args.cache_dir", str(tmp_path / "cache"),
-        "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
+        "--model.model_name_or_path",
+        minilm,
+        "--data.init_args.max_length",
+        "32",
+        "--data.init_args.batch_size",
+        "8",
+        "--data.init_args.eval_batch_size",
+        "32",
+        "--data.init_args.max_train_samples",
+        "32",
+        "--data.init_args.max_eval_samples",
+        "32",
+        "--data.init_args.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.max_steps",
+        "4",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(tmp_path),
     ]
 
 
@@ -46,8 +67,18 @@ def test_cli_fit_with_paper_configs(minilm, tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cli = main(["fit", "--config", str(CONFIGS / "glue_roberta_base.yaml"), "--config", str(CONFIGS / "glue" / "cola_r4.yaml"),
-                    "--data.init_args.data_dir", str(GLUE), *_shrink(minilm, tmp_path)])
+        cli = main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "glue_roberta_base.yaml"),
+                "--config",
+                str(CONFIGS / "glue" / "cola_r4.yaml"),
+                "--data.init_args.data_dir",
+                str(GLUE),
+                *_shrink(minilm, tmp_path),
+            ]
+        )
     # task / labels / splits reach the model from the data module; the config's rank and lr are used
     assert cli.model.hparams.task == "cola" and cli.model.hparams.num_labels == 2
     assert cli.model.hparams.rank == 4 and cli.model.hparams.learning_rate == pytest.approx(3e-5)
@@ -74,16 +105,32 @@ def test_cli_offline_without_data_dir_says_pass_data_dir(minilm, tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"you are offline.*Pass data_dir=.*--data.init_args.data_dir"):
-        main(["fit", "--config", str(CONFIGS / "glue_roberta_base.yaml"), "--config", str(CONFIGS / "glue" / "sst2_r8.yaml"),
-              *_shrink(minilm, tmp_path)])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "glue_roberta_base.yaml"),
+                "--config",
+                str(CONFIGS / "glue" / "sst2_r8.yaml"),
+                *_shrink(minilm, tmp_path),
+            ]
+        )
 
 
 def test_cli_rejects_unknown_task(minilm, tmp_path):
     from nlp.cli import main
 
     with pytest.raises(ValueError, match="Unknown GLUE task 'sst-5'"):
-        main(["fit", "--config", str(CONFIGS / "glue_roberta_base.yaml"), "--data.init_args.task", "sst-5",
-              *_shrink(minilm, tmp_path)])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "glue_roberta_base.yaml"),
+                "--data.init_args.task",
+                "sst-5",
+                *_shrink(minilm, tmp_path),
+            ]
+        )
 
 
 def test_cli_takes_typed_adarank_settings(monkeypatch, capsys):

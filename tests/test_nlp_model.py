@@ -25,8 +25,10 @@ from nlp import GLUEDataModule, GLUETransformer, ModelLoadError  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GLUE = DATA / "glue"
-needs_glue = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").is_file(),
-                                reason=f"GLUE files not found under {GLUE} (../shared/data/glue next to the repo)")
+needs_glue = pytest.mark.skipif(
+    not (GLUE / "SST-2" / "train.tsv").is_file(),
+    reason=f"GLUE files not found under {GLUE} (../shared/data/glue next to the repo)",
+)
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
@@ -44,8 +46,17 @@ def _quiet():
 
 
 def _dm(task, minilm, tmp_path, **kw):
-    args = dict(data_dir=str(GLUE), model_name_or_path=minilm, max_length=32, batch_size=16, eval_batch_size=100,
-                max_train_samples=400, max_eval_samples=200, seed=0, cache_dir=str(tmp_path / "cache"))
+    args = dict(
+        data_dir=str(GLUE),
+        model_name_or_path=minilm,
+        max_length=32,
+        batch_size=16,
+        eval_batch_size=100,
+        max_train_samples=400,
+        max_eval_samples=200,
+        seed=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
     args.update(kw)
     return GLUEDataModule(task, **args)
 
@@ -65,8 +76,7 @@ def test_sst2_adarankgrad_beats_chance(minilm, tmp_path):
     L.seed_everything(0)
     dm = _dm("sst2", minilm, tmp_path, max_train_samples=1000, max_eval_samples=300, batch_size=32)
     # AdamW's lr for a 30-step budget (the update has AdamW's size, scale 1); it decays linearly to 0
-    model = GLUETransformer(minilm, task="sst2", optimizer="adarankgrad", learning_rate=1e-4, rank=8,
-                            warmup_ratio=0.0)
+    model = GLUETransformer(minilm, task="sst2", optimizer="adarankgrad", learning_rate=1e-4, rank=8, warmup_ratio=0.0)
     trainer = L.Trainer(max_steps=30, limit_val_batches=0, num_sanity_val_steps=0, **QUIET)
     trainer.fit(model, datamodule=dm)
     opt = trainer.optimizers[0]
@@ -86,8 +96,9 @@ def test_stsb_galore_pearson_spearman_and_schedule(minilm, tmp_path):
 
     L.seed_everything(0)
     dm = _dm("stsb", minilm, tmp_path, max_train_samples=48, max_eval_samples=64)
-    model = GLUETransformer(minilm, task="stsb", optimizer="galore", learning_rate=1e-4, rank=4, scale=4.0,
-                            warmup_ratio=0.34)
+    model = GLUETransformer(
+        minilm, task="stsb", optimizer="galore", learning_rate=1e-4, rank=4, scale=4.0, warmup_ratio=0.34
+    )
     trainer = L.Trainer(max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, **QUIET)
     trainer.fit(model, datamodule=dm)
     from galore_torch import GaLoreAdamW
@@ -119,8 +130,10 @@ def test_cola_lora_trains_adapters_and_head_only(minilm, tmp_path):
     assert any("lora_B" in n for n in changed) and any("classifier" in n for n in changed)
     res = L.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
     preds, labels = _predict(model, dm)
-    tp = float(((preds == 1) & (labels == 1)).sum()); tn = float(((preds == 0) & (labels == 0)).sum())  # noqa: E702
-    fp = float(((preds == 1) & (labels == 0)).sum()); fn = float(((preds == 0) & (labels == 1)).sum())  # noqa: E702
+    tp = float(((preds == 1) & (labels == 1)).sum())
+    tn = float(((preds == 0) & (labels == 0)).sum())  # noqa: E702
+    fp = float(((preds == 1) & (labels == 0)).sum())
+    fn = float(((preds == 0) & (labels == 1)).sum())  # noqa: E702
     denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     mcc = (tp * tn - fp * fn) / denom if denom else 0.0
     assert res["val/matthews"] == pytest.approx(mcc, abs=1e-5)

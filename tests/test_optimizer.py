@@ -3,7 +3,6 @@ AdamW-in-the-subspace by hand, checkpoints, determinism, bad input, and a real t
 
 import io
 import math
-import warnings
 
 import pytest
 import torch
@@ -44,8 +43,18 @@ def test_update_lies_in_span_and_equals_adamw_in_subspace(shape, scale_mode):
     torch.manual_seed(1)
     w = nn.Parameter(torch.randn(shape))
     lr, b1, b2, eps, scale = 1e-2, 0.9, 0.99, 1e-8, 0.5
-    opt = AdaRankGrad([w], lr=lr, betas=(b1, b2), eps=eps, max_rank=4, scale=scale, min_gap=100, max_gap=100,
-                      energy=0.999, scale_mode=scale_mode)
+    opt = AdaRankGrad(
+        [w],
+        lr=lr,
+        betas=(b1, b2),
+        eps=eps,
+        max_rank=4,
+        scale=scale,
+        min_gap=100,
+        max_gap=100,
+        energy=0.999,
+        scale_mode=scale_mode,
+    )
     c = math.sqrt(min(shape) / 4) if scale_mode == "rms" else 1.0  # rms: √(s/r), s = projected side, r = 4
     side = projection_side(shape)
     m = v = None
@@ -106,7 +115,7 @@ def test_refresh_when_projected_gradient_converges_and_at_max_gap():
     # a steady gradient never converges: only max_gap refreshes it
     w2 = nn.Parameter(torch.randn(30, 50))
     opt2 = AdaRankGrad([w2], lr=1e-3, max_rank=4, min_gap=2, max_gap=5, tol=0.5)
-    for t in range(11):
+    for _ in range(11):
         w2.grad = g0.clone()
         opt2.step()
     assert opt2.state[w2]["refreshes"] == 3  # steps 0, 5, 10
@@ -187,7 +196,7 @@ def test_state_bytes_counts_projection_and_moments():
     opt = AdaRankGrad(param_groups(model), max_rank=4, energy=1.0)
     _train(model, opt, 1)
     expected = 0
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() == 2 and min(p.shape) > 4:
             s, l = min(p.shape), max(p.shape)
             expected += 4 * (s * 4 + 2 * 4 * l)  # basis (s×r) + two (r×l) moments, fp32
@@ -229,7 +238,10 @@ def test_non_finite_gradient_skips_that_parameter():
 
 def test_bf16_parameters_keep_fp32_state_across_checkpoints():
     torch.manual_seed(9)
-    w, bias = nn.Parameter(torch.randn(20, 30, dtype=torch.bfloat16)), nn.Parameter(torch.randn(30, dtype=torch.bfloat16))
+    w, bias = (
+        nn.Parameter(torch.randn(20, 30, dtype=torch.bfloat16)),
+        nn.Parameter(torch.randn(30, dtype=torch.bfloat16)),
+    )
     opt = AdaRankGrad([w, bias], max_rank=4)
     _grads([w, bias], 0)
     opt.step()
@@ -325,7 +337,7 @@ def test_trains_a_real_task_as_well_as_adamw():
         for epoch in range(15):
             order = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch))]
             for i in range(0, len(order), 64):
-                idx = order[i:i + 64]
+                idx = order[i : i + 64]
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
                 opt.step()

@@ -22,8 +22,9 @@ import yaml  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "SST-2"
 CONFIGS = REPO / "nlp" / "configs" / "pretrain"
-needs_sst2 = pytest.mark.skipif(not (SST2 / "train.tsv").is_file(),
-                                reason=f"SST-2 not found under {SST2} (../shared/data/glue next to the repo)")
+needs_sst2 = pytest.mark.skipif(
+    not (SST2 / "train.tsv").is_file(), reason=f"SST-2 not found under {SST2} (../shared/data/glue next to the repo)"
+)
 
 
 def test_pack_tokens_is_the_concatenation_cut_in_blocks():
@@ -32,7 +33,7 @@ def test_pack_tokens_is_the_concatenation_cut_in_blocks():
     docs = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
     blocks = list(pack_tokens(docs, 4, eos_id=0))
     stream = [t for d in docs for t in (*d, 0)]  # 15 tokens → 3 full blocks, tail of 3 dropped
-    assert blocks == [stream[i: i + 4] for i in range(0, 12, 4)]
+    assert blocks == [stream[i : i + 4] for i in range(0, 12, 4)]
 
 
 def test_read_documents_formats(tmp_path):
@@ -93,22 +94,49 @@ def test_cli_pretrain_perplexity_falls(tmp_path):
     from nlp.lm_data import PackedTextDataModule
     from nlp.pretrain import CausalLMPretrainer
 
-    data = dict(train_files=[str(SST2 / "train.tsv")], val_files=[str(SST2 / "dev.tsv")], text_column="sentence",
-                vocab_size=4096, block_size=32, batch_size=8, max_val_blocks=64)
+    data = dict(
+        train_files=[str(SST2 / "train.tsv")],
+        val_files=[str(SST2 / "dev.tsv")],
+        text_column="sentence",
+        vocab_size=4096,
+        block_size=32,
+        batch_size=8,
+        max_val_blocks=64,
+    )
     config = {
-        "trainer": {"max_steps": 300, "val_check_interval": 100, "check_val_every_n_epoch": None,
-                    "limit_val_batches": 8, "num_sanity_val_steps": 0, "log_every_n_steps": 25,
-                    "enable_progress_bar": False, "enable_checkpointing": False, "enable_model_summary": False,
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}},
-        "model": {"model": "llama_tiny", "optimizer": "adarankgrad", "learning_rate": 0.005, "rank": 32,
-                  "warmup_steps": 30, "adarank": {"state_bits": 8}},
+        "trainer": {
+            "max_steps": 300,
+            "val_check_interval": 100,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 8,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 25,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+        },
+        "model": {
+            "model": "llama_tiny",
+            "optimizer": "adarankgrad",
+            "learning_rate": 0.005,
+            "rank": 32,
+            "warmup_steps": 30,
+            "adarank": {"state_bits": 8},
+        },
         "data": data,
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "nlp", "pretrain", "fit", "--config", str(path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nlp", "pretrain", "fit", "--config", str(path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # perplexity at initialisation, on the same validation blocks (same seed → same weights as the CLI's model)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -27,8 +26,11 @@ def shapes(draw):
     if kind == "col":
         return (draw(st.integers(1, 40)), 1)
     if kind == "small":  # min(shape) <= the sketch size (max_rank + oversample)
-        return (draw(st.integers(1, 6)), draw(st.integers(1, 40))) if draw(st.booleans()) else \
-            (draw(st.integers(1, 40)), draw(st.integers(1, 6)))
+        return (
+            (draw(st.integers(1, 6)), draw(st.integers(1, 40)))
+            if draw(st.booleans())
+            else (draw(st.integers(1, 40)), draw(st.integers(1, 6)))
+        )
     return (draw(st.integers(1, 40)), draw(st.integers(1, 40)))
 
 
@@ -50,8 +52,13 @@ def gradient(shape, kind, seed, dtype=torch.float32):
 
 
 @SETTINGS
-@given(shape=shapes(), kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31), sketch=st.integers(1, 12),
-       power=st.integers(0, 2))
+@given(
+    shape=shapes(),
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**31),
+    sketch=st.integers(1, 12),
+    power=st.integers(0, 2),
+)
 def test_range_finder_basis_is_orthonormal_and_finite(shape, kind, seed, sketch, power):
     grad = gradient(shape, kind, seed)
     side = projection_side(shape)
@@ -64,16 +71,29 @@ def test_range_finder_basis_is_orthonormal_and_finite(shape, kind, seed, sketch,
 
 
 @SETTINGS
-@given(shape=shapes(), kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31),
-       energy=st.sampled_from([0.5, 0.9, 0.99, 1.0]), max_rank=st.integers(1, 8))
+@given(
+    shape=shapes(),
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**31),
+    energy=st.sampled_from([0.5, 0.9, 0.99, 1.0]),
+    max_rank=st.integers(1, 8),
+)
 @example(shape=(2, 2), kind="rank1", seed=0, energy=1.0, max_rank=2)  # CI find: η = 1 on a 2x2 rank-1 matrix
 def test_low_rank_basis_keeps_energy_when_reachable(shape, kind, seed, energy, max_rank):
     grad = gradient(shape, kind, seed)
     side = projection_side(shape)
     total = float(torch.linalg.vector_norm(grad.double())) ** 2
-    basis, kept, low = low_rank_basis(grad, side, energy=energy, min_rank=1, max_rank=max_rank, oversample=4,
-                                      power_iters=2, generator=torch.Generator().manual_seed(seed),
-                                      total_energy=total)
+    basis, kept, low = low_rank_basis(
+        grad,
+        side,
+        energy=energy,
+        min_rank=1,
+        max_rank=max_rank,
+        oversample=4,
+        power_iters=2,
+        generator=torch.Generator().manual_seed(seed),
+        total_energy=total,
+    )
     r = basis.shape[1]
     assert 1 <= r <= min(max_rank, min(shape))
     torch.testing.assert_close(basis.mT @ basis, torch.eye(r), atol=1e-4, rtol=0)
@@ -83,16 +103,24 @@ def test_low_rank_basis_keeps_energy_when_reachable(shape, kind, seed, energy, m
     best = float(sv[:max_rank].square().sum()) / total if total > 0 else 1.0
     if total > 0 and best >= energy + 1e-3:  # reachable with margin: the adaptive rank must keep at least eta
         assert kept >= energy - 1e-3, (kept, energy, best)
-        exact = float(torch.linalg.vector_norm((basis.mT.double() @ (grad.double() if side == "left" else grad.double().mT)))) ** 2 / total
+        exact = (
+            float(torch.linalg.vector_norm(basis.mT.double() @ (grad.double() if side == "left" else grad.double().mT)))
+            ** 2
+            / total
+        )
         assert exact >= energy - 1e-3
     if kind in ("rank1", "equal_columns") and total > 0 and energy < 1.0:  # η = 1 may need the rounding tail too
         assert r == 1 and kept > 0.999  # one direction holds everything
 
 
 @SETTINGS
-@given(shape=st.tuples(st.integers(1, 24), st.integers(1, 24)), kind=st.sampled_from(KINDS + ["inf", "nan"]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31),
-       max_rank=st.integers(1, 6))
+@given(
+    shape=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    kind=st.sampled_from(KINDS + ["inf", "nan"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**31),
+    max_rank=st.integers(1, 6),
+)
 def test_optimizer_step_keeps_weights_and_moments_finite(shape, kind, dtype, seed, max_rank):
     """Steps on degenerate gradients; a non-finite gradient (or one whose square overflows fp32, 1e30, or fp16
     overflow to inf) skips the step: weights and state untouched."""
@@ -110,8 +138,9 @@ def test_optimizer_step_keeps_weights_and_moments_finite(shape, kind, dtype, see
             w.grad = g.to(dtype)
         else:
             w.grad = gradient(shape, kind, seed + t).to(dtype)  # fp16: 1e30 overflows to inf here
-        finite_sq = math.isfinite(float(torch.linalg.vector_norm(w.grad.float())) ** 2) and \
-            math.isfinite(float(w.grad.float().square().sum()))
+        finite_sq = math.isfinite(float(torch.linalg.vector_norm(w.grad.float())) ** 2) and math.isfinite(
+            float(w.grad.float().square().sum())
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             opt.step()

@@ -148,7 +148,10 @@ def test_sketch_basis_recovers_exact_low_rank_and_flat_spectra():
     assert basis.shape == (40, 3) and kept > 0.99
     u = torch.linalg.svd(m, full_matrices=False)[0][:, :3]
     torch.testing.assert_close(basis @ basis.T, u @ u.T, atol=1e-4, rtol=0)  # same subspace
-    flat = torch.linalg.qr(torch.randn(40, 40, generator=gen))[0] @ torch.linalg.qr(torch.randn(40, 70, generator=gen).T)[0].T
+    flat = (
+        torch.linalg.qr(torch.randn(40, 40, generator=gen))[0]
+        @ torch.linalg.qr(torch.randn(40, 70, generator=gen).T)[0].T
+    )
     basis, _ = sketch_basis(flat @ omega, energy=0.9, min_rank=1, max_rank=8)
     assert basis.shape[1] == 8  # no structure: the maximum rank
 
@@ -210,7 +213,9 @@ def test_rank_chosen_above_the_noise_floor():
         # the same (default) sketch through the functional core: the floor measured from a fresh batch
         whole, _ = sketch_basis(st["sketch"], energy=0.9, min_rank=1, max_rank=8)
         assert whole.shape[1] == ranks[False]
-        fresh = (signal + noise * torch.randn(48, 80, generator=gen) / math.sqrt(48 * 80)) @ opt.test_matrix(80, 12, w.device)
+        fresh = (signal + noise * torch.randn(48, 80, generator=gen) / math.sqrt(48 * 80)) @ opt.test_matrix(
+            80, 12, w.device
+        )
         nu = sketch_noise(torch.linalg.vector_norm(fresh - st["sketch"]).square(), 0.9)
         above, _ = sketch_basis(st["sketch"], energy=0.9, min_rank=1, max_rank=8, noise=nu)
         assert above.shape[1] == want

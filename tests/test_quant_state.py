@@ -58,12 +58,12 @@ def test_formats_and_small_moments():
     assert quant.store(None, x, 32, signed=True) is x
     bf = quant.store(None, x, 16, signed=True)
     assert bf.dtype == torch.bfloat16 and bf.shape == x.shape
-    assert torch.allclose(quant.load(bf, x.shape), x, rtol=2 ** -7, atol=0)  # one bf16 ulp (stochastic rounding)
+    assert torch.allclose(quant.load(bf, x.shape), x, rtol=2**-7, atol=0)  # one bf16 ulp (stochastic rounding)
     small = torch.randn(15, 17)  # 255 elements: under one block → fp32 at 8 bits
     kept = quant.store(None, small, 8, signed=True)
     assert kept is small and quant.load(kept, small.shape) is small
     # stochastic rounding is unbiased: many roundings of the same value average to it
-    v = torch.full((200_000,), 1.0 + 2 ** -10)
+    v = torch.full((200_000,), 1.0 + 2**-10)
     assert abs(quant.store(None, v, 16, signed=False).float().mean().item() - v[0].item()) < 2e-5
 
 
@@ -101,8 +101,15 @@ def _train(state_bits: int, dense_state_bits: int, steps: int = 200):
     x = torch.randn(512, 64)
     y = torch.tanh(x @ (torch.randn(64, 4) @ torch.randn(4, 32)) / 8)
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 300), nn.Tanh(), nn.Linear(300, 32))
-    opt = AdaRankGrad(param_groups(model), lr=1e-3, max_rank=8, min_gap=5, max_gap=20, state_bits=state_bits,
-                      dense_state_bits=dense_state_bits)
+    opt = AdaRankGrad(
+        param_groups(model),
+        lr=1e-3,
+        max_rank=8,
+        min_gap=5,
+        max_gap=20,
+        state_bits=state_bits,
+        dense_state_bits=dense_state_bits,
+    )
     losses = []
     for _ in range(steps):
         loss = nn.functional.mse_loss(model(x), y)
@@ -149,7 +156,7 @@ def test_refresh_transforms_dequantized_moments():
     w = nn.Parameter(torch.randn(96, 128) * 0.1)
     opt = AdaRankGrad([w], lr=1e-2, max_rank=8, min_gap=1, max_gap=3, state_bits=8)
     target = torch.randn(96, 128)
-    for step in range(3):
+    for _ in range(3):
         opt.zero_grad()
         ((w - target) ** 2).sum().backward()
         opt.step()
@@ -184,8 +191,9 @@ def test_state_bytes_bert_base_with_embeddings():
     model(input_ids=ids).last_hidden_state.square().mean().backward()
     sizes = {}
     for bits, dense in ((32, 32), (8, 32), (8, 8)):
-        opt = AdaRankGrad(param_groups(model, include_embeddings=True), lr=0.0, max_rank=8, state_bits=bits,
-                          dense_state_bits=dense)
+        opt = AdaRankGrad(
+            param_groups(model, include_embeddings=True), lr=0.0, max_rank=8, state_bits=bits, dense_state_bits=dense
+        )
         opt.step()
         sizes[bits, dense] = optimizer_state_bytes(opt)
         if bits == 32:
@@ -206,8 +214,9 @@ def test_checkpoint_weights_only_and_resume(tmp_path):
     def make():
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(64, 80), nn.Tanh(), nn.Linear(80, 16))
-        opt = AdaRankGrad(param_groups(model), lr=1e-2, max_rank=4, min_gap=2, max_gap=4, state_bits=8,
-                          dense_state_bits=8)
+        opt = AdaRankGrad(
+            param_groups(model), lr=1e-2, max_rank=4, min_gap=2, max_gap=4, state_bits=8, dense_state_bits=8
+        )
         return model, opt
 
     x, y = torch.randn(32, 64), torch.randn(32, 16)
@@ -231,8 +240,13 @@ def test_checkpoint_weights_only_and_resume(tmp_path):
         st = ck["opt"]["state"]
         print(sorted({{str(v["exp_avg"].dtype) for v in st.values()}}))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch.uint8" in out.stdout
 

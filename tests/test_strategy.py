@@ -7,15 +7,15 @@ import subprocess
 import sys
 import warnings
 
+import lightning as L
 import pytest
 import torch
-
-import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from scripts.tiny import ADARANK, TinyModule, loader, make_data, trainer_kwargs
+
 from lightning_adarank import AdaRankGrad, AdaRankGradDDPStrategy, AdaRankGradStrategy
 from lightning_adarank.integrations.strategy import AdaRankGradStrategyMixin
-from scripts.tiny import ADARANK, TinyModule, loader, make_data, trainer_kwargs
 
 
 def _fit(module, strategy, steps=6, callbacks=(), **kw):
@@ -87,7 +87,9 @@ def test_lr_scheduler_keeps_working(scheduler):
         assert sched.optimizer is trainer.optimizers[0]
     assert type(trainer.optimizers[0]) is AdaRankGrad
     assert len(set(runs["adamw"])) > 3  # the schedule does move
-    assert [x for pair in runs["adarank"] for x in pair] == pytest.approx([x for pair in runs["adamw"] for x in pair], rel=1e-12)
+    assert [x for pair in runs["adarank"] for x in pair] == pytest.approx(
+        [x for pair in runs["adamw"] for x in pair], rel=1e-12
+    )
 
 
 def test_module_returning_adarank_is_kept():
@@ -134,8 +136,15 @@ def test_import_is_lazy_and_registers_on_first_use():
 
 def test_tiny_bert_with_target_modules():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=48, max_position_embeddings=16, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
 
     class Bert(L.LightningModule):
         def __init__(self):
@@ -151,11 +160,16 @@ def test_tiny_bert_with_target_modules():
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randint(0, 64, (48, 12), generator=g), torch.randint(0, 3, (48,), generator=g))
+    data = torch.utils.data.TensorDataset(
+        torch.randint(0, 64, (48, 12), generator=g), torch.randint(0, 3, (48,), generator=g)
+    )
     module = Bert()
     before = module.model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
-    trainer = L.Trainer(strategy=AdaRankGradStrategy(target_modules=["query", "value"], max_rank=4, min_gap=2),
-                        max_steps=4, **trainer_kwargs())
+    trainer = L.Trainer(
+        strategy=AdaRankGradStrategy(target_modules=["query", "value"], max_rank=4, min_gap=2),
+        max_steps=4,
+        **trainer_kwargs(),
+    )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=12))
     ranks = trainer.optimizers[0].ranks()
     assert sorted(ranks) == sorted(

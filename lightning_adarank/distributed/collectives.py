@@ -46,7 +46,7 @@ class SumBuffer:
             pos = 0
             for i in idx:
                 n = self._parts[i].numel()
-                out[i] = flat[pos: pos + n].view(self._parts[i].shape)
+                out[i] = flat[pos : pos + n].view(self._parts[i].shape)
                 pos += n
         self._out = out  # type: ignore[assignment]
 

@@ -63,8 +63,9 @@ def shard_layout(p: Tensor) -> ShardLayout:
             f" placements {placements} on a {mesh.ndim}-D mesh (tensor parallelism and HSDP are not supported)"
         )
     local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
-    return ShardLayout(tuple(p.shape), int(offset[0]) if p.dim() else 0, int(local_shape[0]) if p.dim() else 0,
-                       mesh, mesh.get_group())
+    return ShardLayout(
+        tuple(p.shape), int(offset[0]) if p.dim() else 0, int(local_shape[0]) if p.dim() else 0, mesh, mesh.get_group()
+    )
 
 
 def sharded_like(local_rows: Tensor, layout: ShardLayout) -> Tensor:

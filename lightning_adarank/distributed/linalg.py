@@ -65,12 +65,18 @@ def sharded_left_singular(y_local: Tensor, group: object) -> tuple[Tensor, Tenso
     # ill-conditioned (every rank decides alike: the same all-reduced Gram): gather the m × k sketch
     full, start = all_gather_rows(y_local.float(), group)
     u, sv, _ = torch.linalg.svd(full, full_matrices=False)
-    return u[start: start + y_local.shape[0]].double(), sv.double(), True
+    return u[start : start + y_local.shape[0]].double(), sv.double(), True
 
 
 @torch.no_grad()
 def sharded_sketch_basis(
-    y_local: Tensor, group: object, *, rows: int, energy: float, min_rank: int, max_rank: int,
+    y_local: Tensor,
+    group: object,
+    *,
+    rows: int,
+    energy: float,
+    min_rank: int,
+    max_rank: int,
     noise: Tensor | float | None = None,
 ) -> tuple[Tensor, float, bool]:
     """:func:`~lightning_adarank.optim.linalg.sketch_basis` for a row-sharded sketch.

@@ -135,7 +135,7 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
         g = local(grad).float()
         it = _Item(p, g, st, lay, side, min(group["max_rank"] + group["oversample"], min(m, n)), bool(st["pending"]))
         if side == "right":
-            omega = opt.test_matrix(m, it.k, g.device)[lay.offset: lay.offset + lay.rows]
+            omega = opt.test_matrix(m, it.k, g.device)[lay.offset : lay.offset + lay.rows]
             it.h_fresh = buf.add(g.mT @ omega)
             if it.pending:
                 it.h_sq = buf.add_square_sum(g)
@@ -160,14 +160,19 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
     buf.reduce()  # the step's one all-reduce
 
     # skip decisions from all-reduced values (the same on every rank): one host read for all
-    checks = [buf[h][0] for _, _, h in dense] + [buf[it.h_sq][0] if it.h_sq >= 0 else buf[it.h_proj].sum() for it in items]
+    checks = [buf[h][0] for _, _, h in dense] + [
+        buf[it.h_sq][0] if it.h_sq >= 0 else buf[it.h_proj].sum() for it in items
+    ]
     finite = [math.isfinite(v) for v in torch.stack(checks).tolist()] if checks else []
     ok_dense = [(p, g) for (p, g, _), f in zip(dense, finite) if f]
-    ok_items = [it for it, f in zip(items, finite[len(dense):]) if f]
+    ok_items = [it for it, f in zip(items, finite[len(dense) :]) if f]
     skipped = len(checks) - len(ok_dense) - len(ok_items)
     if skipped:
-        warnings.warn(f"AdaRankGrad: skipped the step of {skipped} parameter(s) with non-finite gradients",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"AdaRankGrad: skipped the step of {skipped} parameter(s) with non-finite gradients",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     if ok_dense:
         opt.update_dense([p for p, _ in ok_dense], [g for _, g in ok_dense], group)
 
@@ -182,8 +187,9 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
             y = _blend(old, fresh, beta1)
             it.st["sketch"] = y
             if it.pending:
-                basis, kept = sketch_basis(y, energy=group["energy"], min_rank=group["min_rank"],
-                                           max_rank=group["max_rank"], noise=noise)
+                basis, kept = sketch_basis(
+                    y, energy=group["energy"], min_rank=group["min_rank"], max_rank=group["max_rank"], noise=noise
+                )
                 it.low = it.g @ basis
                 _install(opt, it, group, basis, kept, None)
             it.stats = (it.st["basis"].mT @ y, y.reshape(-1) @ y.reshape(-1))
@@ -216,9 +222,15 @@ def _refresh_left(opt: Any, items: list[_Item], group: dict) -> None:
     buf = SumBuffer(items[0].lay.group)
     handles = []
     for it in items:
-        basis, kept, _ = sharded_sketch_basis(it.sketch, it.lay.group, energy=group["energy"],
-                                              min_rank=group["min_rank"], max_rank=group["max_rank"], noise=it.noise,
-                                              rows=it.p.shape[0])
+        basis, kept, _ = sharded_sketch_basis(
+            it.sketch,
+            it.lay.group,
+            energy=group["energy"],
+            min_rank=group["min_rank"],
+            max_rank=group["max_rank"],
+            noise=it.noise,
+            rows=it.p.shape[0],
+        )
         old = it.st.get("basis")
         parts = [it.g, it.sketch] + ([local(old).float()] if old is not None else [])
         handles.append((basis, kept, buf.add(basis.mT @ torch.cat(parts, 1)), buf.add_square_sum(it.sketch)))
@@ -227,8 +239,8 @@ def _refresh_left(opt: Any, items: list[_Item], group: dict) -> None:
         n, k = it.p.shape[1], it.k
         red = buf[h]
         it.low = red[:, :n]
-        it.stats = (red[:, n: n + k], buf[h_ysq][0])
-        _install(opt, it, group, basis, kept, red[:, n + k:] if red.shape[1] > n + k else None)
+        it.stats = (red[:, n : n + k], buf[h_ysq][0])
+        _install(opt, it, group, basis, kept, red[:, n + k :] if red.shape[1] > n + k else None)
 
 
 def _install(opt: Any, it: _Item, group: dict, basis: Tensor, kept: float, rot_left: Tensor | None) -> None:
@@ -262,9 +274,16 @@ def _update(opt: Any, items: list[_Item], group: dict) -> None:
     """Adam on the projected gradients (torch's kernel on local/replicated moments), back-projection into the
     local rows, and the refresh test on the all-reduced sketch statistics."""
     directions = [torch.zeros_like(it.low) for it in items]
-    steps = opt.adam_kernel(directions, [it.low.contiguous() for it in items],
-                       [local(it.st["exp_avg"]) for it in items], [local(it.st["exp_avg_sq"]) for it in items],
-                       [it.st["step"] for it in items], group, lr=1.0, weight_decay=0.0)
+    steps = opt.adam_kernel(
+        directions,
+        [it.low.contiguous() for it in items],
+        [local(it.st["exp_avg"]) for it in items],
+        [local(it.st["exp_avg_sq"]) for it in items],
+        [it.st["step"] for it in items],
+        group,
+        lr=1.0,
+        weight_decay=0.0,
+    )
     lr, wd = group["lr"], group["weight_decay"]
     decay = 1.0 - lr * wd
     stats = []
@@ -276,5 +295,9 @@ def _update(opt: Any, items: list[_Item], group: dict) -> None:
         stats += [pty.reshape(-1) @ pty.reshape(-1), ysq.reshape(())]
     values = torch.stack(stats).tolist()  # one host read
     inside = [math.sqrt(values[2 * j]) for j in range(len(items))]
-    run_refresh_tests([it.st for it in items], group, inside,
-                      [captured_share(values[2 * j], values[2 * j + 1]).item() for j in range(len(items))])
+    run_refresh_tests(
+        [it.st for it in items],
+        group,
+        inside,
+        [captured_share(values[2 * j], values[2 * j + 1]).item() for j in range(len(items))],
+    )

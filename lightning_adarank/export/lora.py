@@ -122,8 +122,11 @@ def _inside(name: str, parents: set[str]) -> bool:
 def _resolve_heads(model: nn.Module, modules_to_save: Sequence[str] | None) -> set[str]:
     names = [n for n, _ in model.named_modules() if n]
     if modules_to_save is None:
-        return {n for n, m in model.named_modules()
-                if n and n.split(".")[-1] in HEAD_NAMES and any(True for _ in m.parameters())}
+        return {
+            n
+            for n, m in model.named_modules()
+            if n and n.split(".")[-1] in HEAD_NAMES and any(True for _ in m.parameters())
+        }
     out = set()
     for key in modules_to_save:
         hits = [n for n in names if n == key or n.endswith("." + key)]
@@ -139,10 +142,15 @@ def _check_same_architecture(base: nn.Module, tuned: nn.Module) -> None:
     if bp.keys() != tp.keys():
         only_t = sorted(tp.keys() - bp.keys())[:3]
         only_b = sorted(bp.keys() - tp.keys())[:3]
-        hint = " (tuned looks like a PEFT model: export from its full-parameter fine-tune)" if any(
-            "lora_" in n for n in only_t) else ""
-        raise ValueError(f"export_lora: base and tuned have different parameters: only in tuned {only_t}, "
-                         f"only in base {only_b}{hint}")
+        hint = (
+            " (tuned looks like a PEFT model: export from its full-parameter fine-tune)"
+            if any("lora_" in n for n in only_t)
+            else ""
+        )
+        raise ValueError(
+            f"export_lora: base and tuned have different parameters: only in tuned {only_t}, "
+            f"only in base {only_b}{hint}"
+        )
     for n, shape in tp.items():
         if bp[n] != shape:
             raise ValueError(f"export_lora: {n} has shape {tuple(bp[n])} in base but {tuple(shape)} in tuned")
@@ -173,12 +181,13 @@ def _plan(base, tuned, heads, energy, rank, oversample, power_iters, seed) -> li
             m, n = mod.weight.shape
             p = _Plan(name, "lora", shape=(m, n))
             if "bias" in changed:
-                p.bias_delta = (mod.bias.float() - bmod.bias.float().to(mod.bias.device))
+                p.bias_delta = mod.bias.float() - bmod.bias.float().to(mod.bias.device)
             if "weight" in changed:
                 delta = mod.weight.float() - bmod.weight.float().to(mod.weight.device)
                 gen = torch.Generator(device=delta.device).manual_seed(seed + index)
-                b, a, kept = factor_delta(delta, energy=energy, rank=rank, oversample=oversample,
-                                          power_iters=power_iters, generator=gen)
+                b, a, kept = factor_delta(
+                    delta, energy=energy, rank=rank, oversample=oversample, power_iters=power_iters, generator=gen
+                )
                 p.rank, p.b, p.a, p.kept = b.shape[1], b, a, kept
                 p.delta_norm = float(torch.linalg.vector_norm(delta))
                 p.rel_error = float(torch.linalg.vector_norm(delta - b @ a)) / p.delta_norm
@@ -192,8 +201,13 @@ def _plan(base, tuned, heads, energy, rank, oversample, power_iters, seed) -> li
             if 2 * len(rows) > mod.num_embeddings:
                 full.add(name)
             else:
-                plans[name] = _Plan(name, "tokens", rows=rows, shape=tuple(mod.weight.shape),
-                                    delta_norm=float(torch.linalg.vector_norm(delta)))
+                plans[name] = _Plan(
+                    name,
+                    "tokens",
+                    rows=rows,
+                    shape=tuple(mod.weight.shape),
+                    delta_norm=float(torch.linalg.vector_norm(delta)),
+                )
         else:
             full.add(name)
     # PEFT matches modules_to_save by suffix (``key.endswith(name)``): a module whose name ends with one of the
@@ -224,8 +238,10 @@ def _plan(base, tuned, heads, energy, rank, oversample, power_iters, seed) -> li
     for n in sorted(full):
         mod = tuned.get_submodule(n)
         bmod = base.get_submodule(n)
-        sq = sum(float(torch.linalg.vector_norm(t.float() - bmod.get_parameter(k).float().to(t.device))) ** 2
-                 for k, t in mod.named_parameters())
+        sq = sum(
+            float(torch.linalg.vector_norm(t.float() - bmod.get_parameter(k).float().to(t.device))) ** 2
+            for k, t in mod.named_parameters()
+        )
         shape = tuple(mod.weight.shape) if isinstance(getattr(mod, "weight", None), Tensor) else ()
         full_plans.append(_Plan(n, "full", shape=shape, delta_norm=math.sqrt(sq)))
     return out + full_plans
@@ -307,8 +323,10 @@ def export_lora(
         base_model_name_or_path=base_model_name_or_path,
     )
     if not lora:  # PEFT wants at least one target: an exact rank-1 zero LoRA is not worth it, so refuse clearly
-        raise ValueError("export_lora: no nn.Linear weight changed; a LoRA adapter has nothing to factor "
-                         "(save the changed modules instead)")
+        raise ValueError(
+            "export_lora: no nn.Linear weight changed; a LoRA adapter has nothing to factor "
+            "(save the changed modules instead)"
+        )
     wrapped = get_peft_model(copy.deepcopy(base), config)
     inner = wrapped.base_model.model
     with torch.no_grad():
@@ -328,7 +346,8 @@ def export_lora(
             adapter.trainable_tokens_delta[_ADAPTER].copy_(tuned.get_submodule(p.name).weight[rows])
         for p in full:
             inner.get_submodule(p.name).modules_to_save[_ADAPTER].load_state_dict(
-                tuned.get_submodule(p.name).state_dict())
+                tuned.get_submodule(p.name).state_dict()
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # peft 0.21 mistakes lora_B's 1-D bias for an unsharded ZeRO-3 tensor
@@ -345,9 +364,12 @@ def export_lora(
         return sum(t.numel() for t in tuned.get_submodule(p.name).state_dict().values())
 
     report = LoraExportReport(
-        out_dir=str(out), energy=None if rank is not None else float(energy), rank=rank,
-        modules=tuple(ExportedModule(p.name, p.kind, p.shape, p.rank, p.kept, p.rel_error, p.delta_norm, stored(p))
-                      for p in plans),
+        out_dir=str(out),
+        energy=None if rank is not None else float(energy),
+        rank=rank,
+        modules=tuple(
+            ExportedModule(p.name, p.kind, p.shape, p.rank, p.kept, p.rel_error, p.delta_norm, stored(p)) for p in plans
+        ),
         adapter_bytes=adapter_bytes,
         model_bytes=sum(t.numel() * t.element_size() for t in tuned.parameters()),
     )

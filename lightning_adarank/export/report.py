@@ -88,6 +88,10 @@ class LoraExportReport:
     def to_dict(self) -> dict:
         """Plain Python values (JSON-safe), with the derived totals."""
         out = asdict(self)
-        out.update(total_rank=self.total_rank, rel_error=self.rel_error, max_rel_error=self.max_rel_error,
-                   adapter_mib=self.adapter_mib)
+        out.update(
+            total_rank=self.total_rank,
+            rel_error=self.rel_error,
+            max_rel_error=self.max_rel_error,
+            adapter_mib=self.adapter_mib,
+        )
         return out

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from . import strategy as _strategy  # noqa: F401  (registers the adarank* strategy names)
 from ..monitoring.history import RankHistory, find_adarank, memory_metrics, rank_metrics
+from . import strategy as _strategy  # noqa: F401  (registers the adarank* strategy names)
 from .swap import warn_if_nothing_projected
 
 __all__ = ["EffectiveRankMonitor", "MemoryMonitor"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
@@ -51,7 +52,9 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(
-        self, path: Any, map_location: Callable | Any | None = lambda storage, loc: storage,
+        self,
+        path: Any,
+        map_location: Callable | Any | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         if _is_local_file_protocol(path) and os.path.isfile(path):

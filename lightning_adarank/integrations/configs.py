@@ -32,7 +32,7 @@ def packaged_config(package: str, name: str) -> Path | None:
     rel = name.replace("\\", "/")
     for prefix in (f"{package}/configs/", "configs/"):
         if rel.startswith(prefix):
-            rel = rel[len(prefix):]
+            rel = rel[len(prefix) :]
             break
     root = _root(package)
     for cand in (rel, rel + ".yaml"):
@@ -50,7 +50,7 @@ def resolve_packaged_configs(args: list[str], package: str) -> list[str]:
         if arg in ("--config", "-c") and i + 1 < len(out):
             j, value, fmt = i + 1, out[i + 1], "{}"
         elif arg.startswith("--config="):
-            j, value, fmt = i, arg[len("--config="):], "--config={}"
+            j, value, fmt = i, arg[len("--config=") :], "--config={}"
         else:
             continue
         if not os.path.exists(value):

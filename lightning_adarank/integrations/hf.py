@@ -87,21 +87,27 @@ class AdaRankGradTrainerCallback(TrainerCallback):
         if not self.layerwise:
             return
         if opt is None:
-            raise ValueError("AdaRankGradTrainerCallback(layerwise=True) needs an AdaRankGrad optimizer: pass "
-                             "Trainer(optimizers=(AdaRankGrad(param_groups(model), ...), None))")
+            raise ValueError(
+                "AdaRankGradTrainerCallback(layerwise=True) needs an AdaRankGrad optimizer: pass "
+                "Trainer(optimizers=(AdaRankGrad(param_groups(model), ...), None))"
+            )
         if args.max_grad_norm and args.max_grad_norm > 0:
             raise ValueError(
                 f"AdaRankGradTrainerCallback(layerwise=True): gradient clipping (max_grad_norm={args.max_grad_norm}) "
                 "needs every gradient before any update, which the layer-wise mode never has; set "
-                "TrainingArguments(max_grad_norm=0)")
+                "TrainingArguments(max_grad_norm=0)"
+            )
         if args.fp16:
-            raise ValueError("AdaRankGradTrainerCallback(layerwise=True) does not support fp16 (the loss scaler "
-                             "unscales gradients after backward, when the layer-wise updates are done); use bf16")
+            raise ValueError(
+                "AdaRankGradTrainerCallback(layerwise=True) does not support fp16 (the loss scaler "
+                "unscales gradients after backward, when the layer-wise updates are done); use bf16"
+            )
         if args.world_size > 1:
             raise ValueError(
                 f"AdaRankGradTrainerCallback(layerwise=True) runs in a single process (world_size={args.world_size}):"
                 " under DDP the per-parameter hooks fire before the gradient all-reduce; use the Lightning strategy "
-                "'adarank_ddp' with layerwise=True for data-parallel layer-wise training")
+                "'adarank_ddp' with layerwise=True for data-parallel layer-wise training"
+            )
         if self.updater is None:
             self.updater = LayerwiseUpdater(opt, accumulate_grad_batches=args.gradient_accumulation_steps).attach()
         self._micro = 0

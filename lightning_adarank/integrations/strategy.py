@@ -25,11 +25,16 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, StrategyRegistry
 
-from .swap import OptimizerSwap, build_adarank_from, rebind_lr_scheduler  # noqa: F401  (were defined here)
 from .checkpoint_io import VerifiedCheckpointIO
+from .swap import OptimizerSwap, build_adarank_from, rebind_lr_scheduler  # noqa: F401  (were defined here)
 from .typed import split_settings, with_adarank_settings
 
-__all__ = ["AdaRankGradDDPStrategy", "AdaRankGradModelParallelStrategy", "AdaRankGradStrategy", "AdaRankGradStrategyMixin"]
+__all__ = [
+    "AdaRankGradDDPStrategy",
+    "AdaRankGradModelParallelStrategy",
+    "AdaRankGradStrategy",
+    "AdaRankGradStrategyMixin",
+]
 
 
 class AdaRankGradStrategyMixin:
@@ -113,11 +118,15 @@ class AdaRankGradStrategy(AdaRankGradStrategyMixin, SingleDeviceStrategy):
     ) -> None:
         unknown = set(settings) - set(split_settings(settings)[0])
         if "base" in unknown:
-            raise TypeError("AdaRankGradStrategy(base=...) was replaced by real classes: AdaRankGradStrategy() for one"
-                            " device, AdaRankGradDDPStrategy(process_group_backend=..., start_method=..., ...) for DDP")
+            raise TypeError(
+                "AdaRankGradStrategy(base=...) was replaced by real classes: AdaRankGradStrategy() for one"
+                " device, AdaRankGradDDPStrategy(process_group_backend=..., start_method=..., ...) for DDP"
+            )
         if unknown:
-            raise TypeError(f"AdaRankGradStrategy: unknown setting(s) {sorted(unknown)} (an AdaRankGrad setting was"
-                            " expected; configure DDP with AdaRankGradDDPStrategy(...))")
+            raise TypeError(
+                f"AdaRankGradStrategy: unknown setting(s) {sorted(unknown)} (an AdaRankGrad setting was"
+                " expected; configure DDP with AdaRankGradDDPStrategy(...))"
+            )
         self._adarank = OptimizerSwap("AdaRankGradStrategy", target_modules, include_embeddings, layerwise, settings)
         super().__init__(device="cpu")
         self._checkpoint_io = VerifiedCheckpointIO()  # atomic saves, CRC-checked loads (a Trainer plugin wins)
@@ -143,8 +152,13 @@ class AdaRankGradStrategy(AdaRankGradStrategyMixin, SingleDeviceStrategy):
         acc, prec, io = self._accelerator, self._precision_plugin, self._checkpoint_io
         self.__class__ = AdaRankGradDDPStrategy  # type: ignore[assignment]
         DDPStrategy.__init__(
-            self, accelerator=acc, parallel_devices=devices, cluster_environment=env, checkpoint_io=io,
-            precision_plugin=prec, start_method="fork" if _IS_INTERACTIVE else "popen",
+            self,
+            accelerator=acc,
+            parallel_devices=devices,
+            cluster_environment=env,
+            checkpoint_io=io,
+            precision_plugin=prec,
+            start_method="fork" if _IS_INTERACTIVE else "popen",
         )
         swap.owner = "AdaRankGradDDPStrategy"
         self._adarank = swap
@@ -210,19 +224,24 @@ class AdaRankGradModelParallelStrategy(AdaRankGradStrategyMixin, ModelParallelSt
         **kwargs: Any,
     ) -> None:
         settings, mp_kwargs = split_settings(kwargs)
-        self._adarank = OptimizerSwap("AdaRankGradModelParallelStrategy", target_modules, include_embeddings,
-                                      layerwise, settings)
+        self._adarank = OptimizerSwap(
+            "AdaRankGradModelParallelStrategy", target_modules, include_embeddings, layerwise, settings
+        )
         super().__init__(*args, **mp_kwargs)
 
 
 def _register(registry: Any = StrategyRegistry) -> None:
     """Register ``adarank`` and ``adarank_<ddp flavour>`` (idempotent)."""
-    registry.register("adarank", AdaRankGradStrategy, description="AdaRankGrad, automatic device choice",
-                      override=True)
+    registry.register("adarank", AdaRankGradStrategy, description="AdaRankGrad, automatic device choice", override=True)
     for name, entry in list(registry.items()):
         if entry["strategy"] is DDPStrategy:
-            registry.register(f"adarank_{name}", AdaRankGradDDPStrategy, description=f"AdaRankGrad over {name}",
-                              override=True, **entry["init_params"])
+            registry.register(
+                f"adarank_{name}",
+                AdaRankGradDDPStrategy,
+                description=f"AdaRankGrad over {name}",
+                override=True,
+                **entry["init_params"],
+            )
 
 
 _register()

@@ -30,8 +30,14 @@ from ..optim.optimizer import AdaRankGrad
 from .added_groups import AddedGroups
 from .typed import FROM_MODULE
 
-__all__ = ["OptimizerSwap", "build_adarank_from", "check_strategy", "name_load_errors", "rebind_lr_scheduler",
-           "warn_if_nothing_projected"]
+__all__ = [
+    "OptimizerSwap",
+    "build_adarank_from",
+    "check_strategy",
+    "name_load_errors",
+    "rebind_lr_scheduler",
+    "warn_if_nothing_projected",
+]
 
 #: per-parameter-group lists a torch LR scheduler may hold (remapped when the groups are split)
 _PER_GROUP_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
@@ -91,10 +97,14 @@ def build_adarank_from(
         rest = [p for p in old["params"] if names.get(id(p)) not in targets]
         for params, low_rank in ((low, True), (rest, False)):
             if params:
-                groups.append({
-                    **carried, "params": params, "low_rank": low_rank,
-                    "param_names": [names.get(id(p), f"group{gi}.param{i}") for i, p in enumerate(params)],
-                })
+                groups.append(
+                    {
+                        **carried,
+                        "params": params,
+                        "low_rank": low_rank,
+                        "param_names": [names.get(id(p), f"group{gi}.param{i}") for i, p in enumerate(params)],
+                    }
+                )
                 origin.append(gi)
     if not any(g["low_rank"] for g in groups):
         raise ValueError(
@@ -227,8 +237,11 @@ def warn_if_nothing_projected(optimizer: AdaRankGrad, owner: str) -> None:
     why = "; ".join(candidates[:8]) + ("; ..." if len(candidates) > 8 else "")
     rank_zero_warn(
         f"{owner}: AdaRankGrad projects no matrix, so this run is plain AdamW. "
-        + (f"Matrices selected but too small: {why}. Lower max_rank below their smaller side."
-           if candidates else "No 2-D weight is in a low_rank group; check target_modules.")
+        + (
+            f"Matrices selected but too small: {why}. Lower max_rank below their smaller side."
+            if candidates
+            else "No 2-D weight is in a low_rank group; check target_modules."
+        )
     )
 
 
@@ -243,14 +256,18 @@ class OptimizerSwap:
             Checked now (``AdaRankGradConfig``): a bad value fails when the door is built.
     """
 
-    def __init__(self, owner: str, target_modules: Any, include_embeddings: bool, layerwise: bool,
-                 settings: dict[str, Any]) -> None:
+    def __init__(
+        self, owner: str, target_modules: Any, include_embeddings: bool, layerwise: bool, settings: dict[str, Any]
+    ) -> None:
         unknown = set(settings) - SETTING_NAMES
         if unknown:
-            raise TypeError(f"{owner}: unknown AdaRankGrad setting(s) {sorted(unknown)}; valid: {sorted(SETTING_NAMES)}")
+            raise TypeError(
+                f"{owner}: unknown AdaRankGrad setting(s) {sorted(unknown)}; valid: {sorted(SETTING_NAMES)}"
+            )
         if not isinstance(target_modules, (str, list, tuple)):
-            raise TypeError(f"{owner}: target_modules must be 'all-linear', a regex or a list of names, got"
-                            f" {target_modules!r}")
+            raise TypeError(
+                f"{owner}: target_modules must be 'all-linear', a regex or a list of names, got {target_modules!r}"
+            )
         self.owner = owner
         self.target_modules = list(target_modules) if isinstance(target_modules, tuple) else target_modules
         self.include_embeddings = bool(include_embeddings)
@@ -260,8 +277,11 @@ class OptimizerSwap:
         self.config = AdaRankGradConfig(**self.settings)
         self.overrides = {k: getattr(self.config, k) for k in FROM_MODULE if k in self.settings}
         default = AdaRankGradConfig()
-        self.changed = {k: v for k, v in self.config.to_dict().items()
-                        if k in self.overrides or (k not in FROM_MODULE and v != getattr(default, k))}
+        self.changed = {
+            k: v
+            for k, v in self.config.to_dict().items()
+            if k in self.overrides or (k not in FROM_MODULE and v != getattr(default, k))
+        }
         self.updater: LayerwiseUpdater | None = None
         self._unsynced: Any = None
 
@@ -272,8 +292,10 @@ class OptimizerSwap:
         current = next((o for o in optimizers if isinstance(o, AdaRankGrad)), None)
         if current is not None:
             if self.changed or self.target_modules != "all-linear" or self.include_embeddings:
-                rank_zero_warn(f"{self.owner}: the optimizer is an AdaRankGrad already (configure_optimizers returns"
-                               " one); the given target_modules and settings are ignored")
+                rank_zero_warn(
+                    f"{self.owner}: the optimizer is an AdaRankGrad already (configure_optimizers returns"
+                    " one); the given target_modules and settings are ignored"
+                )
             self._note_left_alone(optimizers, current)
             self._adopt(current, strategy)
             warn_if_nothing_projected(current, self.owner)
@@ -285,8 +307,15 @@ class OptimizerSwap:
                 " AdaRankGrad from configure_optimizers yourself when you need several optimizers."
             )
         old = optimizers[0]
-        new, origin = build_adarank_from(old, strategy.lightning_module, self.target_modules, self.include_embeddings,
-                                         config=self.config, owner=self.owner, **self.overrides)
+        new, origin = build_adarank_from(
+            old,
+            strategy.lightning_module,
+            self.target_modules,
+            self.include_embeddings,
+            config=self.config,
+            owner=self.owner,
+            **self.overrides,
+        )
         for cfg in strategy.lr_scheduler_configs:
             rebind_lr_scheduler(cfg.scheduler, old, new, origin)
         strategy.optimizers = [new]
@@ -300,8 +329,9 @@ class OptimizerSwap:
         if getattr(optimizer, "_adarank_adopted", False):
             return
         optimizer._adarank_adopted = True  # type: ignore[attr-defined]
-        AddedGroups(optimizer, strategy, self.target_modules, self.include_embeddings, self.owner,
-                    layerwise=self.layerwise).install()
+        AddedGroups(
+            optimizer, strategy, self.target_modules, self.include_embeddings, self.owner, layerwise=self.layerwise
+        ).install()
         name_load_errors(optimizer, self.owner)
 
     def _note_left_alone(self, optimizers: list, current: AdaRankGrad) -> None:
@@ -338,8 +368,9 @@ class OptimizerSwap:
                 " layerwise=False."
             )
         if str(trainer.precision).startswith("16"):
-            raise ValueError(f"{who} does not support fp16 mixed precision (GradScaler); use precision='bf16-mixed'"
-                             " or '32-true'")
+            raise ValueError(
+                f"{who} does not support fp16 mixed precision (GradScaler); use precision='bf16-mixed' or '32-true'"
+            )
         if len(strategy.optimizers) != 1 or not isinstance(strategy.optimizers[0], AdaRankGrad):
             raise ValueError(f"{who} needs exactly one AdaRankGrad optimizer")
         model = strategy.model

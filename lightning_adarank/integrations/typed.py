@@ -59,7 +59,7 @@ def setting_parameters() -> list[inspect.Parameter]:
     params = []
     for f in dataclasses.fields(AdaRankGradConfig):
         if f.name in FROM_MODULE:
-            params.append(inspect.Parameter(f.name, _KW, default=None, annotation=Optional[hints[f.name]]))
+            params.append(inspect.Parameter(f.name, _KW, default=None, annotation=Optional[hints[f.name]]))  # noqa: UP045 (built at runtime for jsonargparse)
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             params.append(inspect.Parameter(f.name, _KW, default=default, annotation=hints[f.name]))
@@ -105,8 +105,9 @@ def with_adarank_settings(base_init: Callable[..., Any] | None = None) -> Callab
 
     def decorate(cls: type) -> type:
         init = cls.__dict__["__init__"]
-        own = [p for p in inspect.signature(init).parameters.values()
-               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        own = [
+            p for p in inspect.signature(init).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
         hints = typing.get_type_hints(init)
         own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
         names = {p.name for p in own}

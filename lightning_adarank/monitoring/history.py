@@ -128,8 +128,13 @@ class RankHistory:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain lists (checkpoint-safe)."""
-        return {"layers": list(self.layers), "numels": list(self.numels), "max_ranks": list(self.max_ranks),
-                "steps": list(self.steps), "rows": [list(r) for r in self.rows]}
+        return {
+            "layers": list(self.layers),
+            "numels": list(self.numels),
+            "max_ranks": list(self.max_ranks),
+            "steps": list(self.steps),
+            "rows": [list(r) for r in self.rows],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""

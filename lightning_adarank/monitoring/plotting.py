@@ -42,16 +42,22 @@ def plot_rank_history(history: Any, path: str | Path, title: str | None = None, 
     path.parent.mkdir(parents=True, exist_ok=True)
     mat, steps, layers = history.matrix(), history.steps, history.layers
     n_layers = len(layers)
-    fig = Figure(figsize=(max(6.0, min(16.0, 4 + 0.05 * len(steps))), 3.0 + min(10.0, 0.18 * n_layers)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(max(6.0, min(16.0, 4 + 0.05 * len(steps))), 3.0 + min(10.0, 0.18 * n_layers)), layout="constrained"
+    )
     FigureCanvasAgg(fig)
     ax_map, ax_avg = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [max(2, min(6, n_layers / 6)), 1.5]})
     x0, x1 = steps[0], steps[-1]
     half = (x1 - x0) / (2 * max(1, len(steps) - 1)) if len(steps) > 1 else 0.5
     vmax = max(history.max_ranks) if history.max_ranks else None
     im = ax_map.imshow(
-        [[v if not math.isnan(v) else float("nan") for v in row] for row in mat], aspect="auto",
-        interpolation="nearest", origin="upper", cmap="viridis", vmin=0, vmax=vmax,
+        [[v if not math.isnan(v) else float("nan") for v in row] for row in mat],
+        aspect="auto",
+        interpolation="nearest",
+        origin="upper",
+        cmap="viridis",
+        vmin=0,
+        vmax=vmax,
         extent=(x0 - half, x1 + half, n_layers - 0.5, -0.5),
     )
     every = max(1, math.ceil(n_layers / max_labels))

@@ -57,16 +57,29 @@ class AdamKernels:
                 steps[i] = s.to(want)
         beta1, beta2 = group["betas"]
         _adamw_kernel(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            foreach=not fused, fused=fused or None, amsgrad=False, beta1=beta1, beta2=beta2,
-            lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=False,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=not fused,
+            fused=fused or None,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=group["eps"],
+            maximize=False,
             **({"found_inf": found_inf} if found_inf is not None else {}),
         )
         return steps
 
     # [state_bits] ------------------------------------------------------------------------------------------
-    def _adamw_stored(self, params, grads, states, shapes, group, bits, *, lr, weight_decay, found_inf=None,
-                      rotated=1.0) -> list[Tensor]:
+    def _adamw_stored(
+        self, params, grads, states, shapes, group, bits, *, lr, weight_decay, found_inf=None, rotated=1.0
+    ) -> list[Tensor]:
         """Adam on moments stored at ``bits`` (:mod:`.quant`): fp32 moments in one batched kernel call, as
         before; low-bit ones one parameter at a time (load → Adam → store), so that at most one parameter's
         fp32 moments exist at once.
@@ -78,15 +91,25 @@ class AdamKernels:
         reach the bound, so the clamp acts only where quantization broke ``|m| ≤ C·√v`` (a ``v`` rounded down
         under a sizeable ``m``)."""
         if bits == 32 and all(quant.is_fp32(st["exp_avg"]) for st in states):
-            return self.adam_kernel(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                               [st["step"] for st in states], group, lr=lr, weight_decay=weight_decay, found_inf=found_inf)
+            return self.adam_kernel(
+                params,
+                grads,
+                [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states],
+                [st["step"] for st in states],
+                group,
+                lr=lr,
+                weight_decay=weight_decay,
+                found_inf=found_inf,
+            )
         beta1, beta2 = group["betas"]
         steps = []
         for p, g, st, shape in zip(params, grads, states, shapes):
             m, v = quant.load(st["exp_avg"], shape), quant.load(st["exp_avg_sq"], shape)
             d = torch.zeros_like(p, dtype=torch.float32)
-            steps += self.adam_kernel([d], [g.float()], [m], [v], [st["step"]], group, lr=1.0, weight_decay=0.0,
-                                 found_inf=found_inf)
+            steps += self.adam_kernel(
+                [d], [g.float()], [m], [v], [st["step"]], group, lr=1.0, weight_decay=0.0, found_inf=found_inf
+            )
             bound = (quant.adam_ratio_bound(steps[-1], beta1, beta2) * rotated).to(d.device)
             torch.clamp(d, min=-bound, max=bound, out=d)
             decay = 1.0 - lr * weight_decay
@@ -98,6 +121,7 @@ class AdamKernels:
             st["exp_avg"] = quant.store(st["exp_avg"], m, bits, signed=True, salt=steps[-1])
             st["exp_avg_sq"] = quant.store(st["exp_avg_sq"], v, bits, signed=False, salt=steps[-1])
         return steps
+
     # [/state_bits] -----------------------------------------------------------------------------------------
 
     def update_dense(self, params: list[Tensor], grads: list[Tensor], group: dict, check_finite: bool = False) -> None:
@@ -112,7 +136,9 @@ class AdamKernels:
         if check_finite:
             if fused and all(p.dtype in _FUSED_DTYPES for p in params):
                 dev = params[0].device
-                norms = [n if n.device == dev else n.to(dev) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)]
+                norms = [
+                    n if n.device == dev else n.to(dev) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)
+                ]
                 bad = ~torch.isfinite(torch.stack(norms))
                 found_inf = bad.any().float()
                 self._unread_skips.append(found_inf * len(params))
@@ -127,17 +153,30 @@ class AdamKernels:
         for p, st in zip(params, states):
             if not st:
                 st["step"] = self.step_counter(p, fused)
-                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype, memory_format=torch.preserve_format)
+                st["exp_avg"] = torch.zeros_like(
+                    p,
+                    dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype,
+                    memory_format=torch.preserve_format,
+                )
                 st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
                 if group.get("dense_state_bits", 32) != 32:  # [state_bits] low-bit storage (quant.py)
                     st["exp_avg"] = quant.zeros(tuple(p.shape), group["dense_state_bits"], signed=True, device=p.device)
-                    st["exp_avg_sq"] = quant.zeros(tuple(p.shape), group["dense_state_bits"], signed=False, device=p.device)
+                    st["exp_avg_sq"] = quant.zeros(
+                        tuple(p.shape), group["dense_state_bits"], signed=False, device=p.device
+                    )
         low_prec = [p.dtype in (torch.float16, torch.bfloat16) for p in params]
         work = [p.float() if lp else p for p, lp in zip(params, low_prec)]
         wgrads = [g.float() if lp else g for g, lp in zip(grads, low_prec)]
         steps = self._adamw_stored(  # [state_bits]
-            work, wgrads, states, [p.shape for p in params], group, group.get("dense_state_bits", 32),
-            lr=group["lr"], weight_decay=group["weight_decay"], found_inf=found_inf,
+            work,
+            wgrads,
+            states,
+            [p.shape for p in params],
+            group,
+            group.get("dense_state_bits", 32),
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            found_inf=found_inf,
         )
         for p, w, st, s, lp in zip(params, work, states, steps, low_prec):
             st["step"] = s

@@ -68,8 +68,9 @@ def build_optimizer(
     from galore_torch import GaLoreAdamW  # noqa: PLC0415 - optional peer
 
     groups = param_groups(model, target_modules, include_embeddings)
-    groups[0].update(rank=rank, update_proj_gap=galore_update_proj_gap, scale=0.25 if scale is None else scale,
-                     proj_type="std")
+    groups[0].update(
+        rank=rank, update_proj_gap=galore_update_proj_gap, scale=0.25 if scale is None else scale, proj_type="std"
+    )
     groups[0].pop("low_rank")
     for g in groups[1:]:
         g.pop("low_rank")
@@ -95,8 +96,11 @@ def adarank_overrides(
         return {}
     config = value if isinstance(value, AdaRankGradConfig) else AdaRankGradConfig(**dict(value))
     default = AdaRankGradConfig()
-    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-           if getattr(config, f.name) != getattr(default, f.name)}
+    out = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(default, f.name)
+    }
     for name, argument in (reserved or {}).items():
         if name in out:
             raise ValueError(f"adarank.{name}={out[name]!r}: set it with the module's own argument {argument!r}")
@@ -133,8 +137,13 @@ def apply_lora(
     modules = [m for m in modules if not any(m == s or m.endswith("." + s) or m.startswith(s + ".") for s in save)]
     if not modules:
         raise ValueError(f"apply_lora: target_modules={target_modules!r} matched no nn.Linear outside modules_to_save")
-    config = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout,
-                        target_modules=modules, modules_to_save=save or None)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank if alpha is None else alpha,
+        lora_dropout=dropout,
+        target_modules=modules,
+        modules_to_save=save or None,
+    )
     return get_peft_model(model, config)
 
 

@@ -40,7 +40,12 @@ from . import quant
 from .linalg import projected_shape, projection_side
 
 __all__ = [
-    "FORMAT", "STATE_KEY", "format_tag", "check_state_dict", "migrate_state_dict", "CheckpointFileError",
+    "FORMAT",
+    "STATE_KEY",
+    "format_tag",
+    "check_state_dict",
+    "migrate_state_dict",
+    "CheckpointFileError",
     "verify_checkpoint_file",
 ]
 
@@ -190,8 +195,9 @@ def migrate_state_dict(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, 
     256, ``v`` itself) decoded and re-stored in the current format at the group's ``state_bits`` /
     ``dense_state_bits`` (:mod:`.quant`); the input is not changed. A state with nothing to migrate is returned
     as it is. Raises ``ValueError`` when an old 8-bit tensor cannot be placed (no ``rank`` beside a basis)."""
-    if not any(_old_8bit(v) for st in state_dict.get("state", {}).values() if isinstance(st, dict)
-               for v in st.values()):
+    if not any(
+        _old_8bit(v) for st in state_dict.get("state", {}).values() if isinstance(st, dict) for v in st.values()
+    ):
         return state_dict
     out = {**state_dict, "state": {k: dict(st) for k, st in state_dict["state"].items()}}
     for sg, group in zip(state_dict["param_groups"], optimizer.param_groups):
@@ -206,8 +212,12 @@ def migrate_state_dict(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, 
                 if "rank" not in st:
                     raise ValueError(f"AdaRankGrad state: parameter {sid} has an old 8-bit basis but no rank")
                 r = int(st["rank"])
-                shapes = {"basis": (min(shape), r), "exp_avg": projected_shape(shape, r),
-                          "exp_avg_sq": projected_shape(shape, r), "sketch": (min(shape), st.get("sketch_cols", 0))}
+                shapes = {
+                    "basis": (min(shape), r),
+                    "exp_avg": projected_shape(shape, r),
+                    "exp_avg_sq": projected_shape(shape, r),
+                    "sketch": (min(shape), st.get("sketch_cols", 0)),
+                }
             else:
                 shapes = {"exp_avg": shape, "exp_avg_sq": shape}
             for key, old in list(st.items()):

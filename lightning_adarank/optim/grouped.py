@@ -41,7 +41,16 @@ from torch import Tensor
 from .linalg import add_to_weight_, projection_side, rank_factor, sketch_ema
 from .refresh_test import EMA, STAT_KEYS, captured_share, refresh_statistics, stat_column
 
-__all__ = ["ShapeStore", "oriented_shape", "refresh_test_stores", "refresh_statistics", "captured_share", "STAT_KEYS", "EMA", "STACK_BYTES"]
+__all__ = [
+    "ShapeStore",
+    "oriented_shape",
+    "refresh_test_stores",
+    "refresh_statistics",
+    "captured_share",
+    "STAT_KEYS",
+    "EMA",
+    "STACK_BYTES",
+]
 
 #: default byte budget of one chunk's stacked fp32 gradients (the grouped step's transient memory)
 STACK_BYTES = 64 * 2**20
@@ -128,15 +137,23 @@ def refresh_test_stores(stores: list[ShapeStore], results: list[tuple[Tensor, Te
         stats = stores[ks[0]].stats if one else torch.cat([stores[k].stats for k in ks])
         since = stores[ks[0]].since if one else torch.cat([stores[k].since for k in ks])
         pn2, total2, ok = results[ks[0]] if one else (torch.cat(c) for c in zip(*(results[k] for k in ks)))
-        test = refresh_statistics(stats, since, pn2.sqrt(), captured_share(pn2, total2), torch.ones_like(ok), ok,
-                                  tol=group["tol"], min_gap=group["min_gap"])
+        test = refresh_statistics(
+            stats,
+            since,
+            pn2.sqrt(),
+            captured_share(pn2, total2),
+            torch.ones_like(ok),
+            ok,
+            tol=group["tol"],
+            min_gap=group["min_gap"],
+        )
         at = 0
         for k in ks:
             store, n = stores[k], len(stores[k].params)
             if not one:
-                store.stats.copy_(stats[at:at + n])
-                store.since.copy_(since[at:at + n])
-            store.flag.logical_or_(test[at:at + n] if not one else test)
+                store.stats.copy_(stats[at : at + n])
+                store.since.copy_(since[at : at + n])
+            store.flag.logical_or_(test[at : at + n] if not one else test)
             at += n
 
 
@@ -149,8 +166,15 @@ class ShapeStore:
     ``unread_skips``). After binding, the tensor entries and the statistics are views into the store.
     """
 
-    def __init__(self, params: list[Tensor], states: list[dict], group: dict, *, step_device: torch.device,
-                 stack_bytes: int = STACK_BYTES) -> None:
+    def __init__(
+        self,
+        params: list[Tensor],
+        states: list[dict],
+        group: dict,
+        *,
+        step_device: torch.device,
+        stack_bytes: int = STACK_BYTES,
+    ) -> None:
         order = sorted(range(len(params)), key=lambda i: (int(states[i]["rank"]), i))
         self.params = [params[i] for i in order]
         self.states = [states[i] for i in order]
@@ -173,12 +197,16 @@ class ShapeStore:
         self.exp_avg = _flat([_orient(st["exp_avg"], t) for st, t in zip(self.states, self.flipped)], dev)
         self.exp_avg_sq = _flat([_orient(st["exp_avg_sq"], t) for st, t in zip(self.states, self.flipped)], dev)
         self.basis = _flat([st["basis"] for st in self.states], dev)
-        self.sketch = torch.stack([st["sketch"].to(dev, torch.float32) for st in self.states]) \
-            if self.uses_sketch else None
+        self.sketch = (
+            torch.stack([st["sketch"].to(dev, torch.float32) for st in self.states]) if self.uses_sketch else None
+        )
         self.step_counts = stat_column([st["step"] for st in self.states], step_device)
         self.stats = torch.stack([stat_column([st[k] for st in self.states], dev) for k in STAT_KEYS], dim=1)
-        self.since = torch.tensor([float(st["since_refresh"] - st.get("unread_skips", 0)) for st in self.states],
-                                  dtype=torch.float32, device=dev)
+        self.since = torch.tensor(
+            [float(st["since_refresh"] - st.get("unread_skips", 0)) for st in self.states],
+            dtype=torch.float32,
+            device=dev,
+        )
         self.flag = torch.zeros(n, dtype=torch.bool, device=dev)
         self.skipped = torch.zeros(n, dtype=torch.int32, device=dev)
         self._low = torch.zeros(self.offsets[-1], dtype=torch.float32, device=dev)  # workspace: PᵀG per matrix
@@ -196,7 +224,7 @@ class ShapeStore:
             self.v_state.append(_orient(self.v_views[-1], self.flipped[i]))
             self.low_views.append(self._low[lo:hi].view(r, l))
             self.dir_views.append(self._dir[lo:hi].view(r, l))
-            self.basis_views.append(self.basis[boff:boff + s * r].view(s, r))
+            self.basis_views.append(self.basis[boff : boff + s * r].view(s, r))
             boff += s * r
         self.step_views = list(self.step_counts.unbind(0))
         self.stat_views = [list(row.unbind(0)) for row in self.stats.unbind(0)]
@@ -210,10 +238,17 @@ class ShapeStore:
             while h < n and ranks[h] == r:
                 h += 1
             lo, hi = self.offsets[i], self.offsets[h]
-            self.buckets.append(_Bucket(
-                i, h, r, self.basis[boff:boff + (h - i) * s * r].view(h - i, s, r),
-                self._low[lo:hi].view(h - i, r, l), self._dir[lo:hi].view(h - i, r, l),
-                rank_factor(group["scale_mode"], s, r)))
+            self.buckets.append(
+                _Bucket(
+                    i,
+                    h,
+                    r,
+                    self.basis[boff : boff + (h - i) * s * r].view(h - i, s, r),
+                    self._low[lo:hi].view(h - i, r, l),
+                    self._dir[lo:hi].view(h - i, r, l),
+                    rank_factor(group["scale_mode"], s, r),
+                )
+            )
             boff += (h - i) * s * r
             i = h
         # chunks: consecutive members whose stacked fp32 gradients fit in stack_bytes (at least one)
@@ -234,16 +269,24 @@ class ShapeStore:
 
     def is_bound(self, params: list[Tensor], state: dict, group: dict) -> bool:
         """Whether ``params`` are exactly this store's members and their state entries are still its views."""
-        if len(params) != len(self.ids) or {id(p) for p in params} != set(self.ids) \
-                or self.uses_sketch != (group["subspace_source"] == "moment"):
+        if (
+            len(params) != len(self.ids)
+            or {id(p) for p in params} != set(self.ids)
+            or self.uses_sketch != (group["subspace_source"] == "moment")
+        ):
             return False
         for i, p in enumerate(self.params):
             st = state.get(p)
-            if st is not self.states[i] or st.get("exp_avg") is not self.m_state[i] \
-                    or st.get("exp_avg_sq") is not self.v_state[i] or st.get("basis") is not self.basis_views[i] \
-                    or st.get("step") is not self.step_views[i] or st.get("pending") \
-                    or any(st.get(k) is not v for k, v in zip(STAT_KEYS, self.stat_views[i])) \
-                    or (self.uses_sketch and st.get("sketch") is not self.sketch_views[i]):
+            if (
+                st is not self.states[i]
+                or st.get("exp_avg") is not self.m_state[i]
+                or st.get("exp_avg_sq") is not self.v_state[i]
+                or st.get("basis") is not self.basis_views[i]
+                or st.get("step") is not self.step_views[i]
+                or st.get("pending")
+                or any(st.get(k) is not v for k, v in zip(STAT_KEYS, self.stat_views[i]))
+                or (self.uses_sketch and st.get("sketch") is not self.sketch_views[i])
+            ):
                 return False
         return True
 
@@ -257,14 +300,37 @@ class ShapeStore:
             pc = b.piece(lo, hi)
             if pc is not None:
                 a, z = pc
-                pieces.append(_Piece(b.lo + a - lo, b.lo + z - lo, b.bases[a:z], b.bases[a:z].mT, b.low[a:z],
-                                     b.direction[a:z], b.scale))
+                pieces.append(
+                    _Piece(
+                        b.lo + a - lo,
+                        b.lo + z - lo,
+                        b.bases[a:z],
+                        b.bases[a:z].mT,
+                        b.low[a:z],
+                        b.direction[a:z],
+                        b.scale,
+                    )
+                )
         return _Chunk(
-            lo, hi, pieces, [_orient(p, t) for p, t in zip(self.params[lo:hi], self.flipped[lo:hi])], self.ids[lo:hi],
-            self.flipped[lo:hi], self._chunk_sizes[c], self.exp_avg[m0:m1],
-            self.exp_avg_sq[m0:m1], self._dir[m0:m1], self.step_counts[lo:hi], self.skipped[lo:hi],
-            self.sketch[lo:hi] if self.uses_sketch else None, self.dir_views[lo:hi], self.low_views[lo:hi],
-            self.m_views[lo:hi], self.v_views[lo:hi], self.step_views[lo:hi])
+            lo,
+            hi,
+            pieces,
+            [_orient(p, t) for p, t in zip(self.params[lo:hi], self.flipped[lo:hi])],
+            self.ids[lo:hi],
+            self.flipped[lo:hi],
+            self._chunk_sizes[c],
+            self.exp_avg[m0:m1],
+            self.exp_avg_sq[m0:m1],
+            self._dir[m0:m1],
+            self.step_counts[lo:hi],
+            self.skipped[lo:hi],
+            self.sketch[lo:hi] if self.uses_sketch else None,
+            self.dir_views[lo:hi],
+            self.low_views[lo:hi],
+            self.m_views[lo:hi],
+            self.v_views[lo:hi],
+            self.step_views[lo:hi],
+        )
 
     @torch.no_grad()
     def step(
@@ -292,9 +358,15 @@ class ShapeStore:
             return parts[0]
         return tuple(torch.cat(col) for col in zip(*parts))  # type: ignore[return-value]
 
-    def _step_chunk(self, ch: _Chunk, grads: dict[int, Tensor], group: dict,
-                    adamw: Callable[..., list[Tensor]], test_matrix: Callable | None,
-                    sketch_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _step_chunk(
+        self,
+        ch: _Chunk,
+        grads: dict[int, Tensor],
+        group: dict,
+        adamw: Callable[..., list[Tensor]],
+        test_matrix: Callable | None,
+        sketch_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Members ``ch.lo:ch.hi``: stack (or view) their gradients, project, sketch, Adam, update; the stack is
         freed on return. Returns the refresh test's ``‖PᵀY‖²`` (or ``‖PᵀG‖²``), ``‖Y‖²`` (or ``‖G‖²``) and the
         finite mask."""
@@ -310,7 +382,7 @@ class ShapeStore:
             g = g if g.dtype == torch.float32 else g.float()
         low2, pn2 = [], []
         for pc in ch.pieces:  # R = PᵀG (or G P)
-            torch.bmm(pc.bases_t, g[pc.glo:pc.ghi] if len(ch.pieces) > 1 else g, out=pc.low)
+            torch.bmm(pc.bases_t, g[pc.glo : pc.ghi] if len(ch.pieces) > 1 else g, out=pc.low)
             low2.append(pc.low.square().sum(dim=(1, 2)))
         low2 = torch.cat(low2) if len(low2) > 1 else low2[0]
         if self.uses_sketch:  # Y ← β1·Y + (1−β1)·A Ω (A = G or Gᵀ); a non-finite update leaves Y as it was
@@ -320,10 +392,10 @@ class ShapeStore:
             new = sketch_ema(y, fresh, beta1)
             keep = torch.isfinite(new).all(dim=(1, 2))
             if sketch_mask is not None:
-                keep &= sketch_mask[ch.lo:ch.hi]
+                keep &= sketch_mask[ch.lo : ch.hi]
             torch.where(keep[:, None, None], new, y, out=y)
             for pc in ch.pieces:  # the refresh test reads the sketch: ‖PᵀY‖ and ‖Y‖
-                yb = y[pc.glo:pc.ghi] if len(ch.pieces) > 1 else y
+                yb = y[pc.glo : pc.ghi] if len(ch.pieces) > 1 else y
                 pn2.append(torch.bmm(pc.bases_t, yb).square().sum(dim=(1, 2)))
             pn2, total2 = torch.cat(pn2) if len(pn2) > 1 else pn2[0], y.square().sum(dim=(1, 2))
             ok = torch.isfinite(low2)
@@ -333,8 +405,9 @@ class ShapeStore:
         # Adam on the projected gradients; a matrix with a non-finite gradient gets its state back afterwards
         m_old, v_old = ch.exp_avg.clone(), ch.exp_avg_sq.clone()
         ch.direction.zero_()
-        steps = adamw(ch.dir_views, ch.low_views, ch.m_views, ch.v_views, ch.step_views, group, lr=1.0,
-                      weight_decay=0.0)
+        steps = adamw(
+            ch.dir_views, ch.low_views, ch.m_views, ch.v_views, ch.step_views, group, lr=1.0, weight_decay=0.0
+        )
         if any(s is not v for s, v in zip(steps, ch.step_views)):
             raise RuntimeError("AdaRankGrad: step counters moved device inside the Adam kernel")
         bad = ~ok
@@ -352,7 +425,7 @@ class ShapeStore:
             ch.params[0].addmm_(pc.bases[0], pc.direction[0], alpha=alpha * pc.scale)
             return pn2, total2, ok
         for pc in ch.pieces:  # the update, written into the chunk's own stack (G is no longer needed)
-            out = g[pc.glo:pc.ghi] if len(ch.pieces) > 1 else g
+            out = g[pc.glo : pc.ghi] if len(ch.pieces) > 1 else g
             torch.baddbmm(out, pc.bases, pc.direction, beta=0.0, alpha=alpha * pc.scale, out=out)
         if self.dtype == torch.float32:
             torch._foreach_add_(ch.params, list(g.unbind(0)))

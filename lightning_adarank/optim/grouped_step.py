@@ -66,9 +66,14 @@ class GroupedStep:
             for i in pending:
                 st = self.state[params[i]]
                 noises.append(self._update_sketch(params[i], grads[i].float(), group, st, True) if moment else None)
-            done = refresh_batched([params[i] for i in pending], [grads[i] for i in pending],
-                                   [self.state[params[i]] for i in pending], group,
-                                   lambda p, refresh: subspace_seed(self.seed, self._index[id(p)], refresh), noises)
+            done = refresh_batched(
+                [params[i] for i in pending],
+                [grads[i] for i in pending],
+                [self.state[params[i]] for i in pending],
+                group,
+                lambda p, refresh: subspace_seed(self.seed, self._index[id(p)], refresh),
+                noises,
+            )
             bad = {i for i, ok in zip(pending, done) if not ok}
             skipped += len(bad)
             low = [i for i in low if i not in bad]
@@ -85,8 +90,9 @@ class GroupedStep:
             mask = None
             if moment and refreshed & set(store.ids):  # their sketches took this gradient already (a refresh step)
                 mask = torch.tensor([id(p) not in refreshed for p in store.params], device=store.device)
-            results.append(store.step({id(params[i]): grads[i] for i in idx}, group, self.adam_kernel, self.test_matrix,
-                                      mask))
+            results.append(
+                store.step({id(params[i]): grads[i] for i in idx}, group, self.adam_kernel, self.test_matrix, mask)
+            )
             stepped.append(store)
             for st in store.states:  # host rule: never staler than max_gap (no read needed)
                 if st["since_refresh"] >= group["max_gap"]:
@@ -114,8 +120,7 @@ class GroupedStep:
             self._park([store])
         device = key[0]
         step_device = device if self.uses_fused(device) else torch.device("cpu")
-        store = self._stores[full] = ShapeStore(params, [self.state[p] for p in params], group,
-                                                step_device=step_device)
+        store = self._stores[full] = ShapeStore(params, [self.state[p] for p in params], group, step_device=step_device)
         return store
 
     def _check_every(self, device: torch.device) -> int:
@@ -138,7 +143,7 @@ class GroupedStep:
         at = 0
         for s in stores:
             n = 2 * len(s.params)
-            s.park(values[at:at + n])
+            s.park(values[at : at + n])
             at += n
         return int(sum(values[at:]))
 
@@ -165,5 +170,6 @@ class GroupedStep:
 
     @staticmethod
     def _warn_skipped(n: int) -> None:
-        warnings.warn(f"AdaRankGrad: skipped the step of {n} parameter(s) with non-finite gradients",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"AdaRankGrad: skipped the step of {n} parameter(s) with non-finite gradients", RuntimeWarning, stacklevel=4
+        )

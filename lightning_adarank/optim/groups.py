@@ -75,8 +75,11 @@ def output_layers(model: nn.Module) -> set[int]:
 
 
 def target_parameter_names(
-    model: nn.Module, target_modules: str | Sequence[str] = "all-linear", include_embeddings: bool = False,
-    *, only_trainable: bool = True,
+    model: nn.Module,
+    target_modules: str | Sequence[str] = "all-linear",
+    include_embeddings: bool = False,
+    *,
+    only_trainable: bool = True,
 ) -> list[str]:
     """Names of the weight matrices selected by ``target_modules`` (the rule is in :func:`param_groups`).
 
@@ -113,14 +116,22 @@ def explain_no_match(model: nn.Module, target_modules: str | Sequence[str], incl
     layers (a convolution, ...), and what does qualify."""
     named = []
     if target_modules != "all-linear" and isinstance(target_modules, (str, list, tuple)):
-        named = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-                 if n and _matches(n, target_modules) and not _is_linear(m) and not isinstance(m, nn.Embedding)
-                 and isinstance(getattr(m, "weight", None), Tensor)]
+        named = [
+            f"{n} ({type(m).__name__})"
+            for n, m in model.named_modules()
+            if n
+            and _matches(n, target_modules)
+            and not _is_linear(m)
+            and not isinstance(m, nn.Embedding)
+            and isinstance(getattr(m, "weight", None), Tensor)
+        ]
     what = f"only {LINEAR_KINDS} weights{', and nn.Embedding tables,' if include_embeddings else ''} are projected"
     if named:
         more = "; ..." if len(named) > 6 else ""
-        return (f"it names {', '.join(named[:6])}{more}, but {what} (a convolution's 3-D/4-D kernel gets dense AdamW;"
-                " name the model's nn.Linear modules instead)")
+        return (
+            f"it names {', '.join(named[:6])}{more}, but {what} (a convolution's 3-D/4-D kernel gets dense AdamW;"
+            " name the model's nn.Linear modules instead)"
+        )
     if target_modules == "all-linear":
         return f"{what}, and {type(model).__name__} has no trainable one outside its output layer"
     return f"{what}; check the module names (model.named_modules())"

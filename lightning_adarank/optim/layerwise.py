@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -142,8 +143,9 @@ class LayerwiseUpdater:
                 self._step(p)
             if self._bad:
                 warnings.warn(
-                    f"LayerwiseUpdater: skipped the step of {len(self._bad)} parameter(s) with non-finite "
-                    "gradients", RuntimeWarning, stacklevel=2,
+                    f"LayerwiseUpdater: skipped the step of {len(self._bad)} parameter(s) with non-finite gradients",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
             self._bad.clear()
             self._micro = 0
@@ -203,8 +205,9 @@ class LayerwiseUpdater:
             # a pending refresh uses this, the window's first; later micro-batches add to the moment sketch.
             # One micro-batch of several is not a step's gradient: its deviation from the sketch's average
             # would overstate the noise floor (``noise_floor`` setting), so windows of several go without it.
-            low = opt.project_grad(p, grad, group, gsq, new_step=p not in self._acc,
-                                   measure_noise=self.accumulate_grad_batches == 1)
+            low = opt.project_grad(
+                p, grad, group, gsq, new_step=p not in self._acc, measure_noise=self.accumulate_grad_batches == 1
+            )
             pn2 = float(torch.linalg.vector_norm(low)) ** 2
             share = float(captured_share(pn2, gsq))
             if p in self._acc:

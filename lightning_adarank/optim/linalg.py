@@ -210,7 +210,12 @@ def sketch_basis(
 
 
 def sketch_rank(
-    singular_values: Tensor, rows: int, *, energy: float, min_rank: int, max_rank: int,
+    singular_values: Tensor,
+    rows: int,
+    *,
+    energy: float,
+    min_rank: int,
+    max_rank: int,
     noise: Tensor | float | None = None,
 ) -> tuple[int, float]:
     """:func:`sketch_basis`'s rank and kept share from the singular values of a ``rows × k`` sketch (shared with

@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+
 from . import quant
 from .adam_kernels import AdamKernels
-from .config import AdaRankGradConfig
 from .checkpoint import STATE_KEY, check_state_dict, format_tag, migrate_state_dict
+from .config import AdaRankGradConfig
 from .grouped_step import GroupedStep
 from .groups import check_low_rank_shapes
 from .projected import ProjectedStep
@@ -79,7 +80,6 @@ def _sharded(name: str) -> Callable:
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
-
 
 
 def _sketch_numel(st: dict, p: Tensor) -> int:
@@ -211,8 +211,12 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
             st = self.state.get(p)
             if st and "basis" in st:
                 out[name] = SubspaceInfo(
-                    name=name, shape=tuple(p.shape), rank=int(st["rank"]), max_rank=int(group["max_rank"]),
-                    refreshes=int(st["refreshes"]), energy_kept=float(st["energy_kept"]),
+                    name=name,
+                    shape=tuple(p.shape),
+                    rank=int(st["rank"]),
+                    max_rank=int(group["max_rank"]),
+                    refreshes=int(st["refreshes"]),
+                    energy_kept=float(st["energy_kept"]),
                     sketch_numel=_sketch_numel(st, p),
                 )
         return out
@@ -328,15 +332,18 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         tensors = lowrank + [grads[i] for i in dense] + [grads[i] for i in share_idx]
         norms = self._norms(tensors) if tensors else []
         proj_norms = norms[: len(low)]
-        dense_norms = norms[len(low): len(low) + len(dense)]
-        grad_norms.update(zip(share_idx, norms[len(low) + len(dense):]))
+        dense_norms = norms[len(low) : len(low) + len(dense)]
+        grad_norms.update(zip(share_idx, norms[len(low) + len(dense) :]))
         ok_dense = [i for i, n in zip(dense, dense_norms) if math.isfinite(n)]
-        ok_low = [k for k, i in enumerate(low) if math.isfinite(proj_norms[k]) and math.isfinite(grad_norms.get(i, 0.0))]
+        ok_low = [
+            k for k, i in enumerate(low) if math.isfinite(proj_norms[k]) and math.isfinite(grad_norms.get(i, 0.0))
+        ]
         skipped += len(dense) - len(ok_dense) + len(low) - len(ok_low)
         if skipped:
             warnings.warn(
                 f"AdaRankGrad: skipped the step of {skipped} parameter(s) with non-finite gradients",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning,
+                stacklevel=3,
             )
         if ok_dense:
             self.update_dense([params[i] for i in ok_dense], [grads[i] for i in ok_dense], group)
@@ -349,8 +356,13 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
             for k in ok_low:
                 gn = grad_norms.get(low[k])
                 shares.append(None if gn is None else float(captured_share(proj_norms[k] ** 2, gn**2)))
-            self.update_projected([params[low[k]] for k in ok_low], [lowrank[k] for k in ok_low], group,
-                                  proj_norms=[proj_norms[k] for k in ok_low], shares=shares)
+            self.update_projected(
+                [params[low[k]] for k in ok_low],
+                [lowrank[k] for k in ok_low],
+                group,
+                proj_norms=[proj_norms[k] for k in ok_low],
+                shares=shares,
+            )
 
     def share_due(self, p: Tensor) -> bool:
         """Whether this step of ``p`` needs the batch's captured share ``‖PᵀG‖²/‖G‖²`` (a pass over ``G``).
@@ -403,6 +415,8 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
             for k, v in saved.items():
                 if isinstance(v, Tensor):
                     st[k] = v.to(device=p.device if k != "step" or v.device.type != "cpu" else "cpu", copy=True)
-        if any("basis" in st and "rank" in st and st["basis"].dim() == 2 and st["basis"].shape[1] != int(st["rank"])
-               for st in self.state.values()):
+        if any(
+            "basis" in st and "rank" in st and st["basis"].dim() == 2 and st["basis"].shape[1] != int(st["rank"])
+            for st in self.state.values()
+        ):
             _sharded("unpad")(self)  # a state saved padded to max_rank (FSDP2 parameters; see distributed.checkpoint)

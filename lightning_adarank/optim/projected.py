@@ -12,21 +12,20 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .refresh import install_subspace
-from .refresh_test import captured_share, run_refresh_tests
 from .linalg import (
     apply_update_,
     low_rank_basis,
-    moment_transform,
     project,
     projection_side,
+    rank_factor,
     sketch_basis,
     sketch_ema,
     sketch_noise,
     sketch_side,
     subspace_seed,
-    rank_factor,
 )
+from .refresh import install_subspace
+from .refresh_test import captured_share, run_refresh_tests
 
 __all__ = ["ProjectedStep"]
 
@@ -35,8 +34,15 @@ class ProjectedStep:
     """Mixin: projection, sketch, refresh and projected update of one group's matrices (per-matrix path)."""
 
     def project_grad(
-        self, p: Tensor, grad: Tensor, group: dict, grad_sq_norm: float | None = None, *, new_step: bool = True,
-        sketch: bool = True, measure_noise: bool = True,
+        self,
+        p: Tensor,
+        grad: Tensor,
+        group: dict,
+        grad_sq_norm: float | None = None,
+        *,
+        new_step: bool = True,
+        sketch: bool = True,
+        measure_noise: bool = True,
     ) -> Tensor | None:
         """Refresh ``p``'s subspace if one is pending (from this gradient), then return the projected gradient.
 
@@ -147,15 +153,26 @@ class ProjectedStep:
         """
         side = projection_side(p.shape)
         if group["subspace_source"] == "moment":
-            basis, kept = sketch_basis(self._sketch(st, p), energy=group["energy"], min_rank=group["min_rank"],
-                                       max_rank=group["max_rank"], noise=noise)
+            basis, kept = sketch_basis(
+                self._sketch(st, p),
+                energy=group["energy"],
+                min_rank=group["min_rank"],
+                max_rank=group["max_rank"],
+                noise=noise,
+            )
             low = project(g, basis, side)
         else:
             gen = torch.Generator(device=g.device)
             gen.manual_seed(subspace_seed(self.seed, self._index[id(p)], st["refreshes"]))
             basis, kept, low = low_rank_basis(
-                g, side, energy=group["energy"], min_rank=group["min_rank"], max_rank=group["max_rank"],
-                oversample=group["oversample"], power_iters=group["power_iters"], generator=gen,
+                g,
+                side,
+                energy=group["energy"],
+                min_rank=group["min_rank"],
+                max_rank=group["max_rank"],
+                oversample=group["oversample"],
+                power_iters=group["power_iters"],
+                generator=gen,
                 total_energy=grad_sq_norm,
             )
         install_subspace(st, p, basis, kept, group["transform_moments"], group.get("state_bits", 32))
@@ -178,8 +195,15 @@ class ProjectedStep:
         states = [self.state[p] for p in params]
         directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
         steps = self._adamw_stored(  # [state_bits]
-            directions, lowrank, states, [d.shape for d in directions], group, group.get("state_bits", 32),
-            lr=1.0, weight_decay=0.0, rotated=math.sqrt(group["max_rank"]) if group["transform_moments"] else 1.0,
+            directions,
+            lowrank,
+            states,
+            [d.shape for d in directions],
+            group,
+            group.get("state_bits", 32),
+            lr=1.0,
+            weight_decay=0.0,
+            rotated=math.sqrt(group["max_rank"]) if group["transform_moments"] else 1.0,
         )
         lr, wd = group["lr"], group["weight_decay"]
         decay = 1.0 - lr * wd

@@ -52,8 +52,20 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BLOCK_SIZE", "MIN_QUANT_NUMEL", "NARROW_BLOCK", "STATE_BITS", "adam_ratio_bound", "allow_weights_only_loading",
-    "fits", "is_fp32", "load", "state_nbytes", "store", "store_basis", "weights_only_globals", "zeros",
+    "BLOCK_SIZE",
+    "MIN_QUANT_NUMEL",
+    "NARROW_BLOCK",
+    "STATE_BITS",
+    "adam_ratio_bound",
+    "allow_weights_only_loading",
+    "fits",
+    "is_fp32",
+    "load",
+    "state_nbytes",
+    "store",
+    "store_basis",
+    "weights_only_globals",
+    "zeros",
 ]
 
 STATE_BITS = (32, 16, 8)
@@ -135,7 +147,9 @@ def _kind_of(buf: Tensor) -> int:
     return h[3]
 
 
-def zeros(shape: tuple[int, ...], bits: int, *, signed: bool, device: torch.device | str, linear: bool = False) -> Tensor:
+def zeros(
+    shape: tuple[int, ...], bits: int, *, signed: bool, device: torch.device | str, linear: bool = False
+) -> Tensor:
     """Storage for a fresh (all-zero) moment of ``shape`` at ``bits``; ``signed=False`` for ``v``; ``linear``: the
     linear code map (the basis) instead of the dynamic tree."""
     numel = math.prod(shape)
@@ -164,8 +178,10 @@ def fits(stored: object, shape: tuple[int, ...]) -> bool:
         kind = _kind_of(stored)
     except ValueError:
         return False
-    return stored[:HEADER_BYTES].tolist() == _header_bytes(tuple(shape), kind) \
+    return (
+        stored[:HEADER_BYTES].tolist() == _header_bytes(tuple(shape), kind)
         and stored.numel() == _nbytes(tuple(shape), kind)[1]
+    )
 
 
 def load(stored: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
@@ -182,12 +198,12 @@ def load(stored: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     if stored.numel() != total or stored[:HEADER_BYTES].tolist() != _header_bytes(shape, kind):
         raise ValueError(f"8-bit state of {stored.numel()} bytes does not hold a tensor of shape {shape} ({total})")
     width = 1 if exp_scale else 4
-    raw = stored[HEADER_BYTES:HEADER_BYTES + width * nscale]
+    raw = stored[HEADER_BYTES : HEADER_BYTES + width * nscale]
     if exp_scale:  # one byte per row: the scale 2^(byte − 127)
         scale = torch.ldexp(torch.ones(rows, 1, device=stored.device), raw.view(rows, 1).long() - 127)
     else:
         scale = raw.view(torch.float32).view(rows, -1).repeat_interleave(block, 1)[:, :cols]
-    codes = stored[HEADER_BYTES + width * nscale:].view(rows, cols)
+    codes = stored[HEADER_BYTES + width * nscale :].view(rows, cols)
     out = _qmap(stored.device, kind)[codes.long()] * scale
     if kind == SQRT:
         out.square_()
@@ -215,9 +231,9 @@ def _encode(value: Tensor, kind: int, out: Tensor | None = None) -> Tensor:
         out = torch.empty(total, dtype=torch.uint8, device=value.device)
     out[:HEADER_BYTES] = torch.tensor(_header_bytes(shape, kind), dtype=torch.uint8)
     width = 1 if exp_scale else 4
-    scales = out[HEADER_BYTES:HEADER_BYTES + width * nscale]
+    scales = out[HEADER_BYTES : HEADER_BYTES + width * nscale]
     (scales.copy_(expo.reshape(-1)) if exp_scale else scales.view(torch.float32).copy_(scale.reshape(-1)))
-    out[HEADER_BYTES + width * nscale:].view(rows, cols).copy_(codes)
+    out[HEADER_BYTES + width * nscale :].view(rows, cols).copy_(codes)
     return out
 
 

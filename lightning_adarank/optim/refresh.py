@@ -18,18 +18,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .grouped import STACK_BYTES
-from .refresh_test import mark_refreshed
 from . import quant
+from .grouped import STACK_BYTES
 from .linalg import (
     moment_transform,
-    projected_shape,
     oriented_batched,
+    projected_shape,
     projection_side,
     range_finder_batched,
     select_ranks_batched,
     signal_spectrum,
 )
+from .refresh_test import mark_refreshed
 
 __all__ = ["refresh_batched", "install_subspace"]
 
@@ -49,8 +49,13 @@ def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_
         st["exp_avg_sq"] = quant.zeros(projected_shape(p.shape, r), bits, signed=False, device=p.device)
     elif transform_moments:
         old_shape = projected_shape(p.shape, r_old)
-        m, v = moment_transform(quant.load(st["basis"], (s, r_old)), basis, quant.load(st["exp_avg"], old_shape),
-                                quant.load(st["exp_avg_sq"], old_shape), side)
+        m, v = moment_transform(
+            quant.load(st["basis"], (s, r_old)),
+            basis,
+            quant.load(st["exp_avg"], old_shape),
+            quant.load(st["exp_avg_sq"], old_shape),
+            side,
+        )
         st["exp_avg"] = quant.store(None, m, bits, signed=True, salt=st.get("step"))
         st["exp_avg_sq"] = quant.store(None, v, bits, signed=False, salt=st.get("step"))
     st["basis"] = quant.store_basis(basis, bits)
@@ -59,8 +64,14 @@ def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_
 
 @torch.no_grad()
 def refresh_batched(
-    params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, seed_of: Callable[[Tensor, int], int],
-    noises: list[Tensor | None] | None = None, *, stack_bytes: int = STACK_BYTES,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict],
+    group: dict,
+    seed_of: Callable[[Tensor, int], int],
+    noises: list[Tensor | None] | None = None,
+    *,
+    stack_bytes: int = STACK_BYTES,
 ) -> list[bool]:
     """Refresh the subspace of every ``params[i]`` from ``grads[i]`` (or from its moment sketch, already updated
     with this gradient); ``False`` where the gradient is not finite (that matrix's state is left untouched).
@@ -79,7 +90,7 @@ def refresh_batched(
     chunks = []  # at most stack_bytes of stacked fp32 gradients at once (at least one matrix)
     for (shape, dtype, device), idx in keys.items():
         per = max(1, stack_bytes // (4 * shape[0] * shape[1]))
-        chunks += [((shape, dtype, device), idx[lo:lo + per]) for lo in range(0, len(idx), per)]
+        chunks += [((shape, dtype, device), idx[lo : lo + per]) for lo in range(0, len(idx), per)]
     for (shape, _, device), idx in chunks:
         side = projection_side(shape)
         if moment:  # ‖G‖² only (the non-finite check): no stack of the gradients
@@ -120,7 +131,12 @@ def refresh_batched(
             r, tot, kept, g2 = int(host[b]), host[n + b], host[2 * n + b], host[3 * n + b]
             if not (g2 == g2 and abs(g2) != float("inf")):  # non-finite gradient: skip this matrix
                 continue
-            install_subspace(states[i], params[i], u[b, :, :r].contiguous(), kept / tot if tot > 0 else 1.0,
-                             group["transform_moments"])
+            install_subspace(
+                states[i],
+                params[i],
+                u[b, :, :r].contiguous(),
+                kept / tot if tot > 0 else 1.0,
+                group["transform_moments"],
+            )
             done[i] = True
     return done

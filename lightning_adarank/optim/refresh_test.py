@@ -9,8 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["EMA", "STAT_KEYS", "refresh_statistics", "captured_share", "reset_statistics", "mark_refreshed",
-           "run_refresh_tests", "stat_column"]
+__all__ = [
+    "EMA",
+    "STAT_KEYS",
+    "refresh_statistics",
+    "captured_share",
+    "reset_statistics",
+    "mark_refreshed",
+    "run_refresh_tests",
+    "stat_column",
+]
 
 EMA = 0.9  # smoothing of ‖PᵀG‖ and of the share in the refresh test (about ten steps of memory)
 #: the refresh-test statistics of a matrix (calibration sums and counts, moving averages), in the column order
@@ -39,11 +47,17 @@ def refresh_statistics(
     sh_act, sh_cal = active & due, incal & due
     new_ema_n = torch.where(ema_n < 0, pn, ema_n * EMA + pn * (1 - EMA))
     new_ema_s = torch.where(ema_s < 0, share, ema_s * EMA + share * (1 - EMA))
-    new = torch.stack((
-        ref_n + torch.where(incal, pn, 0.0), ref_c + incal.float(),
-        ref_s + torch.where(sh_cal, share, 0.0), ref_sc + sh_cal.float(),
-        torch.where(active, new_ema_n, ema_n), torch.where(sh_act, new_ema_s, ema_s),
-    ), dim=1)
+    new = torch.stack(
+        (
+            ref_n + torch.where(incal, pn, 0.0),
+            ref_c + incal.float(),
+            ref_s + torch.where(sh_cal, share, 0.0),
+            ref_sc + sh_cal.float(),
+            torch.where(active, new_ema_n, ema_n),
+            torch.where(sh_act, new_ema_s, ema_s),
+        ),
+        dim=1,
+    )
     stats.copy_(new)
     since.add_(ok.to(since.dtype))
     ref_n, ref_c, ref_s, ref_sc, ema_n, ema_s = stats.unbind(1)
@@ -87,8 +101,7 @@ def stat_column(values: list, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def run_refresh_tests(states: list[dict], group: dict, proj_norms: list[float],
-                      shares: list[float | None]) -> None:
+def run_refresh_tests(states: list[dict], group: dict, proj_norms: list[float], shares: list[float | None]) -> None:
     """:func:`refresh_statistics` for matrices stepped one by one (host norms): updates each state's statistics,
     advances ``since_refresh`` and sets ``pending`` where the test fired or ``max_gap`` is reached.
 
@@ -103,10 +116,14 @@ def run_refresh_tests(states: list[dict], group: dict, proj_norms: list[float],
     stats = torch.stack([stat_column([st[k] for st in states], device) for k in STAT_KEYS], dim=1)
     since = torch.tensor([float(st["since_refresh"]) for st in states], device=device)
     due = torch.tensor([s is not None for s in shares], device=device)
-    values = torch.tensor([[float(pn), 0.0 if sh is None else float(sh)] for pn, sh in zip(proj_norms, shares)],
-                          dtype=torch.float32, device=device)
-    fired = refresh_statistics(stats, since, values[:, 0], values[:, 1], due, torch.ones_like(due),
-                               tol=group["tol"], min_gap=group["min_gap"])
+    values = torch.tensor(
+        [[float(pn), 0.0 if sh is None else float(sh)] for pn, sh in zip(proj_norms, shares)],
+        dtype=torch.float32,
+        device=device,
+    )
+    fired = refresh_statistics(
+        stats, since, values[:, 0], values[:, 1], due, torch.ones_like(due), tol=group["tol"], min_gap=group["min_gap"]
+    )
     columns = [col.unbind(0) for col in stats.unbind(1)]
     for j, (st, test) in enumerate(zip(states, fired.tolist())):
         for k, col in zip(STAT_KEYS, columns):

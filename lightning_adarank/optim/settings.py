@@ -27,7 +27,7 @@ def normalize_params(params: Any) -> list[dict]:
         raise ValueError("AdaRankGrad got an empty parameter list")
     groups = items if isinstance(items[0], dict) else [{"params": items}]
     out = []
-    for gi, group in enumerate(groups):
+    for group in groups:
         group = dict(group)
         ps = group["params"]
         ps = [ps] if isinstance(ps, Tensor) else list(ps)
@@ -46,6 +46,8 @@ def validate_group(group: dict) -> None:
         if not isinstance(p, Tensor):
             raise TypeError(f"AdaRankGrad: params must be tensors, got {type(p).__name__}")
         if p.is_complex():
-            raise TypeError("AdaRankGrad does not support complex parameters (view them as real with torch.view_as_real)")
+            raise TypeError(
+                "AdaRankGrad does not support complex parameters (view them as real with torch.view_as_real)"
+            )
         if not p.is_floating_point():
             raise TypeError(f"AdaRankGrad: parameter of dtype {p.dtype} is not floating point")

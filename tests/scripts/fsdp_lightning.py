@@ -20,14 +20,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
-import torch  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
 from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradModelParallelStrategy, param_groups  # noqa: E402
 from scripts.fsdp_model import SETTINGS, TinyLM, batches, shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from lightning_adarank import AdaRankGrad, AdaRankGradCallback, AdaRankGradModelParallelStrategy, param_groups  # noqa: E402
 
 ADARANK = {k: v for k, v in SETTINGS.items() if k not in ("lr", "weight_decay")}
 
@@ -44,7 +44,7 @@ class LM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         tokens = self.data[self.global_step]
         per = tokens.shape[0] // self.trainer.world_size
-        return self.net.loss(tokens[self.global_rank * per: (self.global_rank + 1) * per])
+        return self.net.loss(tokens[self.global_rank * per : (self.global_rank + 1) * per])
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(torch.arange(len(self.data)), batch_size=1)
@@ -54,7 +54,9 @@ class LM(L.LightningModule):
 
 
 def full_params(module):
-    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in module.named_parameters()}
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in module.named_parameters()
+    }
 
 
 def fit(mode, steps, total, ckpt=None, save=None, distributed=True):
@@ -64,9 +66,18 @@ def fit(mode, steps, total, ckpt=None, save=None, distributed=True):
         strategy, callbacks = ModelParallelStrategy(**kw), [AdaRankGradCallback(include_embeddings=True, **ADARANK)]
     else:
         strategy, callbacks = AdaRankGradModelParallelStrategy(include_embeddings=True, **kw, **ADARANK), []
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, callbacks=callbacks, max_steps=steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        callbacks=callbacks,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, ckpt_path=ckpt)
     if save:
         trainer.save_checkpoint(save)
@@ -76,9 +87,12 @@ def fit(mode, steps, total, ckpt=None, save=None, distributed=True):
 
 
 def fabric_run(steps, total, out, load=None, save=None, distributed=True):
-    strategy = FabricModelParallel(parallelize_fn=lambda m, mesh: shard(m, mesh["data_parallel"]),
-                                   data_parallel_size=2, tensor_parallel_size=1,
-                                   save_distributed_checkpoint=distributed)
+    strategy = FabricModelParallel(
+        parallelize_fn=lambda m, mesh: shard(m, mesh["data_parallel"]),
+        data_parallel_size=2,
+        tensor_parallel_size=1,
+        save_distributed_checkpoint=distributed,
+    )
     fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
     fabric.launch()
     model = fabric.setup(TinyLM())
@@ -90,7 +104,7 @@ def fabric_run(steps, total, out, load=None, save=None, distributed=True):
     while state["step"] < steps:
         tokens = data[state["step"]]
         per = tokens.shape[0] // fabric.world_size
-        fabric.backward(model.loss(tokens[fabric.global_rank * per: (fabric.global_rank + 1) * per]))
+        fabric.backward(model.loss(tokens[fabric.global_rank * per : (fabric.global_rank + 1) * per]))
         opt.step()
         opt.zero_grad()
         state["step"] += 1
@@ -109,7 +123,11 @@ def main() -> None:
     torch.set_num_threads(1)
     n, k, out = args.steps, args.resume_at, args.out
     result: dict = {}
-    run = (lambda *a, **kw: fabric_run(*a, out, **kw)) if args.mode == "fabric" else (lambda *a, **kw: fit(args.mode, *a, **kw))
+    run = (
+        (lambda *a, **kw: fabric_run(*a, out, **kw))
+        if args.mode == "fabric"
+        else (lambda *a, **kw: fit(args.mode, *a, **kw))
+    )
     result["params"], result["ranks"], rank = run(n, n)
     for distributed in (True, False):
         path = os.path.join(out, f"ckpt_{'dcp' if distributed else 'full'}" + ("" if distributed else ".ckpt"))

@@ -32,16 +32,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
+from scripts.fsdp_model import RAW_SETTINGS as SETTINGS  # noqa: E402
+from scripts.fsdp_model import TinyLM, batches, shard
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from lightning_adarank import AdaRankGrad, LayerwiseUpdater, param_groups  # noqa: E402
 from lightning_adarank.distributed import sharded_left_singular  # noqa: E402
-from scripts.fsdp_model import RAW_SETTINGS as SETTINGS, TinyLM, batches, shard  # noqa: E402
-
 
 BAD = ("up.weight", "down.weight", "norm.weight")  # right side, left side, dense
 
@@ -58,7 +62,7 @@ def build(mesh):
 def train(model, opt, data, rank, world, steps, ranks=None):
     for tokens in data[:steps]:
         per = tokens.shape[0] // world
-        model.loss(tokens[rank * per: (rank + 1) * per]).backward()
+        model.loss(tokens[rank * per : (rank + 1) * per]).backward()
         opt.step()
         opt.zero_grad()
         if ranks is not None:
@@ -97,12 +101,18 @@ def main() -> None:
     ranks: list = []
     train(model, opt, data, rank, world, args.steps, ranks)
     out["train"] = {
-        "params": params(model), "ranks": ranks, "state": state_bytes(opt),
-        "bases": {name: full(opt.state[p]["basis"]).clone() for name, p in model.named_parameters()
-                  if "basis" in opt.state[p]},
+        "params": params(model),
+        "ranks": ranks,
+        "state": state_bytes(opt),
+        "bases": {
+            name: full(opt.state[p]["basis"]).clone() for name, p in model.named_parameters() if "basis" in opt.state[p]
+        },
         "refreshes": {n: s.refreshes for n, s in opt.subspaces().items()},
-        "sharded_keys": {name: sorted(k for k, v in opt.state[p].items() if isinstance(v, DTensor))
-                         for name, p in model.named_parameters() if opt.state[p]},
+        "sharded_keys": {
+            name: sorted(k for k, v in opt.state[p].items() if isinstance(v, DTensor))
+            for name, p in model.named_parameters()
+            if opt.state[p]
+        },
     }
 
     # distributed checkpoint (sharded state dicts), resumed in a fresh model and optimizer
@@ -116,7 +126,7 @@ def main() -> None:
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
     out["dcp_ranks_after_load"] = opt.ranks()
-    train(model, opt, data[args.resume_at:], rank, world, args.steps - args.resume_at)
+    train(model, opt, data[args.resume_at :], rank, world, args.steps - args.resume_at)
     out["dcp"] = params(model)
 
     # full state dicts: rank 0 writes one torch.save file, every rank loads it (weights_only=True)
@@ -124,7 +134,10 @@ def main() -> None:
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model, opt = build(mesh)
     train(model, opt, data, rank, world, args.resume_at)
-    state = {"model": get_model_state_dict(model, options=opts), "optim": get_optimizer_state_dict(model, opt, options=opts)}
+    state = {
+        "model": get_model_state_dict(model, options=opts),
+        "optim": get_optimizer_state_dict(model, opt, options=opts),
+    }
     if rank == 0:
         torch.save(state, path)
     dist.barrier()
@@ -132,7 +145,7 @@ def main() -> None:
     model, opt = build(mesh)
     set_model_state_dict(model, loaded["model"], options=StateDictOptions(full_state_dict=True))
     set_optimizer_state_dict(model, opt, loaded["optim"], options=StateDictOptions(full_state_dict=True))
-    train(model, opt, data[args.resume_at:], rank, world, args.steps - args.resume_at)
+    train(model, opt, data[args.resume_at :], rank, world, args.steps - args.resume_at)
     out["full"] = params(model)
 
     # the distributed basis against the gathered matrix
@@ -153,7 +166,7 @@ def main() -> None:
     train(model, opt, data, rank, world, 1)
     before = params(model)
     per = data[1].shape[0] // world
-    model.loss(data[1][rank * per: (rank + 1) * per]).backward()
+    model.loss(data[1][rank * per : (rank + 1) * per]).backward()
     if rank == 0:
         named = dict(model.named_parameters())
         for name in BAD:
@@ -161,9 +174,13 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.step()
-    out["nonfinite"] = {"before": before, "after": params(model),
-                        "skipped": sum(int(m.group(1)) for w in caught
-                                       if (m := re.search(r"skipped the step of (\d+) parameter", str(w.message))))}
+    out["nonfinite"] = {
+        "before": before,
+        "after": params(model),
+        "skipped": sum(
+            int(m.group(1)) for w in caught if (m := re.search(r"skipped the step of (\d+) parameter", str(w.message)))
+        ),
+    }
 
     # what is refused on DTensor parameters, with the message
     out["errors"] = {}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning as L
 from lightning_adarank import AdaRankGrad, param_groups
 
 ADARANK = dict(max_rank=6, min_gap=2, max_gap=4, tol=0.9, energy=0.8)
@@ -26,20 +26,26 @@ def loader(ds: TensorDataset, batch_size: int, rank: int | None = None, world: i
     if rank is None:
         return DataLoader(ds, batch_size=batch_size, shuffle=False)
     gb = batch_size * world
-    idx = [i for start in range(0, len(ds), gb) for i in range(start + rank * batch_size, start + (rank + 1) * batch_size)]
+    idx = [
+        i for start in range(0, len(ds), gb) for i in range(start + rank * batch_size, start + (rank + 1) * batch_size)
+    ]
     return DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size, shuffle=False)
 
 
 def make_net(d: int = 16, hidden: int = 24, classes: int = 4, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    return nn.Sequential(
+        nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+    )
 
 
 class TinyModule(L.LightningModule):
     """An MLP classifier whose ``configure_optimizers`` returns AdamW with a decay / no-decay split and an optional
     scheduler, or (``adarank=True``) an AdaRankGrad it builds itself."""
 
-    def __init__(self, scheduler: str | None = None, adarank: bool = False, lr: float = 1e-2, by_step: bool = False) -> None:
+    def __init__(
+        self, scheduler: str | None = None, adarank: bool = False, lr: float = 1e-2, by_step: bool = False
+    ) -> None:
         super().__init__()
         self.net = make_net()
         self.scheduler, self.adarank, self.lr = scheduler, adarank, lr
@@ -61,7 +67,9 @@ class TinyModule(L.LightningModule):
         no_decay = [p for n, p in self.named_parameters() if not n.endswith("weight")]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr, betas=(0.85, 0.98), eps=1e-7,
+            lr=self.lr,
+            betas=(0.85, 0.98),
+            eps=1e-7,
         )
         if self.scheduler is None:
             return opt
@@ -72,10 +80,14 @@ class TinyModule(L.LightningModule):
         elif self.scheduler == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)
         elif self.scheduler == "sequential":
-            sched = torch.optim.lr_scheduler.SequentialLR(opt, [
-                torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.2, total_iters=3),
-                torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8),
-            ], milestones=[3])
+            sched = torch.optim.lr_scheduler.SequentialLR(
+                opt,
+                [
+                    torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.2, total_iters=3),
+                    torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8),
+                ],
+                milestones=[3],
+            )
         else:
             raise ValueError(self.scheduler)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -83,7 +95,14 @@ class TinyModule(L.LightningModule):
 
 def trainer_kwargs(**kw):
     """Quiet, deterministic CPU Trainer settings."""
-    base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, deterministic=True)
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
     base.update(kw)
     return base
