@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_adarank.optim.checkpoint import FORMAT
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "fault_train.py"
 SHARED = REPO.parent / "shared" / "data"
@@ -70,7 +72,7 @@ def _kill_and_resume(route: str, data: str, root: Path, kill_at: int, kill_rank:
     saved = torch.load(root / "run.pt", weights_only=True)
     assert saved["global_step"] == STEPS and saved["epoch"] == torch.load(root / "ref.pt", weights_only=True)["epoch"]
     if route not in ("adamw", "ddp_adamw"):
-        assert saved["optimizer"] == "AdaRankGrad" and saved["opt"]["adarank"]["format"] == 1
+        assert saved["optimizer"] == "AdaRankGrad" and saved["opt"]["adarank"]["format"] == FORMAT
 
 
 def _kill_step(name: str) -> int:
