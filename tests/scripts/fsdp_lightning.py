@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from scripts.fsdp_model import SETTINGS, TinyLM, batches, shard  # noqa: E402
@@ -139,6 +140,11 @@ def main() -> None:
         result["dcp" if distributed else "full"] = params
         result[f"kind_{distributed}"] = "dir" if os.path.isdir(path) else "file"
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    # tear gloo down together: a rank that exits while the other still holds the group can abort with
+    # "terminate called without an active exception" (seen once in a full-suite run)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
