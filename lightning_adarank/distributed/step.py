@@ -284,7 +284,7 @@ def _update(opt: Any, items: list[_Item], group: dict) -> None:
         lr=1.0,
         weight_decay=0.0,
     )
-    lr, wd = group["lr"], group["weight_decay"]
+    lr, wd = float(group["lr"]), group["weight_decay"]  # this path reads on the host anyway
     decay = 1.0 - lr * wd
     stats = []
     for it, s, d in zip(items, steps, directions):

@@ -56,6 +56,8 @@ class AdamKernels:
             if s.device != want:
                 steps[i] = s.to(want)
         beta1, beta2 = group["betas"]
+        if isinstance(lr, Tensor) and not fused:  # torch's foreach kernel takes a tensor lr only when capturable
+            lr = float(lr)
         _adamw_kernel(
             params,
             grads,

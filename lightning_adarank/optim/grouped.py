@@ -66,6 +66,15 @@ def _orient(t: Tensor, flipped: bool) -> Tensor:
     return t.mT if flipped else t
 
 
+def _scalar_alpha(direction: Tensor, alpha: float | Tensor) -> float:
+    """The ``alpha`` of a fused multiply-add: a float as it is; a tensor (a tensor lr) is folded into
+    ``direction`` on the device instead (no host read), leaving ``1``."""
+    if isinstance(alpha, Tensor):
+        direction.mul_(alpha)
+        return 1.0
+    return alpha
+
+
 def _flat(tensors: list[Tensor], dev: torch.device) -> Tensor:
     return torch.cat([t.reshape(-1).to(dev, torch.float32) for t in tensors])
 
@@ -371,7 +380,7 @@ class ShapeStore:
         freed on return. Returns the refresh test's ``‖PᵀY‖²`` (or ``‖PᵀG‖²``), ``‖Y‖²`` (or ``‖G‖²``) and the
         finite mask."""
         beta1 = group["betas"][0]
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = group["lr"], group["weight_decay"]  # a 0-d tensor lr stays on the device: no read, capture-ready
         alpha = lr * group["scale"]
         if ch.hi - ch.lo == 1:  # one matrix: a view with a batch dimension of one (no copy of an fp32 G)
             g = _orient(grads[ch.ids[0]], ch.flipped[0])
@@ -422,11 +431,12 @@ class ShapeStore:
             torch._foreach_mul_(ch.params, list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)))
         if not own:  # the stack is a view of an fp32 gradient: add into the weight directly
             pc = ch.pieces[0]
-            ch.params[0].addmm_(pc.bases[0], pc.direction[0], alpha=alpha * pc.scale)
+            ch.params[0].addmm_(pc.bases[0], pc.direction[0], alpha=_scalar_alpha(pc.direction, alpha * pc.scale))
             return pn2, total2, ok
         for pc in ch.pieces:  # the update, written into the chunk's own stack (G is no longer needed)
             out = g[pc.glo : pc.ghi] if len(ch.pieces) > 1 else g
-            torch.baddbmm(out, pc.bases, pc.direction, beta=0.0, alpha=alpha * pc.scale, out=out)
+            a = _scalar_alpha(pc.direction, alpha * pc.scale)
+            torch.baddbmm(out, pc.bases, pc.direction, beta=0.0, alpha=a, out=out)
         if self.dtype == torch.float32:
             torch._foreach_add_(ch.params, list(g.unbind(0)))
         else:

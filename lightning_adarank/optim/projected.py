@@ -205,7 +205,7 @@ class ProjectedStep:
             weight_decay=0.0,
             rotated=math.sqrt(group["max_rank"]) if group["transform_moments"] else 1.0,
         )
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = float(group["lr"]), group["weight_decay"]  # this path reads on the host anyway
         decay = 1.0 - lr * wd
         bases = []
         for p, st, s, d in zip(params, states, steps, directions):
