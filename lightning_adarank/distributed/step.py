@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_ema, sketch_noise
+from ..optim.new_directions import fill_new_directions, known_share
 from ..optim.refresh_test import captured_share, mark_refreshed, run_refresh_tests
 from .collectives import SumBuffer
 from .layout import ShardLayout, local, shard_layout, sharded_like
@@ -244,21 +245,26 @@ def _refresh_left(opt: Any, items: list[_Item], group: dict) -> None:
 
 
 def _install(opt: Any, it: _Item, group: dict, basis: Tensor, kept: float, rot_left: Tensor | None) -> None:
-    """Adopt a new basis: moments zeroed or carried over (``M ← R M``, ``V ← (R∘R) V``), then the bookkeeping."""
+    """Adopt a new basis: moments zeroed or carried over (``M ← R M``, ``V ← (R∘R) V``), the new directions'
+    second moment filled (:func:`~lightning_adarank.optim.new_directions.fill_new_directions`, as on one process),
+    then the bookkeeping."""
     st, lay = it.st, it.lay
     r = basis.shape[1]
     shape = (r, it.p.shape[1]) if it.side == "left" else (lay.rows, r)
     old = st.get("basis")
-    if old is None or (not group["transform_moments"] and old.shape[1] != r):
+    if old is None:
         m = torch.zeros(shape, device=it.g.device)
         v = torch.zeros(shape, device=it.g.device)
-    elif group["transform_moments"]:
+    elif group["transform_moments"] or old.shape[1] != r:  # then the new directions' v (fill_new_directions)
         m_old, v_old = local(st["exp_avg"]), local(st["exp_avg_sq"])
-        if it.side == "left":
-            m, v = rot_left @ m_old, rot_left.square() @ v_old
+        if not group["transform_moments"]:
+            m, v, known = torch.zeros(shape, device=it.g.device), torch.zeros(shape, device=it.g.device), None
+        elif it.side == "left":
+            m, v, known = rot_left @ m_old, rot_left.square() @ v_old, known_share(rot_left)
         else:
             rot = basis.mT @ old  # replicated n × r bases
-            m, v = m_old @ rot.mT, v_old @ rot.square().mT
+            m, v, known = m_old @ rot.mT, v_old @ rot.square().mT, known_share(rot)
+        v = fill_new_directions(v, v_old, known, it.side)
     else:
         m, v = local(st["exp_avg"]), local(st["exp_avg_sq"])
     if it.side == "right":  # moments sharded with the weight, basis replicated

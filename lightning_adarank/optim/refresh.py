@@ -29,6 +29,7 @@ from .linalg import (
     select_ranks_batched,
     signal_spectrum,
 )
+from .new_directions import fill_new_directions, known_share
 from .refresh_test import mark_refreshed
 
 __all__ = ["refresh_batched", "install_subspace"]
@@ -37,25 +38,30 @@ __all__ = ["refresh_batched", "install_subspace"]
 def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_moments: bool, bits: int = 32) -> None:
     """Put a new basis into ``p``'s state, carrying the moments into it (``M ← R M``, ``V ← (R∘R) V``,
     :func:`~lightning_adarank.optim.linalg.moment_transform`) or starting them at zero, stored at ``bits``
-    (:mod:`.quant`: loaded for the rotation, stored after it); then the bookkeeping (:func:`mark_refreshed`).
+    (:mod:`.quant`: loaded for the rotation, stored after it); the second moment of the directions new to the
+    subspace is then filled to a carried row's averaging mass
+    (:func:`~lightning_adarank.optim.new_directions.fill_new_directions`); then the bookkeeping
+    (:func:`mark_refreshed`).
 
     The one installer of a subspace for the per-matrix, grouped and layer-wise paths (FSDP2 rotates its sharded
-    moments itself, then calls :func:`mark_refreshed`)."""
+    moments itself, fills the new directions with the same function, then calls :func:`mark_refreshed`)."""
     side = projection_side(p.shape)
     s, r = min(p.shape), basis.shape[1]
     r_old = int(st["rank"]) if "basis" in st else None
-    if r_old is None or (not transform_moments and r_old != r):
-        st["exp_avg"] = quant.zeros(projected_shape(p.shape, r), bits, signed=True, device=p.device)
-        st["exp_avg_sq"] = quant.zeros(projected_shape(p.shape, r), bits, signed=False, device=p.device)
-    elif transform_moments:
+    new_shape = projected_shape(p.shape, r)
+    if r_old is None:  # the first subspace: every direction starts with the step counter
+        st["exp_avg"] = quant.zeros(new_shape, bits, signed=True, device=p.device)
+        st["exp_avg_sq"] = quant.zeros(new_shape, bits, signed=False, device=p.device)
+    elif transform_moments or r_old != r:
         old_shape = projected_shape(p.shape, r_old)
-        m, v = moment_transform(
-            quant.load(st["basis"], (s, r_old)),
-            basis,
-            quant.load(st["exp_avg"], old_shape),
-            quant.load(st["exp_avg_sq"], old_shape),
-            side,
-        )
+        v_old = quant.load(st["exp_avg_sq"], old_shape)
+        if transform_moments:
+            p_old = quant.load(st["basis"], (s, r_old))
+            m, v = moment_transform(p_old, basis, quant.load(st["exp_avg"], old_shape), v_old, side)
+            known = known_share(basis.mT @ p_old)
+        else:  # restarted at zero (the rank changed): every direction is new
+            m, v, known = torch.zeros(new_shape, device=p.device), torch.zeros(new_shape, device=p.device), None
+        v = fill_new_directions(v, v_old, known, side)
         st["exp_avg"] = quant.store(None, m, bits, signed=True, salt=st.get("step"))
         st["exp_avg_sq"] = quant.store(None, v, bits, signed=False, salt=st.get("step"))
     st["basis"] = quant.store_basis(basis, bits)

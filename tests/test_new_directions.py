@@ -1,0 +1,146 @@
+"""Adam's statistics for the directions a subspace refresh brings in, tested against their definition.
+
+The reference is ``torch.optim.AdamW`` started at the refresh on the new direction's own gradient stream: the
+first steps in a new direction must be no larger than AdamW's first steps there, while the directions carried
+over step exactly as they did before the rule existed (``M ← R M``, ``V ← (R∘R) V`` only).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_adarank import AdaRankGrad
+from lightning_adarank.optim import quant
+from lightning_adarank.optim.linalg import moment_transform, projected_shape
+from lightning_adarank.optim.new_directions import fill_new_directions, known_share
+from lightning_adarank.optim.refresh import install_subspace
+
+S, L = 12, 256  # a left-projected matrix (s ≤ l): moments are (r, l)
+
+
+def _stream(gen: torch.Generator, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One projected-gradient row: a persistent mean plus per-column mini-batch noise."""
+    return mean + scale * torch.randn(L, generator=gen)
+
+
+def _unit(i: int) -> torch.Tensor:
+    e = torch.zeros(S)
+    e[i] = 1.0
+    return e
+
+
+def _run(bits: int, fill: bool, steps_after: int = 30):
+    """300 steps in span(e0, e1), a refresh to [e0, e2] (e0 carried, e2 new), then ``steps_after`` steps.
+
+    Returns the per-step Adam directions after the refresh (``(2, L)`` each) and the new row's gradients.
+    ``fill=False`` installs the subspace as before the rule (rotated moments only), for comparison.
+    """
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.zeros(S, L))
+    opt = AdaRankGrad([p], max_rank=2, min_rank=2, state_bits=bits)
+    group = opt.param_groups[0]
+    st = opt.state[p]
+    st.update(step=opt.step_counter(p, opt.uses_fused(p.device)), refreshes=0, pending=True)
+    scale = torch.linspace(0.5, 2.0, L)  # per-column noise scale (input features differ)
+    means = [0.8 * torch.randn(L, generator=gen) for _ in range(3)]  # rows e0, e1, and the new e2 (no larger)
+    means[2] *= 0.5
+    install_subspace(st, p, torch.stack([_unit(0), _unit(1)], 1), 1.0, True, bits)
+
+    def adam(low: torch.Tensor) -> torch.Tensor:
+        d = torch.zeros_like(low)
+        shape = projected_shape(p.shape, int(st["rank"]))
+        (st["step"],) = opt._adamw_stored([d], [low], [st], [shape], group, bits, lr=1.0, weight_decay=0.0)
+        return d
+
+    for _ in range(300):
+        adam(torch.stack([_stream(gen, means[0], scale), _stream(gen, means[1], scale)]))
+    new_basis = torch.stack([_unit(0), _unit(2)], 1)
+    if fill:
+        install_subspace(st, p, new_basis, 1.0, True, bits)
+    else:  # the rotation alone: the rule's absence
+        old = quant.load(st["basis"], (S, 2))
+        shape = projected_shape(p.shape, 2)
+        m, v = moment_transform(
+            old, new_basis, quant.load(st["exp_avg"], shape), quant.load(st["exp_avg_sq"], shape), "left"
+        )
+        st["exp_avg"] = quant.store(None, m, bits, signed=True, salt=st["step"])
+        st["exp_avg_sq"] = quant.store(None, v, bits, signed=False, salt=st["step"])
+        st["basis"] = quant.store_basis(new_basis, bits)
+    directions, new_rows = [], []
+    for _ in range(steps_after):
+        low = torch.stack([_stream(gen, means[0], scale), _stream(gen, means[2], scale)])
+        new_rows.append(low[1].clone())
+        directions.append(adam(low))
+    return directions, new_rows
+
+
+def _adamw_steps(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """torch.optim.AdamW (lr 1, no decay) started on the new direction's stream: its per-step updates."""
+    w = nn.Parameter(torch.zeros(L))
+    opt = torch.optim.AdamW([w], lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    out = []
+    for g in rows:
+        before = w.detach().clone()
+        w.grad = g.clone()
+        opt.step()
+        out.append(w.detach() - before)
+    return out
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_first_steps_in_a_new_direction_are_no_larger_than_adamws(bits):
+    ours, rows = _run(bits, fill=True)
+    ref = _adamw_steps(rows)
+    ratios = [float(d[1].norm() / a.norm()) for d, a in zip(ours, ref)]
+    slack = 1.0 if bits == 32 else 1.05  # 8-bit moments: their rounding
+    assert max(ratios) <= slack, ratios
+    assert ratios[-1] > 0.3, ratios  # ... and it does move: its momentum warms up
+    # the stream discriminates: without the rule the new direction's steps exceed AdamW's by far (1.6x at its
+    # first step, more later: the bias correction is 1 − β2^300 ≈ 0.26 here, ≈ 1 later in training)
+    before, _ = _run(bits, fill=False)
+    assert float(before[0][1].norm() / ref[0].norm()) > 1.5
+    assert max(float(d[1].norm() / a.norm()) for d, a in zip(before, ref)) > 2.0
+
+
+def test_carried_directions_step_as_before():
+    ours, _ = _run(32, fill=True)
+    before, _ = _run(32, fill=False)
+    for d, b in zip(ours, before):
+        assert torch.equal(d[0], b[0])
+
+
+def test_fill_matches_its_definition_elementwise():
+    gen = torch.Generator().manual_seed(1)
+    r_old, r_new, l = 3, 4, 5
+    p_old = torch.linalg.qr(torch.randn(S, r_old, generator=gen))[0]
+    p_new = torch.linalg.qr(torch.randn(S, r_new, generator=gen))[0]
+    v_old = torch.rand(r_old, l, generator=gen)
+    m_old = torch.randn(r_old, l, generator=gen)
+    _, v_rot = moment_transform(p_old, p_new, m_old, v_old, "left")
+    rot = p_new.T @ p_old
+    out = fill_new_directions(v_rot, v_old, known_share(rot), "left")
+    for i in range(r_new):  # V_new[i, c] = Σ_j R_ij² V_old[j, c] + (1 − Σ_j R_ij²) · mean_j V_old[j, c]
+        share = sum(float(rot[i, j]) ** 2 for j in range(r_old))
+        for c in range(l):
+            want = sum(float(rot[i, j]) ** 2 * float(v_old[j, c]) for j in range(r_old))
+            want += max(0.0, 1.0 - share) * sum(float(v_old[j, c]) for j in range(r_old)) / r_old
+            assert abs(float(out[i, c]) - want) < 1e-6
+    # right side: the same with the moments transposed
+    out_r = fill_new_directions(v_rot.T.contiguous(), v_old.T.contiguous(), known_share(rot), "right")
+    assert torch.allclose(out_r, out.T, atol=1e-7)
+    # every row ends up between the old rows' extremes, column by column (a convex combination)
+    assert bool((out <= v_old.max(0).values + 1e-6).all()) and bool((out >= v_old.min(0).values - 1e-6).all())
+
+
+def test_restarted_moments_get_the_old_average():
+    """``transform_moments=False`` with a rank change restarts the moments: every direction gets the prior."""
+    p = nn.Parameter(torch.zeros(S, L))
+    opt = AdaRankGrad([p], max_rank=3, transform_moments=False)
+    st = opt.state[p]
+    st.update(step=opt.step_counter(p, False), refreshes=0, pending=True)
+    install_subspace(st, p, torch.stack([_unit(0), _unit(1)], 1), 1.0, False)
+    st["exp_avg_sq"].copy_(torch.rand(2, L))
+    v_old = st["exp_avg_sq"].clone()
+    install_subspace(st, p, torch.stack([_unit(3), _unit(4), _unit(5)], 1), 1.0, False)
+    assert torch.allclose(st["exp_avg_sq"], v_old.mean(0, keepdim=True).expand(3, L))
+    assert torch.equal(st["exp_avg"], torch.zeros(3, L))
