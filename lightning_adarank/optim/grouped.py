@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from .linalg import projection_side, rank_factor, sketch_ema
-from .rounding import add_stochastic_
 from .refresh_test import EMA, STAT_KEYS, captured_share, refresh_statistics, stat_column
+from .rounding import add_stochastic_
 
 __all__ = [
     "ShapeStore",
