@@ -35,41 +35,55 @@ __all__ = [
     "stochastic_round",
 ]
 
-_M31 = 0x7FFFFFFF
-#: elements per chunk of :func:`add_stochastic_` (its transient memory: about 40 bytes per chunk element)
-CHUNK_ELEMENTS = 1 << 20
+#: elements per chunk of the weight writes (their transient memory: about 20 bytes per chunk element)
+CHUNK_ELEMENTS = 1 << 18
 #: ``kind`` of a weight's rounding stream is ``WEIGHT_KIND + parameter index`` (state kinds are 0, 1, 2)
 WEIGHT_KIND = 1 << 16
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _mix(h: Tensor) -> Tensor:
-    """A 31-bit integer hash finalizer (xor-shift-multiply; int64 arithmetic that cannot overflow)."""
-    h = h & _M31
-    h = h ^ (h >> 15)
-    h = (h * 0x2C1B3C6D) & _M31
-    h = h ^ (h >> 12)
-    h = (h * 0x297A2D39) & _M31
-    return h ^ (h >> 15)
+def _i32(c: int) -> int:
+    """A 32-bit constant as the signed int32 torch stores."""
+    c &= 0xFFFFFFFF
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+_GOLDEN, _M1, _M2, _SALT = _i32(0x9E3779B1), _i32(0x7FEB352D), _i32(0x846CA68B), _i32(0x85EBCA77)
+
+
+def _hash32(h: Tensor) -> Tensor:
+    """A 32-bit integer hash (Wellons' "lowbias32": xor-shift-multiply) on int32 tensors; multiplications wrap
+    modulo 2³², the shifts are logical (masked after torch's arithmetic shift)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _M1
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * _M2
+    return h ^ ((h >> 16) & 0xFFFF)
 
 
 def _random16(shape: torch.Size, device: torch.device, salt: int | Tensor, kind: int, offset: int = 0) -> Tensor:
-    """16 hashed random bits (int64 in ``[0, 65536)``) per element of a tensor of ``shape`` whose flat index
-    starts at ``offset``."""
-    salt_t = salt.reshape(()).to(device=device, dtype=torch.int64) if isinstance(salt, Tensor) else int(salt)
+    """16 hashed random bits (int32 in ``[0, 65536)``) per element of a tensor of ``shape`` whose flat index
+    starts at ``offset``: ``hash(index·φ ⊕ hash(salt·c + kind))``, all in int32 (a 0-d device tensor ``salt`` is
+    never read on the host)."""
+    if isinstance(salt, Tensor):
+        salt_t = salt.reshape(()).to(device=device, dtype=torch.int64).to(torch.int32)
+    else:
+        salt_t = torch.tensor(_i32(int(salt)), dtype=torch.int32, device=device)
+    key = _hash32(salt_t * _SALT + _i32(kind * 0x27D4EB2F + 0x165667B1))
     numel = shape.numel()
-    idx = torch.arange(offset, offset + numel, device=device, dtype=torch.int64).view(shape)
-    return _mix(_mix(idx * 0x9E3779B1 + kind) ^ _mix(salt_t * 0x85EBCA77 + 0x165667B1)) & 0xFFFF
+    idx = torch.arange(
+        offset, offset + numel, device=device, dtype=torch.int64 if offset + numel > 2**31 else torch.int32
+    )
+    return (_hash32(idx.to(torch.int32) * _GOLDEN ^ key) & 0xFFFF).view(shape)
 
 
 def bf16_stochastic(x: Tensor, salt: int | Tensor, kind: int, offset: int = 0) -> Tensor:
     """``x`` (fp32) rounded to bf16 up or down (in magnitude) with probability given by the 16 dropped bits:
-    adding 16 hashed random bits then truncating rounds up exactly when they carry into the kept bits.
-    ``offset``: the flat index of ``x``'s first element in the tensor it is a chunk of."""
-    x = x.contiguous()
-    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    rounded = (bits + _random16(x.shape, x.device, salt, kind, offset)) & 0xFFFF0000
-    rounded = torch.where(rounded >= 1 << 31, rounded - (1 << 32), rounded).to(torch.int32)
+    adding 16 random bits to the bit pattern then truncating rounds up exactly when they carry into the kept
+    bits (int32 arithmetic: the sign bit is never reached from a finite value). ``offset``: the flat index of
+    ``x``'s first element in the tensor it is a chunk of."""
+    bits = x.float().contiguous().view(torch.int32)
+    rounded = (bits + _random16(x.shape, x.device, salt, kind, offset)) & _i32(0xFFFF0000)
     return rounded.view(torch.float32).bfloat16()
 
 
