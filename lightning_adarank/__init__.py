@@ -39,6 +39,9 @@ _LAZY = {
     "FabricRankMonitor": "integrations.fabric",
     "layerwise_updater": "integrations.fabric",
     "LayerwiseUpdater": "optim.layerwise",
+    # the low-memory recipe (bf16 weights with stochastic rounding, layer-wise, 8-bit state, checkpointing)
+    "low_memory_adarank": "optim.low_memory",
+    "LowMemoryAdaRankGrad": "integrations.low_memory",
     "plot_rank_history": "monitoring.plotting",
     "VerifiedCheckpointIO": "integrations.checkpoint_io",
     "CheckpointFileError": "optim.checkpoint",

@@ -110,6 +110,13 @@ class AdaRankGradConfig:
             :mod:`lightning_adarank.optim.quant`).
         dense_state_bits: the same choice for the parameters that get plain AdamW (biases, norms, unprojected
             matrices); ``32`` keeps them exact (torch's AdamW, bit for bit).
+        stochastic_rounding: how updates are written into **bf16/fp16 weights** (a model trained with
+            ``Trainer(precision="bf16-true")`` or cast with ``.bfloat16()``; fp32 weights are not affected):
+            ``True`` (default) computes ``decay·W + update`` in fp32 and rounds it up or down with probability given
+            by the dropped bits, so the stored weight is right on average; ``False`` rounds to nearest, which
+            silently drops every update under half a 16-bit ulp (``|ΔW| < 2⁻⁹|W|`` in bf16: at ``lr = 1e-5``
+            most of them). Deterministic (hashed from the step and the element, no random generator): a resumed
+            run rounds as the uninterrupted one (:mod:`lightning_adarank.optim.rounding`).
         seed: the random test matrices depend only on ``(seed, parameter index, refresh count)``, so
             data-parallel ranks agree without communication and a resumed run is bit-identical.
         fused: torch's fused Adam kernel (``None``: where the device supports it), else foreach.
@@ -150,6 +157,7 @@ class AdaRankGradConfig:
     transform_moments: bool = True
     state_bits: int = 32
     dense_state_bits: int = 32
+    stochastic_rounding: bool = True
     seed: int = 0
     fused: bool | None = field(default=None)
     grouped: bool | None = None
@@ -249,6 +257,8 @@ def check_group_settings(group: dict[str, Any]) -> None:
     for key, allowed in (("scale_mode", get_args(ScaleMode)), ("subspace_source", get_args(SubspaceSource))):
         if group[key] not in allowed:
             raise ValueError(f"AdaRankGrad: {key}={group[key]!r} must be one of {', '.join(map(repr, allowed))}")
+    if not isinstance(group.get("stochastic_rounding", True), bool):
+        raise TypeError(f"AdaRankGrad: stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}")
     if not isinstance(group.get("noise_floor", False), bool):
         raise TypeError(f"AdaRankGrad: noise_floor must be a bool, got {group['noise_floor']!r}")
     if not isinstance(group["transform_moments"], bool):

@@ -213,7 +213,9 @@ class ProjectedStep:
             basis = self._basis(st, p)  # loaded once per step (a dequantization at 8 bits)
             bases.append(basis)
             alpha = lr * group["scale"] * rank_factor(group["scale_mode"], basis.shape[0], basis.shape[1])
-            apply_update_(p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha)
+            apply_update_(
+                p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha, **self.weight_rounding(p, group, s)
+            )
         if group["subspace_source"] == "moment":
             proj_norms, shares = self._sketch_stats(states, params, bases)
         elif proj_norms is None:
