@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from ..optim.low_memory import LOW_MEMORY_SETTINGS, enable_activation_checkpointing
-from .callback import AdaRankGradCallback
+from .optimizer_callbacks import AdaRankGradCallback
 
 __all__ = ["LowMemoryAdaRankGrad"]
 

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import param_groups
 from .optimizer import AdaRankGrad
+from .targets import param_groups
 
 __all__ = ["LOW_MEMORY_SETTINGS", "enable_activation_checkpointing", "low_memory_adarank"]
 
