@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_ema, sketch_noise
-from ..optim.new_directions import fill_new_directions, known_share
+from ..optim.new_directions import fill_new_directions, known_share, refresh_energies
 from ..optim.refresh_test import captured_share, mark_refreshed, run_refresh_tests
 from .collectives import SumBuffer
 from .layout import ShardLayout, local, shard_layout, sharded_like
@@ -264,7 +264,14 @@ def _install(opt: Any, it: _Item, group: dict, basis: Tensor, kept: float, rot_l
         else:
             rot = basis.mT @ old  # replicated n × r bases
             m, v, known = m_old @ rot.mT, v_old @ rot.square().mT, known_share(rot)
-        v = fill_new_directions(v, v_old, known, it.side)
+        sums = refresh_energies(v_old, it.low, it.side)
+        if it.side == "right":  # the columns (the weight's rows) are sharded: one small all-reduce
+            buf = SumBuffer(lay.group)
+            h = buf.add(sums)
+            buf.reduce()
+            sums = buf[h]
+        mass = 1.0 - group["betas"][1] ** it.st["step"].to(v.device, torch.float32)
+        v = fill_new_directions(v, v_old, known, it.side, sums, mass)
     else:
         m, v = local(st["exp_avg"]), local(st["exp_avg_sq"])
     if it.side == "right":  # moments sharded with the weight, basis replicated

@@ -175,7 +175,9 @@ class ProjectedStep:
                 generator=gen,
                 total_energy=grad_sq_norm,
             )
-        install_subspace(st, p, basis, kept, group["transform_moments"], group.get("state_bits", 32))
+        install_subspace(
+            st, p, basis, kept, group["transform_moments"], group.get("state_bits", 32), low=low, beta2=group["betas"][1]
+        )
         return low
 
     def update_projected(
