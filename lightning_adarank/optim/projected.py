@@ -176,7 +176,14 @@ class ProjectedStep:
                 total_energy=grad_sq_norm,
             )
         install_subspace(
-            st, p, basis, kept, group["transform_moments"], group.get("state_bits", 32), low=low, beta2=group["betas"][1]
+            st,
+            p,
+            basis,
+            kept,
+            group["transform_moments"],
+            group.get("state_bits", 32),
+            low=low,
+            beta2=group["betas"][1],
         )
         return low
 

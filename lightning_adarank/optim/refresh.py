@@ -23,9 +23,9 @@ from .grouped import STACK_BYTES
 from .linalg import (
     moment_transform,
     oriented_batched,
+    project,
     projected_shape,
     projection_side,
-    project,
     range_finder_batched,
     select_ranks_batched,
     signal_spectrum,
