@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command in ("pretrain", "fit", "validate", "test", "predict"):  # bio/configs/... after pip install too
-        from lightning_adarank.integrations.configs import resolve_packaged_configs
+        from lightning_adarank.integrations.packaged_configs import resolve_packaged_configs
 
         rest = resolve_packaged_configs(rest, "bio")
     if command == "tokenize":

@@ -14,8 +14,8 @@ import sys
 
 from . import distributed as _distributed  # noqa: F401  (registers the FSDP2 step with the optimizer)
 from .optim.config import AdaRankGradConfig
-from .optim.groups import param_groups, target_parameter_names
 from .optim.optimizer import AdaRankGrad, SubspaceInfo
+from .optim.targets import param_groups, target_parameter_names
 
 __version__ = "0.2.0"
 
@@ -27,18 +27,21 @@ _LAZY = {
     "optimizer_state_bytes": "optim.baselines",
     # Lightning / Fabric integration (importing any of these imports Lightning and registers the
     # "adarank", "adarank_ddp", ... strategy names)
-    "AdaRankGradCallback": "integrations.callback",
+    "AdaRankGradCallback": "integrations.optimizer_callbacks",
     "AdaRankGradStrategy": "integrations.strategy",
     "AdaRankGradDDPStrategy": "integrations.strategy",
     "AdaRankGradModelParallelStrategy": "integrations.strategy",
-    "EffectiveRankMonitor": "integrations.callbacks",
-    "MemoryMonitor": "integrations.callbacks",
+    "EffectiveRankMonitor": "integrations.monitors",
+    "MemoryMonitor": "integrations.monitors",
     "RankHistory": "monitoring.history",
     "rank_metrics": "monitoring.history",
     "memory_metrics": "monitoring.history",
     "FabricRankMonitor": "integrations.fabric",
     "layerwise_updater": "integrations.fabric",
     "LayerwiseUpdater": "optim.layerwise",
+    # the low-memory recipe (bf16 weights with stochastic rounding, layer-wise, 8-bit state, checkpointing)
+    "low_memory_adarank": "optim.low_memory",
+    "LowMemoryAdaRankGrad": "integrations.low_memory",
     "plot_rank_history": "monitoring.plotting",
     "VerifiedCheckpointIO": "integrations.checkpoint_io",
     "CheckpointFileError": "optim.checkpoint",
@@ -48,7 +51,7 @@ _LAZY = {
     # Hugging Face Trainer integration (importing it imports transformers)
     "AdaRankGradTrainerCallback": "integrations.hf",
     # going back to AdamW from an AdaRankGrad run
-    "ContinueWithAdamW": "integrations.callback",
+    "ContinueWithAdamW": "integrations.optimizer_callbacks",
     "adamw_state_dict": "export.adamw",
 }
 

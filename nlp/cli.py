@@ -58,7 +58,7 @@ def main(args: list[str] | None = None, run: bool = True) -> GLUECLI:
     """Entry point of ``python -m nlp``; ``args`` replaces ``sys.argv[1:]`` (handy in tests).
 
     ``--config nlp/configs/...`` (or ``glue/sst2_r8.yaml``, ...) finds the configs installed with the package
-    when the path does not exist (see :mod:`lightning_adarank.integrations.configs`).
+    when the path does not exist (see :mod:`lightning_adarank.integrations.packaged_configs`).
     ``python -m nlp pretrain ...`` goes to the causal-LM pre-training CLI (:mod:`nlp.pretrain_cli`).
     """
     import sys
@@ -73,7 +73,7 @@ def main(args: list[str] | None = None, run: bool = True) -> GLUECLI:
             return pretrain_main(None, run=run)
         return pretrain_main(argv[1:], run=run)
 
-    from lightning_adarank.integrations.configs import resolve_packaged_configs
+    from lightning_adarank.integrations.packaged_configs import resolve_packaged_configs
 
     given = sys.argv[1:] if args is None else list(args)
     resolved = resolve_packaged_configs(given, "nlp")

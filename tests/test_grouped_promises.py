@@ -189,3 +189,41 @@ def test_grouped_true_refuses_low_bit_state_and_the_default_steps_it_per_matrix(
             assert not opt._stores  # the per-matrix loop took it
             assert all(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
         net.zero_grad()
+
+
+@pytest.mark.filterwarnings("ignore:AdaRankGrad.*non-finite")
+def test_a_tensor_lr_is_read_on_the_device_and_followed_in_place():
+    """Capture-readiness: with ``lr`` a 0-d tensor, a normal grouped step reads nothing on the host (a CUDA graph
+    replays the same kernels), and a value written into that tensor in place, as a graph's user or an LR scheduler
+    does, is what the next step uses: the run matches one given the same lrs as floats."""
+    lrs = [0.02 / (1 + t) for t in range(12)]
+
+    def run(as_tensor):
+        params = _params()
+        lr = torch.tensor(lrs[0]) if as_tensor else lrs[0]
+        opt = AdaRankGrad(params, grouped=True, refresh_check_every=1000, **{**SETTINGS, "lr": lr})
+        group = opt.param_groups[0]
+        for t, value in enumerate(lrs):
+            if as_tensor:
+                group["lr"].fill_(value)  # in place: the group's entry stays the same tensor
+            else:
+                group["lr"] = value
+            if t == 1 and as_tensor:
+                assert _host_reads(opt, params, [t]) == 0
+                continue
+            _set_grads(params, t)
+            opt.step()
+        return params, group["lr"]
+
+    floats, _ = run(False)
+    tensors, lr = run(True)
+    assert torch.is_tensor(lr) and lr.item() == pytest.approx(lrs[-1])
+    for a, b in zip(floats, tensors):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # fp32 lr against a float64 one
+
+
+def test_a_tensor_lr_must_be_a_0d_float_tensor():
+    with pytest.raises(TypeError, match="0-d float tensor"):
+        AdaRankGrad(_params(), lr=torch.tensor([1e-3]))
+    with pytest.raises(ValueError, match="lr"):
+        AdaRankGrad(_params(), lr=torch.tensor(-1.0))

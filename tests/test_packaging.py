@@ -78,7 +78,7 @@ def test_wheel_from_clean_checkout_ships_configs_and_cli_finds_them(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "task: mrpc" in proc.stdout and "rank: 4" in proc.stdout
     code = (
-        "import nlp, bio, sys; from lightning_adarank.integrations.configs import packaged_config as p;"
+        "import nlp, bio, sys; from lightning_adarank.integrations.packaged_configs import packaged_config as p;"
         f"assert nlp.__file__.startswith({str(site)!r}), nlp.__file__;"
         "assert p('bio', 'bio/configs/cardiomyopathy.yaml').is_file(); print(p('nlp', 'glue/sst2_r8'))"
     )

@@ -297,13 +297,14 @@ def _update(opt: Any, items: list[_Item], group: dict) -> None:
         lr=1.0,
         weight_decay=0.0,
     )
-    lr, wd = group["lr"], group["weight_decay"]
+    lr, wd = float(group["lr"]), group["weight_decay"]  # this path reads on the host anyway
     decay = 1.0 - lr * wd
     stats = []
     for it, s, d in zip(items, steps, directions):
         it.st["step"] = s
         alpha = lr * group["scale"] * rank_factor(group["scale_mode"], min(it.p.shape), int(it.st["rank"]))
-        apply_update_(local(it.p), local(it.st["basis"]), d, it.side, decay=decay, alpha=alpha)
+        rounding = opt.weight_rounding(it.p, group, s)
+        apply_update_(local(it.p), local(it.st["basis"]), d, it.side, decay=decay, alpha=alpha, **rounding)
         pty, ysq = it.stats
         stats += [pty.reshape(-1) @ pty.reshape(-1), ysq.reshape(())]
     values = torch.stack(stats).tolist()  # one host read

@@ -33,8 +33,8 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ..optim.groups import target_parameter_names
 from ..optim.optimizer import AdaRankGrad
+from ..optim.targets import target_parameter_names
 
 __all__ = ["AddedGroups", "LINK_KEY", "resync_param_groups"]
 

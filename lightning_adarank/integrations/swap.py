@@ -24,9 +24,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from ..optim.config import SETTING_NAMES, AdaRankGradConfig
-from ..optim.groups import explain_no_match, target_parameter_names
 from ..optim.layerwise import LayerwiseUpdater, check_layerwise_params
 from ..optim.optimizer import AdaRankGrad
+from ..optim.targets import explain_no_match, target_parameter_names
 from .added_groups import AddedGroups
 from .typed import FROM_MODULE
 

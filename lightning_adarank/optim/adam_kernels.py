@@ -13,6 +13,7 @@ from torch.optim.adamw import adamw as _adamw_kernel
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from . import quant
+from .rounding import WEIGHT_KIND, assign_stochastic_
 
 __all__ = ["AdamKernels"]
 
@@ -42,6 +43,13 @@ class AdamKernels:
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
         return torch.stack([n.to(device) for n in norms]).tolist()
 
+    def weight_rounding(self, p: Tensor, group: dict, step: Tensor) -> dict:
+        """``salt`` and ``kind`` of the stochastic rounding of ``p``'s 16-bit weight at ``step`` (its step counter,
+        read on the device) for :func:`~lightning_adarank.optim.rounding.add_stochastic_`; ``salt=None`` (round to
+        nearest) when the group's ``stochastic_rounding`` setting is off."""
+        on = group.get("stochastic_rounding", True)
+        return {"salt": step if on else None, "kind": WEIGHT_KIND + self._index.get(id(p), 0)}
+
     def step_counter(self, p: Tensor, fused: bool) -> Tensor:
         """A new Adam step counter for ``p``: a 0-d fp32 tensor on ``p``'s device for the fused kernel, else on CPU."""
         return torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
@@ -56,6 +64,8 @@ class AdamKernels:
             if s.device != want:
                 steps[i] = s.to(want)
         beta1, beta2 = group["betas"]
+        if isinstance(lr, Tensor) and not fused:  # torch's foreach kernel takes a tensor lr only when capturable
+            lr = float(lr)
         _adamw_kernel(
             params,
             grads,
@@ -180,5 +190,5 @@ class AdamKernels:
         )
         for p, w, st, s, lp in zip(params, work, states, steps, low_prec):
             st["step"] = s
-            if lp:
-                p.copy_(w)
+            if lp:  # the fp32 result written back with stochastic rounding (round to nearest loses small steps)
+                assign_stochastic_(p, w, **self.weight_rounding(p, group, s))

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from .config import AdaRankGradConfig
-from .groups import param_groups, target_parameter_names
 from .optimizer import AdaRankGrad
 from .quant import state_nbytes
+from .targets import param_groups, target_parameter_names
 
 __all__ = ["OPTIMIZER_CHOICES", "adarank_overrides", "build_optimizer", "apply_lora", "optimizer_state_bytes"]
 

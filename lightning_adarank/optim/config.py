@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+import torch
+
 __all__ = ["AdaRankGradConfig", "GROUP_SETTINGS", "check_group_settings", "ScaleMode", "SubspaceSource"]
 
 #: how ``scale`` turns the low-rank Adam direction into an update (see ``AdaRankGradConfig.scale_mode``)
@@ -29,7 +31,10 @@ class AdaRankGradConfig:
     """Settings of :class:`~lightning_adarank.AdaRankGrad` (arXiv 2410.17881).
 
     Args:
-        lr: learning rate, as :class:`torch.optim.AdamW`.
+        lr: learning rate, as :class:`torch.optim.AdamW`: a float, or a 0-d float tensor (put it on the
+            parameters' device). A tensor lr is read on the device by the grouped step, with no host read, so a
+            CUDA graph that captures the step replays it with whatever value the tensor holds; LR schedulers
+            write into it in place. The per-matrix paths read it on the host.
         betas: Adam's moment decay rates ``(β1, β2)``, each in ``[0, 1)``.
         eps: Adam's ``ε`` (added to ``√v̂``).
         weight_decay: decoupled weight decay; applied to the full weight of projected matrices too.
@@ -105,6 +110,13 @@ class AdaRankGradConfig:
             :mod:`lightning_adarank.optim.quant`).
         dense_state_bits: the same choice for the parameters that get plain AdamW (biases, norms, unprojected
             matrices); ``32`` keeps them exact (torch's AdamW, bit for bit).
+        stochastic_rounding: how updates are written into **bf16/fp16 weights** (a model trained with
+            ``Trainer(precision="bf16-true")`` or cast with ``.bfloat16()``; fp32 weights are not affected):
+            ``True`` (default) computes ``decay·W + update`` in fp32 and rounds it up or down with probability given
+            by the dropped bits, so the stored weight is right on average; ``False`` rounds to nearest, which
+            silently drops every update under half a 16-bit ulp (``|ΔW| < 2⁻⁹|W|`` in bf16: at ``lr = 1e-5``
+            most of them). Deterministic (hashed from the step and the element, no random generator): a resumed
+            run rounds as the uninterrupted one (:mod:`lightning_adarank.optim.rounding`).
         seed: the random test matrices depend only on ``(seed, parameter index, refresh count)``, so
             data-parallel ranks agree without communication and a resumed run is bit-identical.
         fused: torch's fused Adam kernel (``None``: where the device supports it), else foreach.
@@ -145,6 +157,7 @@ class AdaRankGradConfig:
     transform_moments: bool = True
     state_bits: int = 32
     dense_state_bits: int = 32
+    stochastic_rounding: bool = True
     seed: int = 0
     fused: bool | None = field(default=None)
     grouped: bool | None = None
@@ -200,10 +213,17 @@ def _check_range(name: str, value: float, low: float, high: float, *, low_open=F
 
 def check_group_settings(group: dict[str, Any]) -> None:
     """Check the per-group settings in ``group``; raises ``TypeError``/``ValueError`` naming the bad one."""
-    for key in ("lr", "eps", "weight_decay", "scale", "tol", "energy"):
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):  # a 0-d float tensor: the grouped step reads it on the device (capture-ready)
+        if lr.ndim != 0 or not lr.is_floating_point():
+            raise TypeError(f"AdaRankGrad: a tensor lr must be a 0-d float tensor, got shape {tuple(lr.shape)}")
+        lr = float(lr)  # checked once, when the group is built
+    elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        raise TypeError(f"AdaRankGrad: lr must be a number or a 0-d tensor, got {type(lr).__name__}")
+    for key in ("eps", "weight_decay", "scale", "tol", "energy"):
         if not isinstance(group[key], (int, float)) or isinstance(group[key], bool):
             raise TypeError(f"AdaRankGrad: {key} must be a number, got {type(group[key]).__name__}")
-    _check_range("lr", group["lr"], 0.0, math.inf)
+    _check_range("lr", lr, 0.0, math.inf)
     _check_range("eps", group["eps"], 0.0, math.inf)
     _check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
     betas = group["betas"]
@@ -237,6 +257,8 @@ def check_group_settings(group: dict[str, Any]) -> None:
     for key, allowed in (("scale_mode", get_args(ScaleMode)), ("subspace_source", get_args(SubspaceSource))):
         if group[key] not in allowed:
             raise ValueError(f"AdaRankGrad: {key}={group[key]!r} must be one of {', '.join(map(repr, allowed))}")
+    if not isinstance(group.get("stochastic_rounding", True), bool):
+        raise TypeError(f"AdaRankGrad: stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}")
     if not isinstance(group.get("noise_floor", False), bool):
         raise TypeError(f"AdaRankGrad: noise_floor must be a bool, got {group['noise_floor']!r}")
     if not isinstance(group["transform_moments"], bool):

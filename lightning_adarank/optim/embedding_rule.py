@@ -1,4 +1,4 @@
-"""Whether embedding tables are projected: the default rule of the task modules (issue 31).
+"""Whether embedding tables are projected: the default rule of the task modules.
 
 Measured (``benchmarks/from_scratch.py``, results in ``benchmarks/results/from_scratch_cpu.md``) on a
 Geneformer-architecture cell-type classifier (2 layers, hidden 128, the full 25,426 x 128 gene-embedding table,

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import add_to_weight_, projection_side, rank_factor, sketch_ema
+from .linalg import projection_side, rank_factor, sketch_ema
 from .refresh_test import EMA, STAT_KEYS, captured_share, refresh_statistics, stat_column
+from .rounding import add_stochastic_
 
 __all__ = [
     "ShapeStore",
@@ -64,6 +65,15 @@ def oriented_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
 def _orient(t: Tensor, flipped: bool) -> Tensor:
     """``t`` or its transpose (a view): between a parameter's layout and the store's oriented one."""
     return t.mT if flipped else t
+
+
+def _scalar_alpha(direction: Tensor, alpha: float | Tensor) -> float:
+    """The ``alpha`` of a fused multiply-add: a float as it is; a tensor (a tensor lr) is folded into
+    ``direction`` on the device instead (no host read), leaving ``1``."""
+    if isinstance(alpha, Tensor):
+        direction.mul_(alpha)
+        return 1.0
+    return alpha
 
 
 def _flat(tensors: list[Tensor], dev: torch.device) -> Tensor:
@@ -340,6 +350,7 @@ class ShapeStore:
         adamw: Callable[..., list[Tensor]],
         test_matrix: Callable[[int, int, torch.device], Tensor] | None = None,
         sketch_mask: Tensor | None = None,
+        rounding: Callable[[Tensor, dict, Tensor], dict] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One normal step of every member: ``grads`` maps ``id(param)`` to its gradient.
 
@@ -348,10 +359,14 @@ class ShapeStore:
         sketches; ``sketch_mask`` ``(N,)`` bool (member order) where the sketch takes this step's gradient
         (default all: a matrix refreshed this step already took it). Returns the refresh test's inputs
         ``(‖PᵀY‖², ‖Y‖², finite)`` as ``(N,)`` device vectors, for :func:`refresh_test_stores`.
+        ``rounding(param, group, step)``: the stochastic rounding of 16-bit weights (the optimizer's
+        ``weight_rounding``; ``None``: round to nearest).
         """
         if self._chunk_views is None:
             self._chunk_views = [self._views(c) for c in range(len(self.chunks))]
-        parts = [self._step_chunk(ch, grads, group, adamw, test_matrix, sketch_mask) for ch in self._chunk_views]
+        parts = [
+            self._step_chunk(ch, grads, group, adamw, test_matrix, sketch_mask, rounding) for ch in self._chunk_views
+        ]
         for st in self.states:
             st["since_refresh"] += 1
         if len(parts) == 1:
@@ -366,12 +381,13 @@ class ShapeStore:
         adamw: Callable[..., list[Tensor]],
         test_matrix: Callable | None,
         sketch_mask: Tensor | None,
+        rounding: Callable | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Members ``ch.lo:ch.hi``: stack (or view) their gradients, project, sketch, Adam, update; the stack is
         freed on return. Returns the refresh test's ``‖PᵀY‖²`` (or ``‖PᵀG‖²``), ``‖Y‖²`` (or ``‖G‖²``) and the
         finite mask."""
         beta1 = group["betas"][0]
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = group["lr"], group["weight_decay"]  # a 0-d tensor lr stays on the device: no read, capture-ready
         alpha = lr * group["scale"]
         if ch.hi - ch.lo == 1:  # one matrix: a view with a batch dimension of one (no copy of an fp32 G)
             g = _orient(grads[ch.ids[0]], ch.flipped[0])
@@ -418,20 +434,23 @@ class ShapeStore:
         ch.steps.sub_(bad.to(ch.steps.device, ch.steps.dtype))
         ch.skipped.add_(bad)
         # back-projection and decoupled weight decay: W ← decay·W + lr·α·c·P N (decay 1 where skipped)
-        if wd:
-            torch._foreach_mul_(ch.params, list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)))
+        decays = list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)) if wd else [1.0] * len(ch.params)
+        if wd and self.dtype == torch.float32:
+            torch._foreach_mul_(ch.params, decays)
         if not own:  # the stack is a view of an fp32 gradient: add into the weight directly
             pc = ch.pieces[0]
-            ch.params[0].addmm_(pc.bases[0], pc.direction[0], alpha=alpha * pc.scale)
+            ch.params[0].addmm_(pc.bases[0], pc.direction[0], alpha=_scalar_alpha(pc.direction, alpha * pc.scale))
             return pn2, total2, ok
         for pc in ch.pieces:  # the update, written into the chunk's own stack (G is no longer needed)
             out = g[pc.glo : pc.ghi] if len(ch.pieces) > 1 else g
-            torch.baddbmm(out, pc.bases, pc.direction, beta=0.0, alpha=alpha * pc.scale, out=out)
+            a = _scalar_alpha(pc.direction, alpha * pc.scale)
+            torch.baddbmm(out, pc.bases, pc.direction, beta=0.0, alpha=a, out=out)
         if self.dtype == torch.float32:
             torch._foreach_add_(ch.params, list(g.unbind(0)))
-        else:
-            for p, d in zip(ch.params, g.unbind(0)):
-                add_to_weight_(p, d)
+        else:  # 16-bit weights: decay and update in fp32, written with stochastic rounding
+            for i, (p, d) in enumerate(zip(ch.params, g.unbind(0))):
+                r = rounding(self.params[ch.lo + i], group, ch.step_views[i]) if rounding else {"salt": None, "kind": 0}
+                add_stochastic_(p, d, decay=decays[i], **r)
         return pn2, total2, ok
 
     # ------------------------------------------------------------------ host reads

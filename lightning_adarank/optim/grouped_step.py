@@ -91,7 +91,14 @@ class GroupedStep:
             if moment and refreshed & set(store.ids):  # their sketches took this gradient already (a refresh step)
                 mask = torch.tensor([id(p) not in refreshed for p in store.params], device=store.device)
             results.append(
-                store.step({id(params[i]): grads[i] for i in idx}, group, self.adam_kernel, self.test_matrix, mask)
+                store.step(
+                    {id(params[i]): grads[i] for i in idx},
+                    group,
+                    self.adam_kernel,
+                    self.test_matrix,
+                    mask,
+                    self.weight_rounding,
+                )
             )
             stepped.append(store)
             for st in store.states:  # host rule: never staler than max_gap (no read needed)

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .rounding import LOW_PRECISION, add_stochastic_
+
 Side = Literal["left", "right"]
 
 __all__ = [
@@ -290,14 +292,36 @@ def rank_factor(scale_mode: str, side_len: int, rank: int) -> float:
     return math.sqrt(side_len / rank) if scale_mode == "rms" else 1.0
 
 
-def apply_update_(weight: Tensor, basis: Tensor, direction: Tensor, side: Side, *, decay: float, alpha: float) -> None:
+def apply_update_(
+    weight: Tensor,
+    basis: Tensor,
+    direction: Tensor,
+    side: Side,
+    *,
+    decay: float,
+    alpha: float,
+    salt: int | Tensor | None = None,
+    kind: int = 0,
+) -> None:
     """``W ← decay·W + α·project_back(N)`` in place: one ``addmm_`` pass over an fp32 ``W``; for fp16/bf16 the
-    product is formed in fp32 and added once (``decay`` applied first when it is not 1)."""
+    whole right-hand side is formed in fp32 a chunk of rows at a time and written with stochastic rounding
+    seeded by ``(salt, kind)`` (:func:`~lightning_adarank.optim.rounding.add_stochastic_`; ``salt=None``: round
+    to nearest)."""
     if weight.dtype == torch.float32:
         if side == "left":
             weight.addmm_(basis, direction, beta=decay, alpha=alpha)
         else:
             weight.addmm_(direction, basis.mT, beta=decay, alpha=alpha)
+        return
+    if weight.dtype in LOW_PRECISION:
+        if side == "left":
+            add_stochastic_(
+                weight, lambda r0, r1: (basis[r0:r1] @ direction).mul_(alpha), decay=decay, salt=salt, kind=kind
+            )
+        else:
+            add_stochastic_(
+                weight, lambda r0, r1: (direction[r0:r1] @ basis.mT).mul_(alpha), decay=decay, salt=salt, kind=kind
+            )
         return
     if decay != 1.0:
         weight.mul_(decay)

@@ -35,11 +35,11 @@ from . import quant
 from .adam_kernels import AdamKernels
 from .checkpoint import STATE_KEY, check_state_dict, format_tag, migrate_state_dict
 from .config import AdaRankGradConfig
+from .group_checks import normalize_params, validate_group
 from .grouped_step import GroupedStep
-from .groups import check_low_rank_shapes
 from .projected import ProjectedStep
 from .refresh_test import captured_share
-from .settings import normalize_params, validate_group
+from .targets import check_low_rank_shapes
 
 __all__ = ["AdaRankGrad", "SubspaceInfo"]
 

@@ -214,7 +214,7 @@ class ProjectedStep:
             weight_decay=0.0,
             rotated=math.sqrt(group["max_rank"]) if group["transform_moments"] else 1.0,
         )
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = float(group["lr"]), group["weight_decay"]  # this path reads on the host anyway
         decay = 1.0 - lr * wd
         bases = []
         for p, st, s, d in zip(params, states, steps, directions):
@@ -222,7 +222,9 @@ class ProjectedStep:
             basis = self._basis(st, p)  # loaded once per step (a dequantization at 8 bits)
             bases.append(basis)
             alpha = lr * group["scale"] * rank_factor(group["scale_mode"], basis.shape[0], basis.shape[1])
-            apply_update_(p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha)
+            apply_update_(
+                p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha, **self.weight_rounding(p, group, s)
+            )
         if group["subspace_source"] == "moment":
             proj_norms, shares = self._sketch_stats(states, params, bases)
         elif proj_norms is None:

@@ -51,6 +51,8 @@ import math
 import torch
 from torch import Tensor
 
+from .rounding import bf16_stochastic
+
 __all__ = [
     "BLOCK_SIZE",
     "MIN_QUANT_NUMEL",
@@ -76,7 +78,6 @@ HEADER_BYTES = 8  #: magic (2), format, kind, block (0: 256), exp-scale flag, 2 
 _MAGIC = (0x41, 0x51)  # "AQ"
 _FORMAT = 1
 SIGNED, SQRT, LINEAR = 0, 1, 2  #: kinds: signed tree (m, sketch), √v on the unsigned tree (v), linear (basis)
-_M31 = 0x7FFFFFFF
 
 _QMAPS: dict[tuple[str, int], Tensor] = {}
 
@@ -237,29 +238,6 @@ def _encode(value: Tensor, kind: int, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def _mix(h: Tensor) -> Tensor:
-    """A 31-bit integer hash finalizer (xor-shift-multiply; int64 arithmetic that cannot overflow)."""
-    h = h & _M31
-    h = h ^ (h >> 15)
-    h = (h * 0x2C1B3C6D) & _M31
-    h = h ^ (h >> 12)
-    h = (h * 0x297A2D39) & _M31
-    return h ^ (h >> 15)
-
-
-def _bf16_stochastic(x: Tensor, salt: int | Tensor, kind: int) -> Tensor:
-    """``x`` (fp32) rounded to bf16 up or down with probability given by the dropped bits: random bits hashed from
-    (index, ``salt``, ``kind``), so the result is a deterministic function of its inputs."""
-    x = x.contiguous()
-    salt_t = salt.reshape(()).to(device=x.device, dtype=torch.int64) if isinstance(salt, Tensor) else int(salt)
-    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-    rand16 = _mix(_mix(idx * 0x9E3779B1 + kind) ^ _mix(salt_t * 0x85EBCA77 + 0x165667B1)) & 0xFFFF
-    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    rounded = (bits + rand16) & 0xFFFF0000
-    rounded = torch.where(rounded >= 1 << 31, rounded - (1 << 32), rounded).to(torch.int32)
-    return rounded.view(torch.float32).bfloat16()
-
-
 def store(stored: Tensor | None, value: Tensor, bits: int, *, signed: bool, salt: int | Tensor | None = None) -> Tensor:
     """Write the fp32 ``value`` into ``stored`` (encoding it), or into new storage when ``stored`` is ``None``
     or holds another size (a rank change at a refresh). Returns the storage (``value`` itself where fp32).
@@ -271,7 +249,7 @@ def store(stored: Tensor | None, value: Tensor, bits: int, *, signed: bool, salt
         return value if value.dtype == torch.float32 else value.float()
     kind = _kind(signed)
     if bits == 16:
-        rounded = _bf16_stochastic(value.float(), 0 if salt is None else salt, kind)
+        rounded = bf16_stochastic(value.float(), 0 if salt is None else salt, kind)
         if stored is None or stored.dtype != torch.bfloat16 or stored.shape != value.shape:
             return rounded
         return stored.copy_(rounded)
