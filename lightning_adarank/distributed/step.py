@@ -42,7 +42,13 @@ import torch
 from torch import Tensor
 
 from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_ema, sketch_noise
-from ..optim.new_directions import fill_new_directions, known_share, refresh_energies
+from ..optim.new_directions import (
+    fill_new_directions,
+    fill_new_momentum,
+    known_share,
+    momentum_prior_weight,
+    refresh_energies,
+)
 from ..optim.refresh_test import captured_share, mark_refreshed, run_refresh_tests
 from .collectives import SumBuffer
 from .layout import ShardLayout, local, shard_layout, sharded_like
@@ -270,8 +276,10 @@ def _install(opt: Any, it: _Item, group: dict, basis: Tensor, kept: float, rot_l
             h = buf.add(sums)
             buf.reduce()
             sums = buf[h]
-        mass = 1.0 - group["betas"][1] ** it.st["step"].to(v.device, torch.float32)
-        v = fill_new_directions(v, v_old, known, it.side, sums, mass)
+        t = it.st["step"].to(v.device, torch.float32)
+        beta1, beta2 = group["betas"]
+        v = fill_new_directions(v, v_old, known, it.side, sums, 1.0 - beta2**t)
+        m = fill_new_momentum(m, known, it.low, it.side, momentum_prior_weight(beta1) * (1.0 - beta1**t))
     else:
         m, v = local(st["exp_avg"]), local(st["exp_avg_sq"])
     if it.side == "right":  # moments sharded with the weight, basis replicated

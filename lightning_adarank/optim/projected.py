@@ -183,7 +183,7 @@ class ProjectedStep:
             group["transform_moments"],
             group.get("state_bits", 32),
             low=low,
-            beta2=group["betas"][1],
+            betas=group["betas"],
         )
         return low
 

@@ -30,7 +30,13 @@ from .linalg import (
     select_ranks_batched,
     signal_spectrum,
 )
-from .new_directions import fill_new_directions, known_share, refresh_energies
+from .new_directions import (
+    fill_new_directions,
+    fill_new_momentum,
+    known_share,
+    momentum_prior_weight,
+    refresh_energies,
+)
 from .refresh_test import mark_refreshed
 
 __all__ = ["refresh_batched", "install_subspace"]
@@ -45,14 +51,15 @@ def install_subspace(
     bits: int = 32,
     *,
     low: Tensor | None,
-    beta2: float,
+    betas: tuple[float, float],
 ) -> None:
     """Put a new basis into ``p``'s state, carrying the moments into it (``M ← R M``, ``V ← (R∘R) V``,
     :func:`~lightning_adarank.optim.linalg.moment_transform`) or starting them at zero, stored at ``bits``
     (:mod:`.quant`: loaded for the rotation, stored after it); the second moment of the directions new to the
     subspace is then filled to a carried row's averaging mass
     (:func:`~lightning_adarank.optim.new_directions.fill_new_directions`, from ``low``: this step's gradient
-    projected on ``basis``, and Adam's ``beta2``); then the bookkeeping (:func:`mark_refreshed`).
+    projected on ``basis``, and Adam's ``betas``; the first moment likewise:
+    :func:`~lightning_adarank.optim.new_directions.fill_new_momentum`); then the bookkeeping (:func:`mark_refreshed`).
 
     The one installer of a subspace for the per-matrix, grouped and layer-wise paths (FSDP2 rotates its sharded
     moments itself, fills the new directions with the same function, then calls :func:`mark_refreshed`)."""
@@ -74,8 +81,9 @@ def install_subspace(
             m, v, known = torch.zeros(new_shape, device=p.device), torch.zeros(new_shape, device=p.device), None
         if low is None:
             raise ValueError("install_subspace: a refresh of an existing subspace needs the projected gradient `low`")
-        mass = 1.0 - beta2 ** st["step"].to(p.device, torch.float32)  # a carried row's averaging mass
-        v = fill_new_directions(v, v_old, known, side, refresh_energies(v_old, low, side), mass)
+        t = st["step"].to(p.device, torch.float32)
+        v = fill_new_directions(v, v_old, known, side, refresh_energies(v_old, low, side), 1.0 - betas[1] ** t)
+        m = fill_new_momentum(m, known, low, side, momentum_prior_weight(betas[0]) * (1.0 - betas[0] ** t))
         st["exp_avg"] = quant.store(None, m, bits, signed=True, salt=st.get("step"))
         st["exp_avg_sq"] = quant.store(None, v, bits, signed=False, salt=st.get("step"))
     st["basis"] = quant.store_basis(basis, bits)
@@ -159,7 +167,7 @@ def refresh_batched(
                 kept / tot if tot > 0 else 1.0,
                 group["transform_moments"],
                 low=project(grads[i].float(), basis, side),
-                beta2=group["betas"][1],
+                betas=group["betas"],
             )
             done[i] = True
     return done
