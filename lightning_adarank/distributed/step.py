@@ -42,7 +42,13 @@ import torch
 from torch import Tensor
 
 from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_ema, sketch_noise
-from ..optim.new_directions import fill_new_directions, known_share
+from ..optim.new_directions import (
+    fill_new_directions,
+    fill_new_momentum,
+    known_share,
+    momentum_prior_weight,
+    refresh_energies,
+)
 from ..optim.refresh_test import captured_share, mark_refreshed, run_refresh_tests
 from .collectives import SumBuffer
 from .layout import ShardLayout, local, shard_layout, sharded_like
@@ -264,7 +270,16 @@ def _install(opt: Any, it: _Item, group: dict, basis: Tensor, kept: float, rot_l
         else:
             rot = basis.mT @ old  # replicated n × r bases
             m, v, known = m_old @ rot.mT, v_old @ rot.square().mT, known_share(rot)
-        v = fill_new_directions(v, v_old, known, it.side)
+        sums = refresh_energies(v_old, it.low, it.side)
+        if it.side == "right":  # the columns (the weight's rows) are sharded: one small all-reduce
+            buf = SumBuffer(lay.group)
+            h = buf.add(sums)
+            buf.reduce()
+            sums = buf[h]
+        t = it.st["step"].to(v.device, torch.float32)
+        beta1, beta2 = group["betas"]
+        v = fill_new_directions(v, v_old, known, it.side, sums, 1.0 - beta2**t)
+        m = fill_new_momentum(m, known, it.low, it.side, momentum_prior_weight(beta1) * (1.0 - beta1**t))
     else:
         m, v = local(st["exp_avg"]), local(st["exp_avg_sq"])
     if it.side == "right":  # moments sharded with the weight, basis replicated

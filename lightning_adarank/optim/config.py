@@ -54,7 +54,10 @@ class AdaRankGradConfig:
             AdamW (whose update RMS is ``lr·rms(m̂/(√v̂+ε))``), **whatever the rank and the width**. Why:
             Adam makes every entry of ``N`` O(1), so the raw back-projection ``P N`` has RMS ≈ √(r/s) — a
             learning-rate cut tied to the rank (≈ 0.14 at r = 8, s = 384) that moves with every rank change
-            and differs between layers of different width; no fixed ``scale`` fits them all.
+            and differs between layers of different width; no fixed ``scale`` fits them all. Its spectral norm
+            does grow as the rank falls (``lr·α·√(s/r)·‖N‖₂``); a rule that bounds it, ``√(s/max_rank)`` (one
+            direction's step independent of the rank), fitted less and scored lower on CoLA with either rule for
+            new directions (``benchmarks/results/quality_second_pass.md``), so ``"rms"`` stays.
             ``"galore"``: GaLore's raw semantics ``lr·α·P N`` (for comparisons and a GaLore preset).
         subspace_source: ``"moment"`` (default): a refresh takes its subspace *and* its rank from a sketch of the
             smoothed gradient — the full first moment ``M = EMA_β1(G)`` that full AdamW would hold, kept only
@@ -83,8 +86,9 @@ class AdaRankGradConfig:
             scores drop (SST-2 −1.4, CoLA −1.5, STS-B −14.7 points; docs, research notes, "GLUE quality"); keeping more
             of the signal (``energy=0.99``: ranks ≈ 3.6–4.4 → 2) still costs SST-2 −0.8 and STS-B −8.9 over six
             seeds; and on a noiseless full-batch problem the drift between steps counts as noise (end loss
-            1.4–1.5× the default's). Use it for a rank that reflects the structure, or where optimizer memory
-            matters more than those points.
+            1.4–1.5× the default's). With new directions' second moment filled at a refresh it still collapses
+            CoLA (375 steps) to the majority class on two seeds. Use it for a rank that reflects the structure,
+            or where optimizer memory matters more than those points.
         min_gap: a matrix's subspace is refreshed no more often than every ``min_gap`` steps; the first
             ``min_gap − 1`` steps after a refresh (never the refresh step itself) calibrate the refresh test.
         max_gap: ... and at least every ``max_gap`` steps (never staler than GaLore's fixed schedule).

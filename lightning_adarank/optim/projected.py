@@ -175,7 +175,16 @@ class ProjectedStep:
                 generator=gen,
                 total_energy=grad_sq_norm,
             )
-        install_subspace(st, p, basis, kept, group["transform_moments"], group.get("state_bits", 32))
+        install_subspace(
+            st,
+            p,
+            basis,
+            kept,
+            group["transform_moments"],
+            group.get("state_bits", 32),
+            low=low,
+            betas=group["betas"],
+        )
         return low
 
     def update_projected(

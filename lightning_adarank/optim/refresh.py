@@ -23,25 +23,43 @@ from .grouped import STACK_BYTES
 from .linalg import (
     moment_transform,
     oriented_batched,
+    project,
     projected_shape,
     projection_side,
     range_finder_batched,
     select_ranks_batched,
     signal_spectrum,
 )
-from .new_directions import fill_new_directions, known_share
+from .new_directions import (
+    fill_new_directions,
+    fill_new_momentum,
+    known_share,
+    momentum_prior_weight,
+    refresh_energies,
+)
 from .refresh_test import mark_refreshed
 
 __all__ = ["refresh_batched", "install_subspace"]
 
 
-def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_moments: bool, bits: int = 32) -> None:
+def install_subspace(
+    st: dict,
+    p: Tensor,
+    basis: Tensor,
+    kept: float,
+    transform_moments: bool,
+    bits: int = 32,
+    *,
+    low: Tensor | None,
+    betas: tuple[float, float],
+) -> None:
     """Put a new basis into ``p``'s state, carrying the moments into it (``M ← R M``, ``V ← (R∘R) V``,
     :func:`~lightning_adarank.optim.linalg.moment_transform`) or starting them at zero, stored at ``bits``
     (:mod:`.quant`: loaded for the rotation, stored after it); the second moment of the directions new to the
     subspace is then filled to a carried row's averaging mass
-    (:func:`~lightning_adarank.optim.new_directions.fill_new_directions`); then the bookkeeping
-    (:func:`mark_refreshed`).
+    (:func:`~lightning_adarank.optim.new_directions.fill_new_directions`, from ``low``: this step's gradient
+    projected on ``basis``, and Adam's ``betas``; the first moment likewise:
+    :func:`~lightning_adarank.optim.new_directions.fill_new_momentum`); then the bookkeeping (:func:`mark_refreshed`).
 
     The one installer of a subspace for the per-matrix, grouped and layer-wise paths (FSDP2 rotates its sharded
     moments itself, fills the new directions with the same function, then calls :func:`mark_refreshed`)."""
@@ -61,7 +79,11 @@ def install_subspace(st: dict, p: Tensor, basis: Tensor, kept: float, transform_
             known = known_share(basis.mT @ p_old)
         else:  # restarted at zero (the rank changed): every direction is new
             m, v, known = torch.zeros(new_shape, device=p.device), torch.zeros(new_shape, device=p.device), None
-        v = fill_new_directions(v, v_old, known, side)
+        if low is None:
+            raise ValueError("install_subspace: a refresh of an existing subspace needs the projected gradient `low`")
+        t = st["step"].to(p.device, torch.float32)
+        v = fill_new_directions(v, v_old, known, side, refresh_energies(v_old, low, side), 1.0 - betas[1] ** t)
+        m = fill_new_momentum(m, known, low, side, momentum_prior_weight(betas[0]) * (1.0 - betas[0] ** t))
         st["exp_avg"] = quant.store(None, m, bits, signed=True, salt=st.get("step"))
         st["exp_avg_sq"] = quant.store(None, v, bits, signed=False, salt=st.get("step"))
     st["basis"] = quant.store_basis(basis, bits)
@@ -137,12 +159,15 @@ def refresh_batched(
             r, tot, kept, g2 = int(host[b]), host[n + b], host[2 * n + b], host[3 * n + b]
             if not (g2 == g2 and abs(g2) != float("inf")):  # non-finite gradient: skip this matrix
                 continue
+            basis = u[b, :, :r].contiguous()
             install_subspace(
                 states[i],
                 params[i],
-                u[b, :, :r].contiguous(),
+                basis,
                 kept / tot if tot > 0 else 1.0,
                 group["transform_moments"],
+                low=project(grads[i].float(), basis, side),
+                betas=group["betas"],
             )
             done[i] = True
     return done
