@@ -219,7 +219,9 @@ def child(args: argparse.Namespace) -> None:
         else:
             loss.backward()
         if opt is not None:
-            grad_peak[0] = max(grad_peak[0], sum(q.grad.numel() * q.grad.element_size() for q in params if q.grad is not None))
+            grad_peak[0] = max(
+                grad_peak[0], sum(q.grad.numel() * q.grad.element_size() for q in params if q.grad is not None)
+            )
             opt.step()
             opt.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - t)
