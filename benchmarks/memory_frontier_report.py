@@ -39,6 +39,27 @@ def load(paths: list[Path]) -> list[dict]:
     return list(runs.values())
 
 
+def repredict(runs: list[dict]) -> None:
+    """Recompute every measured run's prediction with the current model (and the run's measured runtime)."""
+    from nlp.pretrain import LLAMA_PRESETS
+
+    for d in runs:
+        if "peak_bytes" in d and d["model"] in LLAMA_PRESETS:
+            p = memory_model.predict(
+                LLAMA_PRESETS[d["model"]],
+                d["method"],
+                batch=d["batch"],
+                seq=d["seq"],
+                max_rank=d["max_rank"],
+                runtime_bytes=d["predicted"]["runtime"],
+                checkpointing=d.get("activation_checkpointing", True),
+                rank=max(1, round(d["mean_rank"])) if d.get("mean_rank") else None,
+            )
+            d["predicted_bytes"] = p["total"]
+            d["predicted"] = {k: v for k, v in p.items() if k not in ("total", "params")}
+            d["model_error"] = d["peak_bytes"] / p["total"] - 1
+
+
 def measured_table(runs: list[dict]) -> str:
     rows = [
         "| model | method | params | peak GB | model GB | model error | state MB | grads peak MB | s/step | loss first → last |",
@@ -147,6 +168,7 @@ def main() -> None:
     ap.add_argument("--header", type=Path, default=None, help="Markdown put before the tables")
     args = ap.parse_args()
     runs = load(args.runs)
+    repredict(runs)
     ref = next((d for d in runs if "peak_bytes" in d), {"batch": 1, "seq": 256, "max_rank": 128})
     batch, seq, rank = ref["batch"], ref["seq"], ref["max_rank"]
     text = args.header.read_text() if args.header else ""

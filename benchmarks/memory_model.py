@@ -9,8 +9,8 @@ one formula per component, for every method of the benchmark.
 * **gradients**: all of them at once (``2·P``) when the optimizer steps after backward; in a layer-wise method
   (each gradient consumed inside backward) the largest one, ``2·max(numel)``;
 * **state**: per method, from the shapes. AdaRankGrad's 8-bit bytes come from the optimizer's own accounting
-  (``quant._nbytes``: codes, block scales, headers) at the largest rank ``max_rank`` (an upper bound: the
-  adaptive rank may be lower). AdamW: two moments in the weights' dtype. torchao's ``AdamW8bit``: one byte per
+  (``quant._nbytes``: codes, block scales, headers) at the rank the matrices hold: ``max_rank`` for a
+  prediction (an upper bound: the adaptive rank may be lower), the run's mean rank to check a measurement. AdamW: two moments in the weights' dtype. torchao's ``AdamW8bit``: one byte per
   element and an fp32 scale per 256 (tensors under 4096 elements in the weights' dtype). GaLore 8-bit
   layer-wise: bitsandbytes' 8-bit moments of the projected ``r × l`` gradients and a bf16 ``s × r`` basis for
   the attention and MLP matrices, dense 8-bit moments for the embedding and ``lm_head``, fp32 ones for tensors
@@ -22,9 +22,10 @@ one formula per component, for every method of the benchmark.
 * **workspace**: the transient of the optimizer step on its largest tensor: the fp32 copy of a gradient that
   AdaRankGrad projects (``4·numel``), AdamW's ``√v`` temporaries (``4·numel``: two bf16 temporaries), torchao's
   dequantized moments and fp32 weight (``16·numel``), GaLore's fp32 SVD at its first refresh (``12·s·l + 4·s²``)
-  and its clone of the weight; a dense 8-bit AdaRankGrad step on an embedding (``70·numel``: fp32 copies of the
+  and its clone of the weight, or bitsandbytes' dense 8-bit step on the embedding (``30·numel``, calibrated on
+  llama_60m's run, whichever is larger); a dense 8-bit AdaRankGrad step on an embedding (``70·numel``: fp32 copies of the
   weight, gradient, both decoded moments and the direction, 20 bytes, and the 8-bit encoder's int64 codes and
-  comparison temporaries: the one coefficient calibrated on a measurement, llama_60m's).
+  comparison temporaries; calibrated on llama_60m's run). Every other coefficient is read off the code.
 
 The coefficients are read off the code paths named above (and the HF LLaMA forward); ``memory_frontier.py``
 prints the model next to every measurement so that its error is visible at every size.
@@ -70,8 +71,12 @@ class Shapes:
         return max(m * n for _, (m, n) in self.matrices())
 
 
-def _adarank_state(shapes: Shapes, bits: int, rank: int, oversample: int, project_emb: bool) -> int:
-    """AdaRankGrad's state bytes at ``bits`` with every projected matrix at ``rank`` (moments, basis, sketch)."""
+def _adarank_state(
+    shapes: Shapes, bits: int, rank: int, oversample: int, project_emb: bool, max_rank: int | None = None
+) -> int:
+    """AdaRankGrad's state bytes at ``bits`` with every projected matrix at ``rank`` (moments, basis) and a moment
+    sketch of ``max_rank + oversample`` columns (``max_rank``: default ``rank``)."""
+    max_rank = rank if max_rank is None else max_rank
     from lightning_adarank.optim import quant
 
     def moment(shape: tuple[int, ...], signed: bool) -> int:
@@ -83,18 +88,18 @@ def _adarank_state(shapes: Shapes, bits: int, rank: int, oversample: int, projec
     total = 0
     for kind, (m, n) in shapes.matrices():
         s, low = min(m, n), max(m, n)
-        if (kind == "emb" and not project_emb) or s <= rank:
+        if (kind == "emb" and not project_emb) or s <= max_rank:
             total += 2 * moment((m, n), True) + 4  # moments and the fp32 step counter
             continue
         mshape = (rank, n) if m <= n else (m, rank)
-        k = min(rank + oversample, low)
+        k = min(max_rank + oversample, low)
         basis = 4 * s * rank if bits == 32 else quant._nbytes((s * rank,), quant.LINEAR)[1]
         total += moment(mshape, True) + moment(mshape, False) + basis + moment((s, k), True)
         total += 4 * 7  # the step counter and six fp32 refresh-test statistics
     return total + sum(2 * moment((v,), True) + 4 for v in shapes.vectors())
 
 
-def _state(shapes: Shapes, method: str, rank: int, oversample: int) -> int:
+def _state(shapes: Shapes, method: str, rank: int, oversample: int, state_rank: int | None = None) -> int:
     if method == "adamw":
         return 2 * 2 * shapes.params
     if method == "adamw8bit":
@@ -110,7 +115,8 @@ def _state(shapes: Shapes, method: str, rank: int, oversample: int) -> int:
                 total += 2 * (rank * low + 4 * math.ceil(rank * low / 2048)) + 2 * s * rank
         return total + sum(2 * 4 * v for v in shapes.vectors())
     bits = 32 if method == "adarankgrad32" else 8
-    return _adarank_state(shapes, bits, rank, oversample, project_emb=method != "adarankgrad8_layerwise_dense_emb")
+    project_emb = method != "adarankgrad8_layerwise_dense_emb"
+    return _adarank_state(shapes, bits, state_rank or rank, oversample, project_emb, max_rank=rank)
 
 
 def _workspace(shapes: Shapes, method: str) -> int:
@@ -122,7 +128,7 @@ def _workspace(shapes: Shapes, method: str) -> int:
         return 16 * big
     if method == "galore8bit_layerwise":
         s = min(shapes.hidden, shapes.inter)
-        return max(12 * proj + 4 * s * s + 2 * proj, 12 * big)
+        return max(12 * proj + 4 * s * s + 2 * proj, 30 * big)  # SVD of a matrix, or bnb's 8-bit embedding step
     if method == "adarankgrad8_layerwise_dense_emb":
         return 70 * big  # the dense 8-bit step on the embedding (see the module docstring)
     return 4 * big
@@ -149,9 +155,13 @@ def predict(
     runtime_bytes: int,
     oversample: int = 4,
     checkpointing: bool = True,
+    rank: int | None = None,
 ) -> dict[str, int]:
     """The components of the peak (bytes) and their sum ``total`` for ``method`` on a LLaMA of preset sizes
-    ``model`` (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``)."""
+    ``model`` (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``).
+
+    ``rank``: the rank AdaRankGrad's matrices hold (adaptive: known after a run); default ``max_rank``, the upper
+    bound used for predictions."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     shapes = Shapes(
@@ -161,7 +171,7 @@ def predict(
         "runtime": int(runtime_bytes),
         "weights": 2 * shapes.params,
         "gradients": 2 * (shapes.max_numel if method in LAYERWISE else shapes.params),
-        "state": _state(shapes, method, max_rank, oversample),
+        "state": _state(shapes, method, max_rank, oversample, rank),
         "activations": _activations(shapes, batch, seq, checkpointing),
         "workspace": _workspace(shapes, method),
     }
