@@ -29,6 +29,10 @@ LLAMA_PRESETS: dict[str, dict[str, int]] = {
     "llama_350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16),
     "llama_1b": dict(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32),
     "llama_tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+    # GaLore's configs/llama_{3b,7b}.json (7B: LLaMA-7B's shapes) and LLaMA-13B's (Touvron et al. 2023, Table 2)
+    "llama_3b": dict(hidden_size=2560, intermediate_size=6848, num_hidden_layers=32, num_attention_heads=32),
+    "llama_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama_13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
 }
 PRETRAIN_OPTIMIZERS = ("adarankgrad", "galore", "galore8bit", "adamw", "adamw8bit")
 

@@ -71,6 +71,7 @@ def low_memory_adarank(
     dtype: torch.dtype | None = torch.bfloat16,
     activation_checkpointing: bool = True,
     target_modules: str | list[str] = "all-linear",
+    project_embeddings: bool = True,
     **settings: Any,
 ) -> AdaRankGrad:
     """An :class:`~lightning_adarank.AdaRankGrad` configured for the low-memory recipe (module docstring), with
@@ -78,7 +79,8 @@ def low_memory_adarank(
     casts it) and activation checkpointing on. Attach a
     :class:`~lightning_adarank.optim.layerwise.LayerwiseUpdater` to it (the updates then run in backward).
 
-    ``settings``: any AdaRankGrad setting (``lr``, ``max_rank``, ...); they override :data:`LOW_MEMORY_SETTINGS`.
+    ``project_embeddings=False``: the embedding and the output layer get dense AdamW on 8-bit state instead of a
+    projection. ``settings``: any AdaRankGrad setting (``lr``, ``max_rank``, ...); they override :data:`LOW_MEMORY_SETTINGS`.
     """
     if dtype is not None:
         if dtype not in (torch.bfloat16, torch.float16):
@@ -95,5 +97,5 @@ def low_memory_adarank(
             )
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    groups = param_groups(model, target_modules=target_modules, include_embeddings=True)
+    groups = param_groups(model, target_modules=target_modules, include_embeddings=project_embeddings)
     return AdaRankGrad(groups, **{**LOW_MEMORY_SETTINGS, **settings})
