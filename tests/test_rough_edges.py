@@ -178,19 +178,34 @@ def test_fit_errors_name_what_the_user_built(door):
 
 
 class TensorLr(TinyModule):
+    def __init__(self, lr):
+        super().__init__()
+        self.lr = lr
+
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=torch.tensor(1e-2))
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
 def test_a_module_setting_that_does_not_carry_over_names_the_callback():
+    # torch's AdamW takes any 1-element tensor lr; AdaRankGrad takes a 0-d one only
     with pytest.raises(
         TypeError,
         match=r"^AdaRankGradCallback: the settings of the module's AdamW do not carry over"
-        r" to AdaRankGrad: lr must be a number",
+        r" to AdaRankGrad: a tensor lr must be a 0-d float tensor, got shape \(1,\)",
     ):
         L.Trainer(max_steps=1, callbacks=[AdaRankGradCallback()], **trainer_kwargs()).fit(
-            TensorLr(), loader(make_data(), 16)
+            TensorLr(torch.tensor([1e-2])), loader(make_data(), 16)
         )
+
+
+def test_a_0d_tensor_lr_carries_over_and_trains():
+    module = TensorLr(torch.tensor(1e-2))
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = L.Trainer(max_steps=2, callbacks=[AdaRankGradCallback()], **trainer_kwargs())
+    trainer.fit(module, loader(make_data(), 16))
+    (optimizer,) = trainer.optimizers
+    assert type(optimizer).__name__ == "AdaRankGrad"
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, module.parameters()))
 
 
 def test_resume_with_another_max_rank_names_the_callback_setting(tmp_path):
