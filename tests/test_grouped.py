@@ -66,7 +66,9 @@ def test_grouped_step_matches_the_per_matrix_loop(source, weight_decay, scale_mo
     # same math, other summation order (bmm vs mm, CholeskyQR2 vs Householder in the range finder): fp32 rounding
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-5)
-    assert len(opt_a._stores) == 2 and not opt_b._stores  # one store per oriented shape: (24, 40) and (30, 30)
+    assert (
+        len(opt_a._grouped.stores) == 2 and not opt_b._grouped.stores
+    )  # one store per oriented shape: (24, 40) and (30, 30)
 
 
 def test_non_finite_matrix_is_skipped_alone_inside_its_bucket():
@@ -74,7 +76,7 @@ def test_non_finite_matrix_is_skipped_alone_inside_its_bucket():
     opt = AdaRankGrad(params, grouped=True, max_rank=4, energy=1.0, min_gap=50, max_gap=50)  # energy 1: every rank is 4
     _set_grads(params, 0)
     opt.step()
-    store = next(s for s in opt._stores.values() if s.shape == (24, 40))
+    store = next(s for s in opt._grouped.stores.values() if s.shape == (24, 40))
     assert any(b.hi - b.lo == 5 for b in store.buckets)  # the (24, 40) and the transposed (40, 24) share a bucket
     before = [p.detach().clone() for p in params]
     state0 = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[params[1]].items()}

@@ -159,12 +159,12 @@ def test_a_refresh_rebuilds_only_its_shape():
     opt.step()
     _set_grads(params, 1)
     opt.step()
-    stores = dict(opt._stores)
+    stores = dict(opt._grouped.stores)
     assert len(stores) == 2  # one store per oriented shape: (24, 40) (with the (40, 24) as transposes), (30, 30)
     opt.state[params[3]]["pending"] = True  # a (40, 24) matrix is due for a refresh
     _set_grads(params, 2)
     opt.step()
-    for key, store in opt._stores.items():
+    for key, store in opt._grouped.stores.items():
         if store.shape == (24, 40):
             assert store is not stores[key]
         else:
@@ -186,7 +186,7 @@ def test_grouped_true_refuses_low_bit_state_and_the_default_steps_it_per_matrix(
         else:
             before = [p.detach().clone() for p in net.parameters()]
             opt.step()
-            assert not opt._stores  # the per-matrix loop took it
+            assert not opt._grouped.stores  # the per-matrix loop took it
             assert all(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
         net.zero_grad()
 

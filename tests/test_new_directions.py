@@ -47,7 +47,9 @@ def _run(bits: int, fill: bool, steps_after: int = 30):
     opt = AdaRankGrad([p], max_rank=2, min_rank=2, state_bits=bits)
     group = opt.param_groups[0]
     st = opt.state[p]
-    st.update(step=opt.step_counter(p, opt.uses_fused(p.device)), refreshes=0, pending=True)
+    st.update(
+        step=opt.context.kernels.step_counter(p, opt.context.kernels.uses_fused(p.device)), refreshes=0, pending=True
+    )
     scale = torch.linspace(0.5, 2.0, L)  # per-column noise scale (input features differ)
     means = [0.8 * torch.randn(L, generator=gen) for _ in range(3)]  # rows e0, e1, and the new e2 (no larger)
     means[2] *= 0.5
@@ -56,7 +58,9 @@ def _run(bits: int, fill: bool, steps_after: int = 30):
     def adam(low: torch.Tensor) -> torch.Tensor:
         d = torch.zeros_like(low)
         shape = projected_shape(p.shape, int(st["rank"]))
-        (st["step"],) = opt._adamw_stored([d], [low], [st], [shape], group, bits, lr=1.0, weight_decay=0.0)
+        (st["step"],) = opt.context.kernels.adamw_stored(
+            [d], [low], [st], [shape], group, bits, lr=1.0, weight_decay=0.0
+        )
         return d
 
     for _ in range(300):
@@ -193,7 +197,7 @@ def test_restarted_moments_get_the_prior():
     p = nn.Parameter(torch.zeros(S, L))
     opt = AdaRankGrad([p], max_rank=3, transform_moments=False)
     st = opt.state[p]
-    st.update(step=opt.step_counter(p, False), refreshes=0, pending=True)
+    st.update(step=opt.context.kernels.step_counter(p, False), refreshes=0, pending=True)
     install_subspace(st, p, torch.stack([_unit(0), _unit(1)], 1), 1.0, False, low=None, betas=(0.9, 0.999))
     st["exp_avg_sq"].copy_(torch.rand(2, L))
     st["step"].fill_(50.0)

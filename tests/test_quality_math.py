@@ -213,7 +213,7 @@ def test_rank_chosen_above_the_noise_floor():
         # the same (default) sketch through the functional core: the floor measured from a fresh batch
         whole, _ = sketch_basis(st["sketch"], energy=0.9, min_rank=1, max_rank=8)
         assert whole.shape[1] == ranks[False]
-        fresh = (signal + noise * torch.randn(48, 80, generator=gen) / math.sqrt(48 * 80)) @ opt.test_matrix(
+        fresh = (signal + noise * torch.randn(48, 80, generator=gen) / math.sqrt(48 * 80)) @ opt.context.test_matrix(
             80, 12, w.device
         )
         nu = sketch_noise(torch.linalg.vector_norm(fresh - st["sketch"]).square(), 0.9)

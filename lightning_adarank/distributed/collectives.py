@@ -2,7 +2,7 @@
 
 A sharded step needs several partial sums per matrix (sketch pieces, projected gradients, sums of squares);
 :class:`SumBuffer` packs them into one flat buffer per dtype so that a step issues one collective however many
-matrices it updates, the way :meth:`~lightning_adarank.optim.adam_kernels.AdamKernels._norms` reads every norm
+matrices it updates, the way :meth:`~lightning_adarank.optim.adam_kernels.AdamKernels.norms` reads every norm
 with one host synchronisation.
 """
 

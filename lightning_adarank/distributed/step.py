@@ -34,7 +34,6 @@ distributed QR of ``G``'s range per iteration), ``state_bits``/``dense_state_bit
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +49,7 @@ from ..optim.new_directions import (
     refresh_energies,
 )
 from ..optim.refresh_test import captured_share, mark_refreshed, run_refresh_tests
+from ..optim.step_context import StepContext
 from .collectives import SumBuffer
 from .layout import ShardLayout, local, shard_layout, sharded_like
 from .linalg import sharded_sketch_basis
@@ -98,12 +98,12 @@ class _Item:
 
 def _measures_noise(it: _Item, group: dict, old: Tensor | None, fresh: Tensor) -> bool:
     """Whether this step's sketch measures the noise floor (``noise_floor`` setting): a refresh step with an
-    average to compare the fresh sketch to (``_update_sketch``'s rule)."""
+    average to compare the fresh sketch to (:meth:`~lightning_adarank.optim.projected.ProjectedStep.update_sketch`'s rule)."""
     return it.pending and group.get("noise_floor", False) and old is not None and old.shape == fresh.shape
 
 
 def _blend(old: Tensor | None, fresh: Tensor, beta1: float) -> Tensor:
-    """The moment sketch's average, with the single process's arithmetic (``_update_sketch``)."""
+    """The moment sketch's average, with the single process's arithmetic (:meth:`~lightning_adarank.optim.projected.ProjectedStep.update_sketch`)."""
     if old is None or old.shape != fresh.shape:
         return fresh
     return sketch_ema(old, fresh, beta1)
@@ -113,15 +113,18 @@ def _blend(old: Tensor | None, fresh: Tensor, beta1: float) -> Tensor:
 def step_sharded(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
     """Step ``params`` (DTensors of ``group``) with ``grads`` (their DTensor gradients); see the module docstring."""
     check_sharded_group(group, params, opt)
+    ctx = opt.context
     by_group: dict[int, list[int]] = {}
     layouts = [shard_layout(p) for p in params]
     for i, lay in enumerate(layouts):
         by_group.setdefault(id(lay.group), []).append(i)
     for idx in by_group.values():
-        _step_mesh(opt, [params[i] for i in idx], group, [grads[i] for i in idx], [layouts[i] for i in idx])
+        _step_mesh(ctx, [params[i] for i in idx], group, [grads[i] for i in idx], [layouts[i] for i in idx])
 
 
-def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor], layouts: list[ShardLayout]) -> None:
+def _step_mesh(
+    ctx: StepContext, params: list[Tensor], group: dict, grads: list[Tensor], layouts: list[ShardLayout]
+) -> None:
     beta1 = group["betas"][0]
     buf = SumBuffer(layouts[0].group)
     items: list[_Item] = []
@@ -129,20 +132,16 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
     for p, grad, lay in zip(params, grads, layouts):
         if grad.is_sparse:
             raise TypeError("AdaRankGrad does not support sparse gradients")
-        if not opt.is_projected(p, group):
+        if not ctx.is_projected(p, group):
             dense.append((p, grad, buf.add_square_sum(local(grad))))
             continue
-        st = opt.state[p]
-        if not st:
-            st["step"] = opt.step_counter(p, opt.uses_fused(p.device))
-            st["refreshes"] = 0
-            st["pending"] = True
+        st = ctx.new_matrix_state(p)
         m, n = p.shape
         side = projection_side(p.shape)
         g = local(grad).float()
         it = _Item(p, g, st, lay, side, min(group["max_rank"] + group["oversample"], min(m, n)), bool(st["pending"]))
         if side == "right":
-            omega = opt.test_matrix(m, it.k, g.device)[lay.offset : lay.offset + lay.rows]
+            omega = ctx.test_matrix(m, it.k, g.device)[lay.offset : lay.offset + lay.rows]
             it.h_fresh = buf.add(g.mT @ omega)
             if it.pending:
                 it.h_sq = buf.add_square_sum(g)
@@ -152,7 +151,7 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
         else:
             old = st.get("sketch")
             old = None if old is None else local(old)
-            fresh = g @ opt.test_matrix(n, it.k, g.device)
+            fresh = g @ ctx.test_matrix(n, it.k, g.device)
             if _measures_noise(it, group, old, fresh):
                 it.h_dev = buf.add_square_sum(fresh - old)
             it.sketch = _blend(old, fresh, beta1)
@@ -175,13 +174,9 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
     ok_items = [it for it, f in zip(items, finite[len(dense) :]) if f]
     skipped = len(checks) - len(ok_dense) - len(ok_items)
     if skipped:
-        warnings.warn(
-            f"AdaRankGrad: skipped the step of {skipped} parameter(s) with non-finite gradients",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        ctx.warn_skipped(skipped, stacklevel=5)
     if ok_dense:
-        opt.update_dense([p for p, _ in ok_dense], [g for _, g in ok_dense], group)
+        ctx.update_dense([p for p, _ in ok_dense], [g for _, g in ok_dense], group)
 
     refresh_left = []
     for it in ok_items:
@@ -198,7 +193,7 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
                     y, energy=group["energy"], min_rank=group["min_rank"], max_rank=group["max_rank"], noise=noise
                 )
                 it.low = it.g @ basis
-                _install(opt, it, group, basis, kept, None)
+                _install(ctx, it, group, basis, kept, None)
             it.stats = (it.st["basis"].mT @ y, y.reshape(-1) @ y.reshape(-1))
         else:
             _store_sketch(it)
@@ -210,9 +205,9 @@ def _step_mesh(opt: Any, params: list[Tensor], group: dict, grads: list[Tensor],
                 it.low = red[:, :n]
                 it.stats = (red[:, n:], buf[it.h_ysq][0])
     if refresh_left:
-        _refresh_left(opt, refresh_left, group)
+        _refresh_left(ctx, refresh_left, group)
     if ok_items:
-        _update(opt, ok_items, group)
+        _update(ctx, ok_items, group)
 
 
 def _store_sketch(it: _Item) -> None:
@@ -223,7 +218,7 @@ def _store_sketch(it: _Item) -> None:
         it.st["sketch"] = sharded_like(it.sketch.clone(), it.lay)
 
 
-def _refresh_left(opt: Any, items: list[_Item], group: dict) -> None:
+def _refresh_left(ctx: StepContext, items: list[_Item], group: dict) -> None:
     """New left-side subspaces: the distributed basis of each sketch, then one all-reduce for every
     ``P_newᵀ [G | Y | P_old]`` (projected gradient, refresh-test statistic, moment rotation)."""
     buf = SumBuffer(items[0].lay.group)
@@ -247,10 +242,10 @@ def _refresh_left(opt: Any, items: list[_Item], group: dict) -> None:
         red = buf[h]
         it.low = red[:, :n]
         it.stats = (red[:, n : n + k], buf[h_ysq][0])
-        _install(opt, it, group, basis, kept, red[:, n + k :] if red.shape[1] > n + k else None)
+        _install(ctx, it, group, basis, kept, red[:, n + k :] if red.shape[1] > n + k else None)
 
 
-def _install(opt: Any, it: _Item, group: dict, basis: Tensor, kept: float, rot_left: Tensor | None) -> None:
+def _install(ctx: StepContext, it: _Item, group: dict, basis: Tensor, kept: float, rot_left: Tensor | None) -> None:
     """Adopt a new basis: moments zeroed or carried over (``M ← R M``, ``V ← (R∘R) V``), the new directions'
     second moment filled (:func:`~lightning_adarank.optim.new_directions.fill_new_directions`, as on one process),
     then the bookkeeping."""
@@ -291,11 +286,11 @@ def _install(opt: Any, it: _Item, group: dict, basis: Tensor, kept: float, rot_l
     mark_refreshed(st, r, kept, it.g.device)
 
 
-def _update(opt: Any, items: list[_Item], group: dict) -> None:
+def _update(ctx: StepContext, items: list[_Item], group: dict) -> None:
     """Adam on the projected gradients (torch's kernel on local/replicated moments), back-projection into the
     local rows, and the refresh test on the all-reduced sketch statistics."""
     directions = [torch.zeros_like(it.low) for it in items]
-    steps = opt.adam_kernel(
+    steps = ctx.kernels.adam_kernel(
         directions,
         [it.low.contiguous() for it in items],
         [local(it.st["exp_avg"]) for it in items],
@@ -311,7 +306,7 @@ def _update(opt: Any, items: list[_Item], group: dict) -> None:
     for it, s, d in zip(items, steps, directions):
         it.st["step"] = s
         alpha = lr * group["scale"] * rank_factor(group["scale_mode"], min(it.p.shape), int(it.st["rank"]))
-        rounding = opt.weight_rounding(it.p, group, s)
+        rounding = ctx.weight_rounding(it.p, group, s)
         apply_update_(local(it.p), local(it.st["basis"]), d, it.side, decay=decay, alpha=alpha, **rounding)
         pty, ysq = it.stats
         stats += [pty.reshape(-1) @ pty.reshape(-1), ysq.reshape(())]

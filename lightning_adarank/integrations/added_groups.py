@@ -50,10 +50,7 @@ def resync_param_groups(optimizer: AdaRankGrad) -> None:
     New parameters get the next indices (the seed of their subspaces) in group order, as
     ``add_param_group`` would have given them.
     """
-    optimizer._group_by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer._index.setdefault(id(p), len(optimizer._index))
+    optimizer.context.register(optimizer.param_groups)
 
 
 class AddedGroups:

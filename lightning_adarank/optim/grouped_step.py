@@ -1,5 +1,5 @@
-"""The grouped step's driver, mixed into :class:`~lightning_adarank.AdaRankGrad` (kept apart from the per-matrix
-code in ``optimizer.py``): refresh the pending matrices in batches, step every projected matrix of a group
+"""The grouped step's driver (the GPU default of :class:`~lightning_adarank.AdaRankGrad`), on the optimizer's
+:class:`~lightning_adarank.optim.step_context.StepContext`: refresh the pending matrices in batches, step every projected matrix of a group
 through the :class:`~lightning_adarank.optim.grouped.ShapeStore` of its shape, read the device-side flags every
 ``refresh_check_every`` calls.
 
@@ -13,31 +13,43 @@ saved and resumed at any step is therefore bit-identical to one that was not.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from .grouped import ShapeStore, oriented_shape, refresh_test_stores
-from .linalg import subspace_seed
+from .projected import ProjectedStep
 from .refresh import refresh_batched
+from .step_context import StepContext
 
 __all__ = ["GroupedStep"]
 
 
 class GroupedStep:
-    """Mixin: ``_step_params_grouped`` and its bookkeeping (needs the optimizer's state, settings and kernels)."""
+    """The grouped step of every parameter group and its bookkeeping: the stores and the flag-read cadence.
 
-    def _init_grouped(self) -> None:
-        self._stores: dict[tuple, ShapeStore] = {}  # (group, device, shape, dtype) → store
-        self._calls: dict[int, int] = {}  # group index → grouped steps taken (the flag-read cadence)
-        self._unread_skips: list[Tensor] = []  # device counts of skipped unprojected parameters
+    Args:
+        ctx: the optimizer's step context.
+        projected: the per-matrix step, whose moment sketch update the refreshes reuse.
+    """
 
-    def _group_index(self, group: dict) -> int:
-        return next(i for i, g in enumerate(self.param_groups) if g is group)
+    def __init__(self, ctx: StepContext, projected: ProjectedStep) -> None:
+        self.ctx = ctx
+        self.projected = projected
+        self.stores: dict[tuple, ShapeStore] = {}  # (group, device, shape, dtype) → store
+        self.calls: dict[int, int] = {}  # group index → grouped steps taken (the flag-read cadence)
+
+    def reset(self, flag_reads: list[int]) -> None:
+        """Drop every store (a loaded state) and set each group's count of grouped steps (the flag cadence)."""
+        self.stores = {}
+        self.calls = {i: int(c) for i, c in enumerate(flag_reads)}
+        self.ctx.unread_skips.clear()
+
+    def flag_reads(self, n_groups: int) -> list[int]:
+        """Each group's count of grouped steps, for the state dict."""
+        return [self.calls.get(i, 0) for i in range(n_groups)]
 
     @torch.no_grad()
-    def _step_params_grouped(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
+    def step(self, params: list[Tensor], group: dict, grads: list[Tensor], group_index: int) -> None:
         """The grouped step (:mod:`~lightning_adarank.optim.grouped`): no host synchronisation on a normal step.
 
         Pending matrices are refreshed first (:func:`~lightning_adarank.optim.refresh.refresh_batched`, one
@@ -45,33 +57,31 @@ class GroupedStep:
         the per-matrix step); then every projected matrix takes its store's batched step and the unprojected
         parameters one fused AdamW call whose skip flag is set on the device when a gradient is not finite.
         """
-        projected = [self.is_projected(p, group) for p in params]
+        ctx = self.ctx
+        projected = [ctx.is_projected(p, group) for p in params]
         low = [i for i, is_low in enumerate(projected) if is_low]
         dense = [i for i, is_low in enumerate(projected) if not is_low]
         skipped = 0
         pending, noises = [], []
         moment = group["subspace_source"] == "moment"
         for i in low:
-            st = self.state[params[i]]
-            if not st:
-                st["step"] = self.step_counter(params[i], self.uses_fused(params[i].device))
-                st["refreshes"] = 0
-                st["pending"] = True
-            if st["pending"]:
+            if ctx.new_matrix_state(params[i])["pending"]:
                 pending.append(i)
         refreshed: set[int] = set()
         if pending:
             ids = {id(params[i]) for i in pending}  # their stores' unread flags go to the host before they change
             self._park([s for s in self._group_stores(group) if ids & set(s.ids)])
             for i in pending:
-                st = self.state[params[i]]
-                noises.append(self._update_sketch(params[i], grads[i].float(), group, st, True) if moment else None)
+                st = ctx.state[params[i]]
+                noises.append(
+                    self.projected.update_sketch(params[i], grads[i].float(), group, st, True) if moment else None
+                )
             done = refresh_batched(
                 [params[i] for i in pending],
                 [grads[i] for i in pending],
-                [self.state[params[i]] for i in pending],
+                [ctx.state[params[i]] for i in pending],
                 group,
-                lambda p, refresh: subspace_seed(self.seed, self._index[id(p)], refresh),
+                ctx.subspace_seed,
                 noises,
             )
             bad = {i for i, ok in zip(pending, done) if not ok}
@@ -79,7 +89,7 @@ class GroupedStep:
             low = [i for i in low if i not in bad]
             refreshed = {id(params[i]) for i, ok in zip(pending, done) if ok}
         if dense:  # first, so that its skip count is read with the projected matrices' flags
-            self.update_dense([params[i] for i in dense], [grads[i] for i in dense], group, check_finite=True)
+            ctx.update_dense([params[i] for i in dense], [grads[i] for i in dense], group, check_finite=True)
         by_key: dict[tuple, list[int]] = {}
         for i in low:
             p = params[i]
@@ -94,10 +104,10 @@ class GroupedStep:
                 store.step(
                     {id(params[i]): grads[i] for i in idx},
                     group,
-                    self.adam_kernel,
-                    self.test_matrix,
+                    ctx.kernels.adam_kernel,
+                    ctx.test_matrix,
                     mask,
-                    self.weight_rounding,
+                    ctx.weight_rounding,
                 )
             )
             stepped.append(store)
@@ -106,32 +116,32 @@ class GroupedStep:
                     st["pending"] = True
         if stepped:
             refresh_test_stores(stepped, results, group)
-        gi = self._group_index(group)
-        self._calls[gi] = self._calls.get(gi, 0) + 1
-        device = params[0].device
-        if self._calls[gi] % self._check_every(device) == 0:
+        self.calls[group_index] = self.calls.get(group_index, 0) + 1
+        if self.calls[group_index] % self._check_every(params[0].device) == 0:
             skipped += self._drain(group)
         if skipped:
-            self._warn_skipped(skipped)
+            ctx.warn_skipped(skipped)
 
     def _group_stores(self, group: dict) -> list[ShapeStore]:
-        return [s for key, s in self._stores.items() if key[0] == id(group)]
+        return [s for key, s in self.stores.items() if key[0] == id(group)]
 
     def _store(self, group: dict, key: tuple, params: list[Tensor]) -> ShapeStore:
         """The bound store of ``params`` (built, and a stale one parked, when membership or state changed)."""
         full = (id(group), *key)
-        store = self._stores.get(full)
-        if store is not None and store.is_bound(params, self.state, group):
+        store = self.stores.get(full)
+        if store is not None and store.is_bound(params, self.ctx.state, group):
             return store
         if store is not None:
             self._park([store])
         device = key[0]
-        step_device = device if self.uses_fused(device) else torch.device("cpu")
-        store = self._stores[full] = ShapeStore(params, [self.state[p] for p in params], group, step_device=step_device)
+        step_device = device if self.ctx.kernels.uses_fused(device) else torch.device("cpu")
+        store = self.stores[full] = ShapeStore(
+            params, [self.ctx.state[p] for p in params], group, step_device=step_device
+        )
         return store
 
     def _check_every(self, device: torch.device) -> int:
-        k = self.config.refresh_check_every
+        k = self.ctx.config.refresh_check_every
         return k if k is not None else (1 if device.type == "cpu" else 8)
 
     def _park(self, stores: list[ShapeStore], *, dense_skips: bool = False) -> int:
@@ -140,10 +150,11 @@ class GroupedStep:
         ``dense_skips``: the unprojected parameters' unread skip counts come in the same read; returns their sum.
         """
         parts = [s.device_flags() for s in stores]
-        if dense_skips and self._unread_skips:
-            dev = parts[0].device if parts else self._unread_skips[0].device
-            parts.append(torch.stack([t.reshape(()).to(dev) for t in self._unread_skips]).int())
-            self._unread_skips.clear()
+        unread = self.ctx.unread_skips
+        if dense_skips and unread:
+            dev = parts[0].device if parts else unread[0].device
+            parts.append(torch.stack([t.reshape(()).to(dev) for t in unread]).int())
+            unread.clear()
         if not parts:
             return 0
         values = torch.cat(parts).tolist()
@@ -169,14 +180,8 @@ class GroupedStep:
                     skipped += n
         return skipped
 
-    def _park_all(self) -> None:
+    def park_all(self) -> None:
         """Park every store's flags (``state_dict()``): the saved state then holds everything not yet read."""
-        n = self._park(list(self._stores.values()), dense_skips=True)
+        n = self._park(list(self.stores.values()), dense_skips=True)
         if n:  # only a warning depends on these: give it now
-            self._warn_skipped(n)
-
-    @staticmethod
-    def _warn_skipped(n: int) -> None:
-        warnings.warn(
-            f"AdaRankGrad: skipped the step of {n} parameter(s) with non-finite gradients", RuntimeWarning, stacklevel=4
-        )
+            self.ctx.warn_skipped(n)

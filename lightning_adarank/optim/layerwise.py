@@ -192,7 +192,7 @@ class LayerwiseUpdater:
     def _consume(self, p: Tensor, grad: Tensor) -> None:
         """One micro-batch's gradient of ``p`` has arrived (all-reduced under DDP)."""
         opt = self.optimizer
-        group = opt._group_of(p)
+        group = opt.context.group_of(p)
         if grad.is_sparse:
             raise TypeError("AdaRankGrad does not support sparse gradients (use nn.Embedding(sparse=False))")
         gsq = float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
@@ -225,7 +225,7 @@ class LayerwiseUpdater:
 
     def _step(self, p: Tensor) -> None:
         opt = self.optimizer
-        group = opt._group_of(p)
+        group = opt.context.group_of(p)
         acc = self._acc.pop(p)
         if opt.is_projected(p, group):
             share = self._share.pop(p) / self._count.pop(p)

@@ -22,8 +22,6 @@ it, else foreach), so it matches :class:`torch.optim.AdamW` bit for bit.
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -32,13 +30,12 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .adam_kernels import AdamKernels
 from .checkpoint import STATE_KEY, check_state_dict, format_tag, migrate_state_dict
 from .config import AdaRankGradConfig
 from .group_checks import normalize_params, validate_group
 from .grouped_step import GroupedStep
 from .projected import ProjectedStep
-from .refresh_test import captured_share
+from .step_context import StepContext
 from .targets import check_low_rank_shapes
 
 __all__ = ["AdaRankGrad", "SubspaceInfo"]
@@ -117,7 +114,7 @@ class SubspaceInfo:
         return self.max_rank * (s + 2 * l)
 
 
-class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer):
+class AdaRankGrad(torch.optim.Optimizer):
     r"""AdamW with adaptive-rank gradient projection (AdaRankGrad, arXiv 2410.17881).
 
     Args:
@@ -172,31 +169,32 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
     def __init__(self, params: Iterable, config: AdaRankGradConfig | None = None, **settings: Any) -> None:
         config = AdaRankGradConfig(**settings) if config is None else config.replace(**settings)
         self.config = config
-        self.seed = config.seed
-        self.fused = config.fused
-        self._index: dict[int, int] = {}
-        self._group_by_id: dict[int, dict] = {}
-        self._test_matrices: dict[tuple, Tensor] = {}  # Ω of the moment sketches, by (rows, cols, device)
-        self._init_grouped()
+        self.context = StepContext(config, {})
+        """What every step path shares (:class:`~lightning_adarank.optim.step_context.StepContext`): the
+        distribution layer and the layer-wise mode step through it."""
+        self._projected = ProjectedStep(self.context)
+        self._grouped = GroupedStep(self.context, self._projected)
         super().__init__(normalize_params(params), {**config.group_defaults(), "low_rank": True})
+        self.context.bind(self.state)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "context" in self.__dict__:  # torch's load_state_dict builds a new state: the paths step on it
+            self.context.bind(self.state)
 
     # ------------------------------------------------------------------ groups and bookkeeping
     def add_param_group(self, param_group: dict) -> None:
-        if not hasattr(self, "_index"):
-            self._index, self._group_by_id = {}, {}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_group(group)
         check_low_rank_shapes(group)  # a conv kernel in a low_rank group gets dense AdamW: say so
         if "param_names" in group and len(group["param_names"]) != len(group["params"]):
             raise ValueError("AdaRankGrad: param_names and params of a group differ in length")
-        for p in group["params"]:
-            self._index.setdefault(id(p), len(self._index))
-            self._group_by_id[id(p)] = group
+        self.context.register(self.param_groups)
 
     def is_projected(self, p: Tensor, group: dict) -> bool:
         """Whether ``p`` gets a low-rank projection under ``group``'s settings."""
-        return bool(group["low_rank"]) and p.dim() == 2 and min(p.shape) > group["max_rank"]
+        return self.context.is_projected(p, group)
 
     def _names(self) -> Iterable[tuple[str, Tensor, dict]]:
         for gi, group in enumerate(self.param_groups):
@@ -253,24 +251,36 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
     @torch.no_grad()
     def step_param(self, p: Tensor, grad: Tensor | None = None) -> None:
         """Update one parameter on its own (used by the layer-wise mode); ``grad`` defaults to ``p.grad``."""
-        group = self._group_of(p)
+        group = self.context.group_of(p)
         grad = p.grad if grad is None else grad
         if grad is not None:
             self.step_params([p], group, [grad])
 
-    def _group_of(self, p: Tensor) -> dict:
-        try:
-            return self._group_by_id[id(p)]
-        except KeyError:
-            raise KeyError("parameter is not managed by this optimizer") from None
+    @torch.no_grad()
+    def project_grad(self, p: Tensor, grad: Tensor, group: dict, grad_sq_norm: float | None = None, **kw: Any):
+        """The first half of ``p``'s projected step (:meth:`ProjectedStep.project_grad
+        <lightning_adarank.optim.projected.ProjectedStep.project_grad>`): refresh if pending, then ``PᵀG``."""
+        return self._projected.project_grad(p, grad, group, grad_sq_norm, **kw)
+
+    @torch.no_grad()
+    def update_projected(self, params: list[Tensor], lowrank: list[Tensor], group: dict, **kw: Any) -> None:
+        """The second half (:meth:`ProjectedStep.update_projected
+        <lightning_adarank.optim.projected.ProjectedStep.update_projected>`): Adam, update, refresh test."""
+        self._projected.update_projected(params, lowrank, group, **kw)
+
+    @torch.no_grad()
+    def update_dense(self, params: list[Tensor], grads: list[Tensor], group: dict) -> None:
+        """Exact AdamW for parameters that are not projected (:meth:`StepContext.update_dense
+        <lightning_adarank.optim.step_context.StepContext.update_dense>`)."""
+        self.context.update_dense(params, grads, group)
 
     @torch.no_grad()
     def step_params(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
         """Update ``params`` (all from ``group``) with ``grads``. The functional core of :meth:`step`.
 
         With ``grouped`` (``None``: on accelerators) and more than one parameter the grouped step
-        (:meth:`~lightning_adarank.optim.grouped_step.GroupedStep._step_params_grouped`: no host
-        synchronisation on a normal step), else the per-matrix loop (:meth:`_step_params_loop`).
+        (:meth:`~lightning_adarank.optim.grouped_step.GroupedStep.step`: no host synchronisation on a normal
+        step), else the per-matrix step (:meth:`~lightning_adarank.optim.projected.ProjectedStep.step`).
         """
         for g in grads:
             if g.is_sparse:
@@ -295,82 +305,14 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
                 "grouped=None (the default: low-bit groups then take the per-matrix step) or grouped=False"
             )
         if grouped and len(params) > 1 and not low_bit:
-            self._step_params_grouped(params, group, grads)
+            self._grouped.step(params, group, grads, next(i for i, g in enumerate(self.param_groups) if g is group))
         else:
-            self._step_params_loop(params, group, grads)
-
-    @torch.no_grad()
-    def _step_params_loop(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
-        """The per-matrix step: one projection, Adam call and update per matrix.
-
-        One host synchronisation reads every norm the step needs at once: ``‖PᵀG‖`` of the projected
-        gradients (refresh test; a non-finite ``G`` shows up there), ``‖G‖`` of the unprojected ones (the
-        non-finite check) and ``‖G‖`` of the projected ones (captured share). A refresh additionally reads
-        ``‖G‖²`` of the refreshed matrices.
-        """
-        projected = [self.is_projected(p, group) for p in params]
-        dense = [i for i, is_low in enumerate(projected) if not is_low]
-        low, lowrank, skipped = [], [], 0
-        grad_norms: dict[int, float] = {}  # ‖G‖ where known: refreshed matrices, and those measuring the share
-        for i, p in enumerate(params):
-            if not projected[i]:
-                continue
-            st = self.state[p]
-            gsq = None
-            if not st or st["pending"]:  # a refresh needs ‖G‖² (rank selection): reuse it for the share
-                gsq = self._norms([grads[i]])[0] ** 2
-            r = self.project_grad(p, grads[i], group, gsq, sketch=False)
-            if r is None:
-                skipped += 1
-                continue
-            low.append(i)
-            lowrank.append(r)
-            if gsq is not None:
-                grad_norms[i] = math.sqrt(gsq)
-        refreshed = set(grad_norms)
-        share_idx = [i for i in low if i not in grad_norms and self.share_due(params[i])]
-        tensors = lowrank + [grads[i] for i in dense] + [grads[i] for i in share_idx]
-        norms = self._norms(tensors) if tensors else []
-        proj_norms = norms[: len(low)]
-        dense_norms = norms[len(low) : len(low) + len(dense)]
-        grad_norms.update(zip(share_idx, norms[len(low) + len(dense) :]))
-        ok_dense = [i for i, n in zip(dense, dense_norms) if math.isfinite(n)]
-        ok_low = [
-            k for k, i in enumerate(low) if math.isfinite(proj_norms[k]) and math.isfinite(grad_norms.get(i, 0.0))
-        ]
-        skipped += len(dense) - len(ok_dense) + len(low) - len(ok_low)
-        if skipped:
-            warnings.warn(
-                f"AdaRankGrad: skipped the step of {skipped} parameter(s) with non-finite gradients",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        if ok_dense:
-            self.update_dense([params[i] for i in ok_dense], [grads[i] for i in ok_dense], group)
-        if group["subspace_source"] == "moment":  # the steps not skipped; refreshed ones are sketched already
-            for k in ok_low:
-                if low[k] not in refreshed:
-                    self._update_sketch(params[low[k]], grads[low[k]].float(), group, self.state[params[low[k]]], True)
-        if ok_low:
-            shares = []
-            for k in ok_low:
-                gn = grad_norms.get(low[k])
-                shares.append(None if gn is None else float(captured_share(proj_norms[k] ** 2, gn**2)))
-            self.update_projected(
-                [params[low[k]] for k in ok_low],
-                [lowrank[k] for k in ok_low],
-                group,
-                proj_norms=[proj_norms[k] for k in ok_low],
-                shares=shares,
-            )
+            self._projected.step(params, group, grads)
 
     def share_due(self, p: Tensor) -> bool:
-        """Whether this step of ``p`` needs the batch's captured share ``‖PᵀG‖²/‖G‖²`` (a pass over ``G``).
-
-        Every step with ``subspace_source="gradient"``; never with ``"moment"``, whose refresh test reads the
-        moment sketch instead (:meth:`_sketch_stats`).
-        """
-        return self._group_of(p)["subspace_source"] != "moment"
+        """Whether this step of ``p`` needs the batch's captured share (:meth:`StepContext.share_due
+        <lightning_adarank.optim.step_context.StepContext.share_due>`)."""
+        return self.context.share_due(p)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -380,13 +322,13 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         A checkpoint then holds exactly the state of each matrix (no shared storages), in the per-matrix
         layout; :meth:`load_state_dict` drops the storage, and the next grouped step rebuilds it.
         """
-        self._park_all()  # flags not read yet travel in the state, to be acted on at the same step after a resume
+        self._grouped.park_all()  # flags not read yet travel in the state, to be acted on at the same step after a resume
         sd = super().state_dict()
         sd["state"] = {
             k: {n: v.clone() if isinstance(v, Tensor) and v._base is not None else v for n, v in st.items()}
             for k, st in sd["state"].items()
         }
-        sd[STATE_KEY] = {**format_tag(), "flag_reads": [self._calls.get(i, 0) for i in range(len(self.param_groups))]}
+        sd[STATE_KEY] = {**format_tag(), "flag_reads": self._grouped.flag_reads(len(self.param_groups))}
         if any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):
             _sharded("pad")(self, sd)  # fixed shapes for distributed checkpoints (DCP loads in place)
         return sd
@@ -400,11 +342,9 @@ class AdaRankGrad(ProjectedStep, AdamKernels, GroupedStep, torch.optim.Optimizer
         """
         state_dict = migrate_state_dict(self, state_dict)  # an old (format 0-1) 8-bit state: the current format
         check_state_dict(self, state_dict)
-        super().load_state_dict(state_dict)
-        self._group_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
-        self._init_grouped()
-        calls = (state_dict.get(STATE_KEY) or {}).get("flag_reads") or []
-        self._calls = {i: int(c) for i, c in enumerate(calls)}
+        super().load_state_dict(state_dict)  # a new self.state: bound to the context by __setstate__
+        self.context.register(self.param_groups)
+        self._grouped.reset((state_dict.get(STATE_KEY) or {}).get("flag_reads") or [])
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for sid, p in zip(saved_ids, params):

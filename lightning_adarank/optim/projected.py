@@ -1,7 +1,8 @@
-"""The projected half of :class:`~lightning_adarank.AdaRankGrad`'s per-matrix step, mixed into it: the moment
-sketch, the subspace refresh (basis, adaptive rank, moment transform), the projection, the update
-``W ← W·(1 − lr·wd) + lr·α·c·P N`` and the refresh test. The layer-wise mode calls :meth:`ProjectedStep.project_grad`
-and :meth:`ProjectedStep.update_projected` directly.
+"""The per-matrix step of :class:`~lightning_adarank.AdaRankGrad` (the CPU default, and the layer-wise mode's): the
+moment sketch, the subspace refresh (basis, adaptive rank, moment transform), the projection, the update
+``W ← W·(1 − lr·wd) + lr·α·c·P N`` and the refresh test, one matrix at a time, on the optimizer's
+:class:`~lightning_adarank.optim.step_context.StepContext`. The layer-wise mode calls
+:meth:`ProjectedStep.project_grad` and :meth:`ProjectedStep.update_projected` separately (through the optimizer).
 """
 
 from __future__ import annotations
@@ -22,16 +23,81 @@ from .linalg import (
     sketch_ema,
     sketch_noise,
     sketch_side,
-    subspace_seed,
 )
 from .refresh import install_subspace
 from .refresh_test import captured_share, run_refresh_tests
+from .step_context import StepContext
 
 __all__ = ["ProjectedStep"]
 
 
 class ProjectedStep:
-    """Mixin: projection, sketch, refresh and projected update of one group's matrices (per-matrix path)."""
+    """Projection, sketch, refresh and projected update of one group's matrices (per-matrix path)."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+
+    @torch.no_grad()
+    def step(self, params: list[Tensor], group: dict, grads: list[Tensor]) -> None:
+        """The per-matrix step: one projection, Adam call and update per matrix.
+
+        One host synchronisation reads every norm the step needs at once: ``‖PᵀG‖`` of the projected
+        gradients (refresh test; a non-finite ``G`` shows up there), ``‖G‖`` of the unprojected ones (the
+        non-finite check) and ``‖G‖`` of the projected ones (captured share). A refresh additionally reads
+        ``‖G‖²`` of the refreshed matrices.
+        """
+        ctx = self.ctx
+        projected = [ctx.is_projected(p, group) for p in params]
+        dense = [i for i, is_low in enumerate(projected) if not is_low]
+        low, lowrank, skipped = [], [], 0
+        grad_norms: dict[int, float] = {}  # ‖G‖ where known: refreshed matrices, and those measuring the share
+        for i, p in enumerate(params):
+            if not projected[i]:
+                continue
+            st = ctx.state[p]
+            gsq = None
+            if not st or st["pending"]:  # a refresh needs ‖G‖² (rank selection): reuse it for the share
+                gsq = ctx.kernels.norms([grads[i]])[0] ** 2
+            r = self.project_grad(p, grads[i], group, gsq, sketch=False)
+            if r is None:
+                skipped += 1
+                continue
+            low.append(i)
+            lowrank.append(r)
+            if gsq is not None:
+                grad_norms[i] = math.sqrt(gsq)
+        refreshed = set(grad_norms)
+        share_idx = [i for i in low if i not in grad_norms and ctx.share_due(params[i])]
+        tensors = lowrank + [grads[i] for i in dense] + [grads[i] for i in share_idx]
+        norms = ctx.kernels.norms(tensors) if tensors else []
+        proj_norms = norms[: len(low)]
+        dense_norms = norms[len(low) : len(low) + len(dense)]
+        grad_norms.update(zip(share_idx, norms[len(low) + len(dense) :]))
+        ok_dense = [i for i, n in zip(dense, dense_norms) if math.isfinite(n)]
+        ok_low = [
+            k for k, i in enumerate(low) if math.isfinite(proj_norms[k]) and math.isfinite(grad_norms.get(i, 0.0))
+        ]
+        skipped += len(dense) - len(ok_dense) + len(low) - len(ok_low)
+        if skipped:
+            ctx.warn_skipped(skipped)
+        if ok_dense:
+            ctx.update_dense([params[i] for i in ok_dense], [grads[i] for i in ok_dense], group)
+        if group["subspace_source"] == "moment":  # the steps not skipped; refreshed ones are sketched already
+            for k in ok_low:
+                if low[k] not in refreshed:
+                    self.update_sketch(params[low[k]], grads[low[k]].float(), group, ctx.state[params[low[k]]], True)
+        if ok_low:
+            shares = []
+            for k in ok_low:
+                gn = grad_norms.get(low[k])
+                shares.append(None if gn is None else float(captured_share(proj_norms[k] ** 2, gn**2)))
+            self.update_projected(
+                [params[low[k]] for k in ok_low],
+                [lowrank[k] for k in ok_low],
+                group,
+                proj_norms=[proj_norms[k] for k in ok_low],
+                shares=shares,
+            )
 
     def project_grad(
         self,
@@ -53,58 +119,39 @@ class ProjectedStep:
         but the sketch's skipped update) when a refresh is due but the gradient is not finite.
 
         ``sketch=False``: on a step without a refresh the caller updates the moment sketch itself
-        (:meth:`_update_sketch`) once it knows the step is not skipped (the per-matrix loop does).
+        (:meth:`update_sketch`) once it knows the step is not skipped (the per-matrix loop does).
         ``measure_noise=False``: with the ``noise_floor`` setting, a refresh from this gradient chooses its rank on
         the whole sketch energy, without a noise floor measured from it
         (:func:`~lightning_adarank.optim.linalg.sketch_noise`), for a gradient that is one micro-batch's share of
         a step (the layer-wise mode's accumulation windows)
         """
-        st = self.state[p]
+        st = self.ctx.new_matrix_state(p)
         g = grad.float()
-        if not st:
-            st["step"] = self.step_counter(p, self.uses_fused(p.device))
-            st["refreshes"] = 0
-            st["pending"] = True
         moment = group["subspace_source"] == "moment"
         if st["pending"]:
             if grad_sq_norm is None:
-                grad_sq_norm = self._norms([g])[0] ** 2
+                grad_sq_norm = self.ctx.kernels.norms([g])[0] ** 2
             if not math.isfinite(grad_sq_norm):
                 return None
-            noise = self._update_sketch(p, g, group, st, new_step) if moment else None
-            return self._refresh(p, g, group, st, grad_sq_norm, noise if measure_noise else None)
+            noise = self.update_sketch(p, g, group, st, new_step) if moment else None
+            return self.refresh(p, g, group, st, grad_sq_norm, noise if measure_noise else None)
         if moment and sketch:
-            self._update_sketch(p, g, group, st, new_step)
-        return project(g, self._basis(st, p), projection_side(p.shape))
+            self.update_sketch(p, g, group, st, new_step)
+        return project(g, self.basis(st, p), projection_side(p.shape))
 
     @staticmethod
-    def _basis(st: dict, p: Tensor) -> Tensor:
+    def basis(st: dict, p: Tensor) -> Tensor:
         """``p``'s projection basis ``P`` (``min(shape) × rank``) as fp32: the stored tensor itself at 32
         ``state_bits``, else loaded (bf16, or 8-bit blocks with the linear code map: :func:`quant.store_basis`)."""
         return quant.load(st["basis"], (min(p.shape), int(st["rank"])))
 
-    def test_matrix(self, rows: int, cols: int, device: torch.device) -> Tensor:
-        """The fixed Gaussian ``Ω`` (``rows × cols``) of the moment sketches; depends only on (seed, shape).
-
-        Shared by every matrix with the same long side, never stored in the state: it is regenerated
-        bit-identically from the seed after a resume, and agrees across data-parallel ranks.
-        """
-        key = (rows, cols, str(device))
-        omega = self._test_matrices.get(key)
-        if omega is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(subspace_seed(self.seed, -1 - rows, cols))
-            omega = torch.randn(rows, cols, generator=gen, device=device, dtype=torch.float32)
-            self._test_matrices[key] = omega
-        return omega
-
     @staticmethod
-    def _sketch(st: dict, p: Tensor) -> Tensor:
+    def sketch(st: dict, p: Tensor) -> Tensor:
         """The moment sketch ``Y`` (``min(shape) × sketch_cols``) of ``p`` as fp32 (dequantized below 32 bits)."""
         y = st["sketch"]
         return quant.load(y, (min(p.shape), st["sketch_cols"])) if "sketch_cols" in st else y.float()
 
-    def _update_sketch(self, p: Tensor, g: Tensor, group: dict, st: dict, new_step: bool) -> Tensor | None:
+    def update_sketch(self, p: Tensor, g: Tensor, group: dict, st: dict, new_step: bool) -> Tensor | None:
         """``Y ← β1·Y + (1−β1)·A Ω`` (``A = G`` or ``Gᵀ``): by linearity ``Y`` is the sketch ``M Ω`` of the full first
         moment. A non-finite ``G`` leaves ``Y`` as it was (checked on the device, no synchronisation).
 
@@ -116,7 +163,7 @@ class ProjectedStep:
         """
         a = sketch_side(g, projection_side(p.shape))
         k = min(group["max_rank"] + group["oversample"], a.shape[0])
-        fresh = a @ self.test_matrix(a.shape[1], k, g.device)
+        fresh = a @ self.ctx.test_matrix(a.shape[1], k, g.device)
         bits = group.get("state_bits", 32)
         y = st.get("sketch")
         if y is not None and bits != 32:
@@ -142,19 +189,19 @@ class ProjectedStep:
         st["sketch"] = new
         return noise
 
-    def _refresh(
+    def refresh(
         self, p: Tensor, g: Tensor, group: dict, st: dict, grad_sq_norm: float, noise: Tensor | None = None
     ) -> Tensor:
         """Subspace refresh: a basis and rank from the moment sketch (or from ``g``), then the moment transform.
 
-        ``noise``: the sketch's noise energy (:meth:`_update_sketch`); the rank is chosen above that floor.
+        ``noise``: the sketch's noise energy (:meth:`update_sketch`); the rank is chosen above that floor.
 
         Returns the projected gradient in the new subspace.
         """
         side = projection_side(p.shape)
         if group["subspace_source"] == "moment":
             basis, kept = sketch_basis(
-                self._sketch(st, p),
+                self.sketch(st, p),
                 energy=group["energy"],
                 min_rank=group["min_rank"],
                 max_rank=group["max_rank"],
@@ -163,7 +210,7 @@ class ProjectedStep:
             low = project(g, basis, side)
         else:
             gen = torch.Generator(device=g.device)
-            gen.manual_seed(subspace_seed(self.seed, self._index[id(p)], st["refreshes"]))
+            gen.manual_seed(self.ctx.subspace_seed(p, st["refreshes"]))
             basis, kept, low = low_rank_basis(
                 g,
                 side,
@@ -201,9 +248,9 @@ class ProjectedStep:
         (computed here when not given); ``shares[i]`` the captured share ``‖PᵀG‖²/‖G‖²`` when it was measured
         this step, else ``None``.
         """
-        states = [self.state[p] for p in params]
+        states = [self.ctx.state[p] for p in params]
         directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
-        steps = self._adamw_stored(  # [state_bits]
+        steps = self.ctx.kernels.adamw_stored(  # [state_bits]
             directions,
             lowrank,
             states,
@@ -219,21 +266,21 @@ class ProjectedStep:
         bases = []
         for p, st, s, d in zip(params, states, steps, directions):
             st["step"] = s
-            basis = self._basis(st, p)  # loaded once per step (a dequantization at 8 bits)
+            basis = self.basis(st, p)  # loaded once per step (a dequantization at 8 bits)
             bases.append(basis)
             alpha = lr * group["scale"] * rank_factor(group["scale_mode"], basis.shape[0], basis.shape[1])
             apply_update_(
-                p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha, **self.weight_rounding(p, group, s)
+                p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha, **self.ctx.weight_rounding(p, group, s)
             )
         if group["subspace_source"] == "moment":
-            proj_norms, shares = self._sketch_stats(states, params, bases)
+            proj_norms, shares = self.sketch_stats(states, params, bases)
         elif proj_norms is None:
-            proj_norms = self._norms(lowrank)
+            proj_norms = self.ctx.kernels.norms(lowrank)
         if shares is None:
             shares = [None] * len(params)
         run_refresh_tests(states, group, proj_norms, shares)
 
-    def _sketch_stats(
+    def sketch_stats(
         self, states: list[dict], params: list[Tensor], bases: list[Tensor]
     ) -> tuple[list[float], list[float]]:
         """The refresh test's statistics with ``subspace_source="moment"``, from the sketch ``Y = M Ω``:
@@ -241,8 +288,8 @@ class ProjectedStep:
         gradient the subspace captures). One synchronisation for all; mini-batch noise is averaged out already.
         ``bases``: the loaded (fp32) bases of ``params``, as the update used them.
         """
-        sketches = [self._sketch(st, p) for st, p in zip(states, params)]
-        norms = self._norms([basis.mT @ y for basis, y in zip(bases, sketches)] + sketches)
+        sketches = [self.sketch(st, p) for st, p in zip(states, params)]
+        norms = self.ctx.kernels.norms([basis.mT @ y for basis, y in zip(bases, sketches)] + sketches)
         n = len(states)
         inside, total = torch.tensor(norms[:n], dtype=torch.float64), torch.tensor(norms[n:], dtype=torch.float64)
         return norms[:n], captured_share(inside.square(), total.square()).tolist()
