@@ -81,6 +81,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--llama-lrs", default="3e-3,1e-2,3e-2", help="the one lr grid every llama method is swept on")
     p.add_argument("--llama-steps", type=int, default=200)
     p.add_argument("--llama-rank", type=int, default=48)
+    p.add_argument(
+        "--adarank",
+        type=json.loads,
+        default={},
+        help="further settings of every AdaRankGrad method, as JSON (runs are cached and tabled apart per value)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dictionary-dir", default=str(common.REPO.parent / "shared" / "data" / "geneformer" / "gc30M"))
     p.add_argument("--runs", type=Path, default=common.RESULTS / "from_scratch_runs.json")
@@ -113,9 +119,16 @@ def find(runs: list[dict], key: str) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- bio
+def _variant(a) -> str:
+    """The set-up key's suffix for ``--adarank`` settings (empty for the package defaults)."""
+    return f" adarank{json.dumps(a.adarank, sort_keys=True)}" if a.adarank else ""
+
+
 def bio_setup(a, pretrained: bool = False) -> str:
-    return f"bio e{a.epochs} L{a.max_length} b{a.batch_size} lr{a.lr:g} r{a.rank} t{a.test_fraction:g}" + (
-        f" pre{a.pretrain_epochs}" if pretrained else ""
+    return (
+        f"bio e{a.epochs} L{a.max_length} b{a.batch_size} lr{a.lr:g} r{a.rank} t{a.test_fraction:g}"
+        + (f" pre{a.pretrain_epochs}" if pretrained else "")
+        + _variant(a)
     )
 
 
@@ -195,6 +208,7 @@ def run_bio(a, cells, method: str, seed: int, pretrained: str | None = None) -> 
         warmup_steps=10,
         include_embeddings=include_embeddings,
         target_modules=target_modules,
+        adarank=a.adarank or None,  # used by the AdaRankGrad methods only
         rank_monitor=False,
         memory_monitor=False,
     )
@@ -345,7 +359,7 @@ def llama_part(a) -> str:
     if a.smoke:
         base = ["--smoke", *base]
     la = llama_pretrain.parse(base)
-    setup = f"llama {la.model} v{la.vocab} b{la.block}x{la.batch} s{la.steps} r{la.rank}"
+    setup = f"llama {la.model} v{la.vocab} b{la.block}x{la.batch} s{la.steps} r{la.rank}" + _variant(a)
     data = None
     for seed in a.seed_list:
         for lr in lrs:
@@ -378,6 +392,7 @@ def llama_part(a) -> str:
                     f"{lr:g}",
                     "--data",
                     str(data),
+                    *(["--adarank", json.dumps(a.adarank)] if a.adarank else []),
                 ]
                 if method.startswith(MATRIX_SCALE_PREFIX):
                     child += ["--child", "adamw_matched", "--matched-scale", method[len(MATRIX_SCALE_PREFIX) :]]

@@ -80,6 +80,12 @@ def parse(argv=None) -> argparse.Namespace:
         default=0.25,
         help="adamw_matched: the matrices' lr is this times --lr-lowrank (0.25: the low-rank recipe's scale)",
     )
+    p.add_argument(
+        "--adarank",
+        type=json.loads,
+        default={},
+        help="further AdaRankGrad settings for the adarankgrad methods, as JSON (e.g. '{\"energy\": 0.99}')",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=2, help="methods trained at a time")
@@ -129,7 +135,14 @@ def child(a: argparse.Namespace) -> None:
         opt = matched_adamw(model, a.lr_lowrank, a.matched_scale)
     elif name == "adarankgrad32_emb":  # the embedding table projected too (include_embeddings=True's rule)
         opt = build_pretrain_optimizer(
-            model, "adarankgrad", lr=a.lr_lowrank, rank=a.rank, scale=0.25, scale_mode="galore", include_embeddings=True
+            model,
+            "adarankgrad",
+            lr=a.lr_lowrank,
+            rank=a.rank,
+            scale=0.25,
+            scale_mode="galore",
+            include_embeddings=True,
+            **a.adarank,
         )
     elif name.startswith("adarankgrad"):
         emb = name.endswith("emb")  # the embedding and lm_head projected too
@@ -145,6 +158,7 @@ def child(a: argparse.Namespace) -> None:
             state_bits=bits,
             dense_state_bits=bits,
             **where,
+            **a.adarank,
         )
     elif name.startswith("galore"):
         opt = build_pretrain_optimizer(model, name, lr=a.lr_lowrank, rank=a.rank, scale=0.25, update_proj_gap=a.gap)
