@@ -133,21 +133,12 @@ def child(a: argparse.Namespace) -> None:
     name = a.child
     if name == "adamw_matched":
         opt = matched_adamw(model, a.lr_lowrank, a.matched_scale)
-    elif name == "adarankgrad32_emb":  # the embedding table projected too (include_embeddings=True's rule)
-        opt = build_pretrain_optimizer(
-            model,
-            "adarankgrad",
-            lr=a.lr_lowrank,
-            rank=a.rank,
-            scale=0.25,
-            scale_mode="galore",
-            include_embeddings=True,
-            **a.adarank,
-        )
     elif name.startswith("adarankgrad"):
-        emb = name.endswith("emb")  # the embedding and lm_head projected too
-        bits = int(name[len("adarankgrad") :].removesuffix("emb"))  # 8-bit: projected AND dense moments
-        where = dict(include_embeddings=True, target_modules=r"attn|mlp|lm_head") if emb else {}
+        if name == "adarankgrad32_emb":  # the embedding table projected too (include_embeddings=True's rule)
+            bits, where = 32, dict(include_embeddings=True)
+        else:  # "emb" suffix: the embedding and lm_head projected too; 8-bit: projected AND dense moments
+            bits = int(name[len("adarankgrad") :].removesuffix("emb"))
+            where = dict(include_embeddings=True, target_modules=r"attn|mlp|lm_head") if name.endswith("emb") else {}
         opt = build_pretrain_optimizer(
             model,
             "adarankgrad",
