@@ -52,8 +52,18 @@ BIO_METHODS = {
 #: llama methods (``llama_pretrain.py`` children): AdamW at the matched per-group lrs, AdaRankGrad with dense
 #: embeddings (the recipe's default) and projected, GaLore
 LLAMA_METHODS = ("adamw_matched", "adarankgrad32", "adarankgrad32_emb", "galore")
-#: more AdamW variants: ``adamw_matrix<s>`` = ``adamw_matched`` with the matrices at ``s`` x lr (not the recipe's 0.25)
-MATRIX_SCALE_PREFIX = "adamw_matrix"
+#: variants at another matrix learning rate: ``adamw_matrix<s>`` = ``adamw_matched`` with the matrices at ``s`` x lr
+#: (not the recipe's 0.25); ``adarankgrad_matrix<s>`` = AdaRankGrad with the package's defaults (``scale_mode="rms"``,
+#: the from-scratch energy rule) at the same per-group learning rates (``llama_pretrain``'s ``adarankgrad_matched``)
+MATRIX_SCALE_CHILDREN = {"adamw_matrix": "adamw_matched", "adarankgrad_matrix": "adarankgrad_matched"}
+
+
+def _matrix_child(method: str) -> tuple[str, str] | None:
+    """``(child, scale)`` of a ``<prefix><s>`` method, ``None`` for a plain one."""
+    for prefix, child in MATRIX_SCALE_CHILDREN.items():
+        if method.startswith(prefix):
+            return child, method[len(prefix) :]
+    return None
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -223,6 +233,7 @@ def run_bio(a, cells, method: str, seed: int, pretrained: str | None = None) -> 
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - t0
+    train_loss = trainer.callback_metrics.get("train/loss_epoch")
     test = trainer.test(model, datamodule=dm, verbose=False)[0]
     opt = trainer.optimizers[0]
     emb = model.model.bert.embeddings.word_embeddings.weight
@@ -232,6 +243,9 @@ def run_bio(a, cells, method: str, seed: int, pretrained: str | None = None) -> 
     return {
         "f1": float(test["test/f1_macro"]),
         "acc": float(test["test/accuracy"]),
+        "train_loss": None if train_loss is None else float(train_loss),  # the last epoch's mean
+        "test_loss": float(test["test/loss"]) if "test/loss" in test else None,
+        "mean_rank": (sum(r := list(opt.ranks().values())) / len(r)) if hasattr(opt, "ranks") and opt.ranks() else None,
         "seconds": seconds,
         "state_bytes": optimizer_state_bytes(opt),
         "emb_projected": bool(projected),
@@ -348,7 +362,7 @@ def llama_part(a) -> str:
 
     methods = [m for m in a.llama_methods.split(",") if m]
     bad = (
-        {m for m in methods if not m.startswith(MATRIX_SCALE_PREFIX)}
+        {m for m in methods if _matrix_child(m) is None}
         - set(llama_pretrain.METHODS)
         - set(llama_pretrain.EXTRA_METHODS)
     )
@@ -394,8 +408,8 @@ def llama_part(a) -> str:
                     str(data),
                     *(["--adarank", json.dumps(a.adarank)] if a.adarank else []),
                 ]
-                if method.startswith(MATRIX_SCALE_PREFIX):
-                    child += ["--child", "adamw_matched", "--matched-scale", method[len(MATRIX_SCALE_PREFIX) :]]
+                if (matrix := _matrix_child(method)) is not None:
+                    child += ["--child", matrix[0], "--matched-scale", matrix[1]]
                 else:
                     child += ["--child", method]
                 r = common.run_child(child, timeout=7200)
@@ -412,6 +426,7 @@ def llama_part(a) -> str:
                         "ppl": ppl,
                         "seconds": r["seconds"],
                         "state_bytes": r["state_bytes"],
+                        "mean_rank": r.get("avg_rank"),
                     },
                 )
                 print(
@@ -482,7 +497,10 @@ def llama_report(a, la, setup: str, methods: list[str], lrs: list[float]) -> str
     text += (
         "\n`adamw_matrix<s>`: `adamw_matched` with the attention/MLP matrices at s x lr instead of the recipe's "
         "0.25 x lr (AdaRankGrad's projected update in `scale_mode='galore'` is smaller than its nominal "
-        "0.25 lr: the back-projected Adam step of a rank-r subspace has about sqrt(r/m) of full Adam's RMS).\n"
+        "0.25 lr: the back-projected Adam step of a rank-r subspace has about sqrt(r/m) of full Adam's RMS). "
+        "`adarankgrad_matrix<s>`: AdaRankGrad with the package's defaults (`scale_mode='rms'`, whose update RMS is "
+        "AdamW's, and the from-scratch energy rule: every projected matrix at max_rank) at exactly "
+        "`adamw_matrix<s>`'s per-group learning rates.\n"
     )
     return text
 

@@ -19,7 +19,10 @@ attention and MLP linears (GaLore's choice); embeddings, ``lm_head`` and norms g
 on CPU (``TORCHDYNAMO_DISABLE``; it compiles for minutes there; the arithmetic is the same).
 On request (``--methods``): ``adamw_matched``, full-rank AdamW with the low-rank recipe's per-group learning
 rates (dense parameters at ``--lr-lowrank``, the attention/MLP matrices at ``--matched-scale`` (0.25) times it), the
-fair peer of the low-rank methods; ``adarankgrad32_emb``, AdaRankGrad with the embedding table projected too.
+fair peer of the low-rank methods; ``adarankgrad32_emb``, AdaRankGrad with the embedding table projected too;
+``adarankgrad_matched``, AdaRankGrad with the package's defaults (``scale_mode="rms"``, the from-scratch energy
+rule of :mod:`lightning_adarank.optim.rank_rule`) and ``scale=--matched-scale``: exactly ``adamw_matched``'s
+per-group learning rates (the projected update's RMS is AdamW's at ``scale`` times the lr).
 ``--seed`` sets the initial weights and the batch order.
 Schedule: linear warm-up (10 %) then cosine to 10 % (GaLore's).
 """
@@ -52,7 +55,7 @@ METHODS = (
     "adarankgrad32emb",
     "adarankgrad8emb",
 )
-EXTRA_METHODS = ("adamw_matched", "adarankgrad32_emb")
+EXTRA_METHODS = ("adamw_matched", "adarankgrad32_emb", "adarankgrad_matched")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -133,6 +136,12 @@ def child(a: argparse.Namespace) -> None:
     name = a.child
     if name == "adamw_matched":
         opt = matched_adamw(model, a.lr_lowrank, a.matched_scale)
+    elif name == "adarankgrad_matched":  # the package's defaults at adamw_matched's per-group learning rates
+        from lightning_adarank.optim.rank_rule import resolve_energy
+
+        settings = {"scale": a.matched_scale, **a.adarank}  # scale_mode "rms": the matrices' update RMS = AdamW's
+        settings["energy"] = resolve_energy(settings.get("energy"), from_pretrained=False)
+        opt = build_pretrain_optimizer(model, "adarankgrad", lr=a.lr_lowrank, rank=a.rank, **settings)
     elif name.startswith("adarankgrad"):
         if name == "adarankgrad32_emb":  # the embedding table projected too (include_embeddings=True's rule)
             bits, where = 32, dict(include_embeddings=True)
@@ -144,12 +153,10 @@ def child(a: argparse.Namespace) -> None:
             "adarankgrad",
             lr=a.lr_lowrank,
             rank=a.rank,
-            scale=0.25,
-            scale_mode="galore",
             state_bits=bits,
             dense_state_bits=bits,
             **where,
-            **a.adarank,
+            **{"scale": 0.25, "scale_mode": "galore", **a.adarank},  # --adarank may override the recipe's scale
         )
     elif name.startswith("galore"):
         opt = build_pretrain_optimizer(model, name, lr=a.lr_lowrank, rank=a.rank, scale=0.25, update_proj_gap=a.gap)

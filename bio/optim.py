@@ -38,11 +38,18 @@ def make_optimizer(
     ``include_embeddings=None`` applies :func:`~lightning_adarank.optim.embedding_rule.resolve_include_embeddings`:
     the gene-embedding table gets dense Adam, from scratch (``from_pretrained=False``) and when fine-tuning a
     checkpoint (measured: projecting it cost 9 and 12 points of macro-F1); the choice is logged, and
-    ``True`` from scratch warns."""
+    ``True`` from scratch warns. AdaRankGrad's ``energy`` left unset applies
+    :func:`~lightning_adarank.optim.rank_rule.resolve_energy`: 1.0 (every projected matrix at ``rank``) from
+    scratch, 0.9 (the adaptive rank) when fine-tuning."""
     from lightning_adarank import build_optimizer
     from lightning_adarank.optim.embedding_rule import resolve_include_embeddings
+    from lightning_adarank.optim.rank_rule import resolve_energy
 
     extra = dict(adarank or {}) if optimizer == "adarankgrad" else {}
+    if optimizer == "adarankgrad":
+        extra["energy"] = resolve_energy(
+            extra.get("energy"), from_pretrained=from_pretrained, owner=type(module).__name__, report=rank_zero_info
+        )
     opt = build_optimizer(
         model,
         optimizer,

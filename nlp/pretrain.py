@@ -172,7 +172,9 @@ class CausalLMPretrainer(L.LightningModule):
             rule for training from scratch: dense Adam, not projected (logged; ``True`` is obeyed with a warning:
             see :mod:`lightning_adarank.optim.embedding_rule`).
         warmup_steps: linear warm-up steps; min_lr_ratio: floor of the cosine decay.
-        adarank: further AdaRankGrad settings, e.g. ``{"state_bits": 8, "energy": 0.9}``.
+        adarank: further AdaRankGrad settings, e.g. ``{"state_bits": 8}``. ``energy`` left unset is 1.0 here
+            (every projected matrix at ``rank``; logged): the rule for training from scratch, see
+            :mod:`lightning_adarank.optim.rank_rule`. ``{"energy": 0.9}`` gives the adaptive rank.
         seed: weight initialisation.
     """
 
@@ -252,6 +254,7 @@ class CausalLMPretrainer(L.LightningModule):
         from lightning.pytorch.utilities import rank_zero_info
 
         from lightning_adarank.optim.embedding_rule import resolve_include_embeddings
+        from lightning_adarank.optim.rank_rule import resolve_energy
 
         hp = self.hparams
         projects = "galore" if hp.optimizer.startswith("galore") else hp.optimizer  # galore8bit projects too
@@ -262,6 +265,11 @@ class CausalLMPretrainer(L.LightningModule):
             owner=type(self).__name__,
             report=rank_zero_info,
         )
+        adarank = dict(hp.adarank or {})
+        if hp.optimizer == "adarankgrad":  # from scratch: every projected matrix at max_rank unless energy is set
+            adarank["energy"] = resolve_energy(
+                adarank.get("energy"), from_pretrained=False, owner=type(self).__name__, report=rank_zero_info
+            )
         opt = build_pretrain_optimizer(
             self.model,
             hp.optimizer,
@@ -273,7 +281,7 @@ class CausalLMPretrainer(L.LightningModule):
             update_proj_gap=hp.update_proj_gap,
             target_modules=hp.target_modules,
             include_embeddings=include_embeddings,
-            **(hp.adarank or {}),
+            **adarank,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(

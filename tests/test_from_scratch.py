@@ -66,7 +66,57 @@ def test_rule_obeys_explicit_choices_and_warns_only_for_projected_from_scratch()
         resolve_include_embeddings("false", from_pretrained=False)  # a YAML string would read as true
 
 
+def test_energy_rule_none_means_max_rank_from_scratch_and_adaptive_from_a_checkpoint(caplog):
+    from lightning_adarank import AdaRankGrad, AdaRankGradConfig
+    from lightning_adarank.optim.baselines import adarank_overrides
+    from lightning_adarank.optim.config import DEFAULT_ENERGY
+    from lightning_adarank.optim.rank_rule import FROM_SCRATCH_ENERGY, resolve_energy
+
+    with caplog.at_level(logging.INFO, logger="lightning_adarank.optim.rank_rule"):
+        assert resolve_energy(None, from_pretrained=False, owner="M") == FROM_SCRATCH_ENERGY == 1.0
+        assert resolve_energy(None, from_pretrained=True) == DEFAULT_ENERGY == 0.9
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("M: AdaRankGrad energy=None -> 1.0 (training from scratch")
+    assert "-> 0.9 (fine-tuning" in lines[1]
+    for explicit in (0.9, 0.5, 1.0):  # an explicit value is obeyed, from scratch too
+        assert resolve_energy(explicit, from_pretrained=False) == explicit
+        assert resolve_energy(explicit, from_pretrained=True) == explicit
+    # None is the config's default: the optimizer reads it as 0.9, and an explicit 0.9 stays an override
+    assert AdaRankGradConfig().energy is None and AdaRankGradConfig().group_defaults()["energy"] == DEFAULT_ENERGY
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    assert AdaRankGrad([w]).param_groups[0]["energy"] == DEFAULT_ENERGY
+    assert adarank_overrides(AdaRankGradConfig(energy=0.9)) == {"energy": 0.9}
+    assert adarank_overrides(AdaRankGradConfig()) == {}
+
+
 # ----------------------------------------------------------------------------- bio modules
+def test_bio_classifier_energy_follows_the_rank_rule(tmp_path):
+    """From scratch the projected group gets energy 1.0; fine-tuning a checkpoint 0.9; an explicit 0.9 from
+    scratch is obeyed; the other optimizers get no energy at all."""
+    from bio import GeneformerClassifier
+
+    kw = dict(
+        model_config=dict(TINY),
+        rank=4,
+        lr_schedule="constant",
+        warmup_steps=0,
+        rank_monitor=False,
+        memory_monitor=False,
+    )
+
+    def energies(module) -> set:
+        opt = module.configure_optimizers()
+        return {g["energy"] for g in opt.param_groups if g.get("low_rank")}
+
+    scratch = GeneformerClassifier(["a", "b"], **kw)
+    assert energies(scratch) == {1.0}
+    scratch.save_pretrained(tmp_path / "ckpt")
+    assert energies(GeneformerClassifier(["a", "b"], pretrained=str(tmp_path / "ckpt"), **kw)) == {0.9}
+    assert energies(GeneformerClassifier(["a", "b"], adarank={"energy": 0.9}, **kw)) == {0.9}
+    galore = GeneformerClassifier(["a", "b"], optimizer="galore", **kw).configure_optimizers()
+    assert not any("energy" in g for g in galore.param_groups)
+
+
 def test_bio_classifier_default_follows_the_rule(tmp_path, caplog):
     from bio import GeneformerClassifier
 
@@ -240,3 +290,48 @@ def test_llama_pretrainer_default_keeps_embeddings_dense(caplog):
     )
     with pytest.warns(ProjectedEmbeddingsFromScratchWarning):
         assert "model.embed_tokens.weight" in fit(include_embeddings=True)
+
+
+def test_llama_pretrainer_trains_at_max_rank_unless_energy_is_set(caplog):
+    """``CausalLMPretrainer`` trains from scratch, so ``energy`` left unset is 1.0 (logged) and every projected
+    matrix keeps rank ``rank`` through two real Lightning steps; ``adarank={"energy": 0.5}`` is obeyed, and
+    there the rule picks lower ranks on the same run."""
+    import lightning as L
+
+    from nlp.pretrain import CausalLMPretrainer
+
+    ids = torch.randint(0, 50, (16, 12), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=4)
+
+    def fit(**kw):
+        module = CausalLMPretrainer(
+            vocab_size=50,
+            model=None,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            optimizer="adarankgrad",
+            rank=8,
+            warmup_steps=1,
+            **kw,
+        )
+        trainer = L.Trainer(
+            max_steps=4,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, train_dataloaders=loader)
+        opt = trainer.optimizers[0]
+        return {g["energy"] for g in opt.param_groups if g.get("low_rank")}, opt.ranks()
+
+    with caplog.at_level(logging.INFO):
+        energy, ranks = fit()
+    assert energy == {1.0} and ranks and set(ranks.values()) == {8}
+    assert any("CausalLMPretrainer: AdaRankGrad energy=None -> 1.0" in r.getMessage() for r in caplog.records)
+    energy, ranks = fit(adarank={"energy": 0.5})
+    assert energy == {0.5} and min(ranks.values()) < 8

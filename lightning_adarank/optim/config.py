@@ -18,8 +18,17 @@ from typing import Any, Literal, get_args
 
 import torch
 
-__all__ = ["AdaRankGradConfig", "GROUP_SETTINGS", "check_group_settings", "ScaleMode", "SubspaceSource"]
+__all__ = [
+    "AdaRankGradConfig",
+    "DEFAULT_ENERGY",
+    "GROUP_SETTINGS",
+    "check_group_settings",
+    "ScaleMode",
+    "SubspaceSource",
+]
 
+#: the adaptive rank's energy when ``energy`` is left at ``None`` (the paper's 0.9)
+DEFAULT_ENERGY = 0.9
 #: how ``scale`` turns the low-rank Adam direction into an update (see ``AdaRankGradConfig.scale_mode``)
 ScaleMode = Literal["rms", "galore"]
 #: what a refresh takes its subspace and rank from (see ``AdaRankGradConfig.subspace_source``)
@@ -43,7 +52,10 @@ class AdaRankGradConfig:
         min_rank: smallest rank of a projection (``>= 1``).
         energy: the fraction η of the energy a subspace must keep (adaptive rank; the paper's Algorithm 2),
             in ``(0, 1]``: of the smoothed gradient's sketch with ``subspace_source="moment"`` (above its noise
-            floor with ``noise_floor=True``), of ``‖G‖²_F`` with ``"gradient"``.
+            floor with ``noise_floor=True``), of ``‖G‖²_F`` with ``"gradient"``. ``None`` (default) means
+            :data:`DEFAULT_ENERGY` (0.9) here; the task modules read it as 1.0 (every projected matrix at
+            ``max_rank``) when they train from random initialisation, where a fixed rank was measured to train
+            better (:mod:`~lightning_adarank.optim.rank_rule`). Set a value to have it obeyed everywhere.
         scale: α, a user multiplier on the projected update, ``> 0``. With ``scale_mode="rms"`` (default)
             ``scale=1`` means "the update RMS of AdamW at this ``lr``"; with ``"galore"`` it is GaLore's
             ``scale`` (GaLore's GLUE recipes use 4, its pre-training recipes 0.25).
@@ -148,7 +160,7 @@ class AdaRankGradConfig:
     weight_decay: float = 0.0
     max_rank: int = 8
     min_rank: int = 1
-    energy: float = 0.9
+    energy: float | None = None
     scale: float = 1.0
     scale_mode: ScaleMode = "rms"
     subspace_source: SubspaceSource = "moment"
@@ -183,8 +195,12 @@ class AdaRankGradConfig:
             raise ValueError(f"AdaRankGrad: refresh_check_every={k!r} must be None or an int >= 1")
 
     def group_defaults(self) -> dict[str, Any]:
-        """The per-group settings as a dict (the optimizer's ``defaults``)."""
-        return {name: getattr(self, name) for name in GROUP_SETTINGS}
+        """The per-group settings as a dict (the optimizer's ``defaults``; ``energy=None`` as
+        :data:`DEFAULT_ENERGY`)."""
+        out = {name: getattr(self, name) for name in GROUP_SETTINGS}
+        if out["energy"] is None:
+            out["energy"] = DEFAULT_ENERGY
+        return out
 
     def replace(self, **changes: Any) -> AdaRankGradConfig:
         """A copy with ``changes`` applied (and checked); unknown names raise ``TypeError`` naming them."""
