@@ -245,88 +245,63 @@ def test_from_scratch_benchmark_smoke(tmp_path):
     assert (tmp_path / "from_scratch_smoke_cpu.md").is_file()
 
 
+def _fit_tiny_llama(width: int, rank: int, steps: int, **kw):
+    """A ``CausalLMPretrainer`` (one layer, hidden ``width``, AdaRankGrad at ``rank``) fitted ``steps`` real
+    Lightning steps on random tokens; returns its optimizer."""
+    import lightning as L
+
+    from nlp.pretrain import CausalLMPretrainer
+
+    ids = torch.randint(0, 50, (4 * steps, 12), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=4)
+    module = CausalLMPretrainer(
+        vocab_size=50,
+        model=None,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        optimizer="adarankgrad",
+        rank=rank,
+        warmup_steps=1,
+        **kw,
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer.optimizers[0]
+
+
 def test_llama_pretrainer_default_keeps_embeddings_dense(caplog):
     """``CausalLMPretrainer`` always trains from scratch: by default ``embed_tokens`` gets dense Adam (logged);
     ``include_embeddings=True`` projects it, with the warning. Two real Lightning steps each."""
-    import lightning as L
-
     from lightning_adarank.optim.embedding_rule import ProjectedEmbeddingsFromScratchWarning
-    from nlp.pretrain import CausalLMPretrainer
-
-    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=4)
-
-    def fit(**kw):
-        module = CausalLMPretrainer(
-            vocab_size=50,
-            model=None,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            optimizer="adarankgrad",
-            rank=4,
-            warmup_steps=1,
-            **kw,
-        )
-        trainer = L.Trainer(
-            max_steps=2,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
-        trainer.fit(module, train_dataloaders=loader)
-        return _projected_names(trainer.optimizers[0])
 
     with caplog.at_level(logging.INFO):
-        projected = fit()
+        projected = _projected_names(_fit_tiny_llama(16, 4, 2))
     assert "model.embed_tokens.weight" not in projected and "model.layers.0.mlp.up_proj.weight" in projected
     assert any(
         "CausalLMPretrainer: include_embeddings=None -> False (training from scratch)" in r.getMessage()
         for r in caplog.records
     )
     with pytest.warns(ProjectedEmbeddingsFromScratchWarning):
-        assert "model.embed_tokens.weight" in fit(include_embeddings=True)
+        assert "model.embed_tokens.weight" in _projected_names(_fit_tiny_llama(16, 4, 2, include_embeddings=True))
 
 
 def test_llama_pretrainer_trains_at_max_rank_unless_energy_is_set(caplog):
     """``CausalLMPretrainer`` trains from scratch, so ``energy`` left unset is 1.0 (logged) and every projected
-    matrix keeps rank ``rank`` through two real Lightning steps; ``adarank={"energy": 0.5}`` is obeyed, and
+    matrix keeps rank ``rank`` through four real Lightning steps; ``adarank={"energy": 0.5}`` is obeyed, and
     there the rule picks lower ranks on the same run."""
-    import lightning as L
-
-    from nlp.pretrain import CausalLMPretrainer
-
-    ids = torch.randint(0, 50, (16, 12), generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=4)
 
     def fit(**kw):
-        module = CausalLMPretrainer(
-            vocab_size=50,
-            model=None,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            optimizer="adarankgrad",
-            rank=8,
-            warmup_steps=1,
-            **kw,
-        )
-        trainer = L.Trainer(
-            max_steps=4,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
-        trainer.fit(module, train_dataloaders=loader)
-        opt = trainer.optimizers[0]
+        opt = _fit_tiny_llama(32, 8, 4, **kw)
         return {g["energy"] for g in opt.param_groups if g.get("low_rank")}, opt.ranks()
 
     with caplog.at_level(logging.INFO):
