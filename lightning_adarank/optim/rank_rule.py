@@ -11,6 +11,10 @@ random initialisation with the package's update rule (``scale_mode="rms"``), 3 s
   energy 0.9 (mean rank 13.6 of 48) against 195.4 at 1.0, AdamW's 195.4; at the best lr of both (3e-2), 189.1
   against AdamW's 187.0.
 
+Fine-tuning, the other way round: MiniLM on 2,000 CoLA sentences (3 epochs, 2 seeds,
+``benchmarks/results/quality_second_pass.md``) reads Matthews 13.6 at energy 0.9 (ranks 5.3 → 6.5 of 8) and 3.0 at
+1.0, its training loss 0.523 against 0.563.
+
 From random initialisation the adaptive rank undertrains: the smoothed gradient of a network far from trained
 concentrates 90 % of its sketch's energy in a few directions, so the rule picks ranks far below ``max_rank``
 while the weights must still move in many. The paper's argument for a falling rank (its Lemma 2) is about the
