@@ -234,6 +234,7 @@ def run_bio(a, cells, method: str, seed: int, pretrained: str | None = None) -> 
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - t0
     train_loss = trainer.callback_metrics.get("train/loss_epoch")
+    ranks = list(trainer.optimizers[0].ranks().values()) if hasattr(trainer.optimizers[0], "ranks") else []
     test = trainer.test(model, datamodule=dm, verbose=False)[0]
     opt = trainer.optimizers[0]
     emb = model.model.bert.embeddings.word_embeddings.weight
@@ -245,7 +246,7 @@ def run_bio(a, cells, method: str, seed: int, pretrained: str | None = None) -> 
         "acc": float(test["test/accuracy"]),
         "train_loss": None if train_loss is None else float(train_loss),  # the last epoch's mean
         "test_loss": float(test["test/loss"]) if "test/loss" in test else None,
-        "mean_rank": (sum(r := list(opt.ranks().values())) / len(r)) if hasattr(opt, "ranks") and opt.ranks() else None,
+        "mean_rank": sum(ranks) / len(ranks) if ranks else None,  # AdaRankGrad's, at the end
         "seconds": seconds,
         "state_bytes": optimizer_state_bytes(opt),
         "emb_projected": bool(projected),
