@@ -71,13 +71,16 @@ def test_grouped_step_matches_the_per_matrix_loop(source, weight_decay, scale_mo
     )  # one store per oriented shape: (24, 40) and (30, 30)
 
 
-def test_non_finite_matrix_is_skipped_alone_inside_its_bucket():
+@pytest.mark.parametrize("energy", [1.0, 0.6])
+def test_non_finite_matrix_is_skipped_alone_inside_its_chunk(energy):
     params = _params()
-    opt = AdaRankGrad(params, grouped=True, max_rank=4, energy=1.0, min_gap=50, max_gap=50)  # energy 1: every rank is 4
+    # energy 1: every rank is 4 (the stored bases are stepped as they are); 0.6: mixed ranks (a zero-padded stack)
+    opt = AdaRankGrad(params, grouped=True, max_rank=4, energy=energy, min_gap=50, max_gap=50)
     _set_grads(params, 0)
     opt.step()
     store = next(s for s in opt._grouped.stores.values() if s.shape == (24, 40))
-    assert any(b.hi - b.lo == 5 for b in store.buckets)  # the (24, 40) and the transposed (40, 24) share a bucket
+    assert store.chunks == [(0, 5)]  # the (24, 40) and the transposed (40, 24) are stepped as one stack
+    assert (len(set(store.ranks)) > 1) == (energy < 1)
     before = [p.detach().clone() for p in params]
     state0 = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[params[1]].items()}
     _set_grads(params, 1)

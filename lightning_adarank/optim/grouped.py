@@ -14,15 +14,18 @@ shape, dtype)`` in a few flat buffers and steps them together:
   *views* into them, so ``state_dict()``, :meth:`~lightning_adarank.AdaRankGrad.subspaces` and the per-matrix
   (layer-wise) code see ordinary tensors. A store holds one shape, so a refresh (which changes a matrix's rank,
   hence its storage) rebuilds only the store of that shape;
-* **buckets** — within a store, same-rank matrices form a *bucket* (one ``bmm`` to project, one ``baddbmm`` to
-  project back). Ranks are exact, not padded (padding would store every matrix at the largest rank: the state
-  memory adaptive rank saves). Buckets are bounded by ``shapes × distinct ranks``, which does not grow with depth;
+* **ranks** — ranks are exact in storage (moments ``(r, l)``, bases ``Pᵀ`` as ``(r, s)`` rows; padding them would
+  store every matrix at its shape's largest rank: the state memory adaptive rank saves). A chunk is stepped at its
+  largest rank ``R`` instead: its bases are laid into a zero-padded ``(B, R, s)`` stack (one ``index_copy_``), so
+  one ``bmm`` projects every member and one ``baddbmm`` projects back, whatever the mix of ranks; the padded rows
+  project to zero and are never stored. A chunk of one rank uses its stored bases as they are;
 * **chunks** — the gradients of a store are stacked (one fp32 copy) a *chunk* at a time: consecutive members
   whose stacked gradients fit in ``stack_bytes`` (:data:`STACK_BYTES`; at least one matrix). Each chunk is
   projected, sketched, stepped by one fused Adam call and written back before the next is stacked, and the
   back-projected update of a chunk is written into that same stack buffer. **Bound**: the step's transient
-  memory is one chunk's stack, at most ``max(stack_bytes, 4·m·n)`` bytes, plus state-sized workspaces
-  (the projected gradients and directions, ``r × n`` per matrix). A one-matrix fp32 chunk is not copied at all;
+  memory is one chunk's stack, at most ``max(stack_bytes, 4·m·n)`` bytes, plus its padded bases and projected
+  stack (``R/l`` and ``R/s`` of it, ``R`` the chunk's largest rank) and state-sized workspaces (the projected
+  gradients and directions, ``r × n`` per matrix). A one-matrix fp32 chunk is not copied at all;
 * **no host synchronisation** — the refresh-test inputs (``‖PᵀY‖``/``‖Y‖``, or ``‖PᵀG‖``/``‖G‖``) are device
   vectors; the test runs on them on the device and leaves a sticky per-matrix flag, which the optimizer reads
   once every ``refresh_check_every`` steps. A matrix whose gradient is not finite is skipped on the device
@@ -81,50 +84,22 @@ def _flat(tensors: list[Tensor], dev: torch.device) -> Tensor:
 
 
 @dataclass
-class _Bucket:
-    """Members ``lo:hi`` of the store (same rank)."""
-
-    lo: int
-    hi: int
-    rank: int
-    bases: Tensor  # (B, s, r) view of the basis buffer
-    low: Tensor  # (B, r, n) or (B, m, r): view of the projected-gradient workspace
-    direction: Tensor  # same, view of the direction workspace (-m̂/(√v̂+ε))
-    scale: float  # c of the update lr·α·c·P N (√(s/r) with scale_mode="rms", else 1)
-
-    def piece(self, lo: int, hi: int) -> tuple[int, int] | None:
-        """This bucket's members inside ``[lo, hi)``, as offsets into the bucket (``None`` if none)."""
-        a, b = max(lo, self.lo), min(hi, self.hi)
-        return (a - self.lo, b - self.lo) if a < b else None
-
-
-@dataclass
-class _Piece:
-    """One bucket's members within a chunk: their rows ``glo:ghi`` of the chunk's stack and views of the buffers."""
-
-    glo: int
-    ghi: int
-    bases: Tensor  # (B, s, r)
-    bases_t: Tensor  # (B, r, s), a view
-    low: Tensor
-    direction: Tensor
-    scale: float
-
-
-@dataclass
 class _Chunk:
     """A chunk's members and its views of the store's buffers (made once per store)."""
 
     lo: int
     hi: int
-    pieces: list[_Piece]
+    rank: int  # R: the chunk's largest rank (its members are stepped at R, padded with zero rows)
+    rows: Tensor | None  # (Σr,) the members' rows in the padded (B·R) layout; None when every rank is R
+    bases_t: Tensor  # (Σr, s): the members' Pᵀ rows as stored
+    low: Tensor  # (Σr, l): the projected-gradient workspace (PᵀG per member, in Adam's layout)
+    scale: float | Tensor  # c of lr·α·c·P N: one number, or (B, 1, 1) when the members' ranks differ
     params: list[Tensor]  # oriented views of the weights (Wᵀ for a flipped member)
     ids: list[int]
     flipped: list[bool]
     sizes: Tensor  # (B,) elements of each member's moments
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    direction: Tensor
+    moments: Tensor  # (2, Σr·l): the members' first and second moments
+    direction: Tensor  # (Σr, l): the direction workspace (-m̂/(√v̂+ε) per member)
     steps: Tensor
     skipped: Tensor
     sketch: Tensor | None
@@ -133,6 +108,15 @@ class _Chunk:
     m_views: list[Tensor]
     v_views: list[Tensor]
     step_views: list[Tensor]
+
+    def padded(self, flat: Tensor, cols: int) -> Tensor:
+        """``flat`` ``(Σr, cols)`` laid out as the ``(B, R, cols)`` stack of the chunk, zero rows above each rank
+        (a view when every rank is ``R``)."""
+        b = self.hi - self.lo
+        if self.rows is None:
+            return flat.view(b, self.rank, cols)
+        out = flat.new_zeros(b * self.rank, cols)
+        return out.index_copy_(0, self.rows, flat).view(b, self.rank, cols)
 
 
 def refresh_test_stores(stores: list[ShapeStore], results: list[tuple[Tensor, Tensor, Tensor]], group: dict) -> None:
@@ -157,14 +141,14 @@ def refresh_test_stores(stores: list[ShapeStore], results: list[tuple[Tensor, Te
             tol=group["tol"],
             min_gap=group["min_gap"],
         )
-        at = 0
-        for k in ks:
-            store, n = stores[k], len(stores[k].params)
-            if not one:
-                store.stats.copy_(stats[at : at + n])
-                store.since.copy_(since[at : at + n])
-            store.flag.logical_or_(test[at : at + n] if not one else test)
-            at += n
+        test = test.int()
+        if one:
+            stores[ks[0]].flag.bitwise_or_(test)
+            continue
+        sizes = [len(stores[k].params) for k in ks]  # back into each store: one split and one foreach call each
+        torch._foreach_copy_([stores[k].stats for k in ks], stats.split(sizes))
+        torch._foreach_copy_([stores[k].since for k in ks], since.split(sizes))
+        torch._foreach_maximum_([stores[k].flag for k in ks], test.split(sizes))
 
 
 class ShapeStore:
@@ -204,9 +188,15 @@ class ShapeStore:
         for size in sizes:
             self.offsets.append(self.offsets[-1] + size)
         # flat buffers: fp32 moments, bases, sketches; one step counter and six statistics per matrix
-        self.exp_avg = _flat([_orient(st["exp_avg"], t) for st, t in zip(self.states, self.flipped)], dev)
-        self.exp_avg_sq = _flat([_orient(st["exp_avg_sq"], t) for st, t in zip(self.states, self.flipped)], dev)
-        self.basis = _flat([st["basis"] for st in self.states], dev)
+        # the two moments as the rows of one buffer: a skipped step restores both with one clone and one where
+        self.moments = torch.stack(
+            [
+                _flat([_orient(st[k], t) for st, t in zip(self.states, self.flipped)], dev)
+                for k in ("exp_avg", "exp_avg_sq")
+            ]
+        )
+        self.exp_avg, self.exp_avg_sq = self.moments.unbind(0)
+        self.basis = _flat([st["basis"].mT for st in self.states], dev)  # Pᵀ of each member: (r, s) rows
         self.sketch = (
             torch.stack([st["sketch"].to(dev, torch.float32) for st in self.states]) if self.uses_sketch else None
         )
@@ -217,11 +207,10 @@ class ShapeStore:
             dtype=torch.float32,
             device=dev,
         )
-        self.flag = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.flag = torch.zeros(n, dtype=torch.int32, device=dev)  # sticky: 1 once the refresh test fired
         self.skipped = torch.zeros(n, dtype=torch.int32, device=dev)
         self._low = torch.zeros(self.offsets[-1], dtype=torch.float32, device=dev)  # workspace: PᵀG per matrix
         self._dir = torch.zeros(self.offsets[-1], dtype=torch.float32, device=dev)  # workspace: the directions
-        self.all_true = torch.ones(n, dtype=torch.bool, device=dev)
         # per-matrix views: oriented (r, l) for the Adam kernel, in the parameter's layout for its state dict
         self.m_views, self.v_views, self.low_views, self.dir_views, self.basis_views = [], [], [], [], []
         self.m_state, self.v_state = [], []
@@ -234,37 +223,17 @@ class ShapeStore:
             self.v_state.append(_orient(self.v_views[-1], self.flipped[i]))
             self.low_views.append(self._low[lo:hi].view(r, l))
             self.dir_views.append(self._dir[lo:hi].view(r, l))
-            self.basis_views.append(self.basis[boff : boff + s * r].view(s, r))
-            boff += s * r
+            self.basis_views.append(self.basis[boff : boff + r * s].view(r, s).mT)
+            boff += r * s
         self.step_views = list(self.step_counts.unbind(0))
         self.stat_views = [list(row.unbind(0)) for row in self.stats.unbind(0)]
         self.sketch_views = list(self.sketch.unbind(0)) if self.uses_sketch else []
         self._bind()
-        # buckets: consecutive runs of one rank
-        self.buckets: list[_Bucket] = []
-        i = boff = 0
-        while i < n:
-            r, h = ranks[i], i
-            while h < n and ranks[h] == r:
-                h += 1
-            lo, hi = self.offsets[i], self.offsets[h]
-            self.buckets.append(
-                _Bucket(
-                    i,
-                    h,
-                    r,
-                    self.basis[boff : boff + (h - i) * s * r].view(h - i, s, r),
-                    self._low[lo:hi].view(h - i, r, l),
-                    self._dir[lo:hi].view(h - i, r, l),
-                    rank_factor(group["scale_mode"], s, r),
-                )
-            )
-            boff += (h - i) * s * r
-            i = h
         # chunks: consecutive members whose stacked fp32 gradients fit in stack_bytes (at least one)
         per = max(1, stack_bytes // (4 * self.shape[0] * self.shape[1]))
         self.chunks = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
-        self._chunk_sizes = [torch.tensor(sizes[lo:hi], device=dev) for lo, hi in self.chunks]
+        self.ranks = ranks
+        self.rank_factors = [rank_factor(group["scale_mode"], s, r) for r in ranks]
         self._chunk_views: list[_Chunk] | None = None  # made at the first step (after binding)
 
     # ------------------------------------------------------------------ binding
@@ -304,34 +273,32 @@ class ShapeStore:
     def _views(self, c: int) -> _Chunk:
         """Chunk ``c``'s views of the persistent buffers, made once per store (a normal step slices only its stack)."""
         lo, hi = self.chunks[c]
+        s, l = self.shape
+        ranks = self.ranks[lo:hi]
+        big = max(ranks)
+        r0, r1 = sum(self.ranks[:lo]), sum(self.ranks[:hi])
         m0, m1 = self.offsets[lo], self.offsets[hi]
-        pieces = []
-        for b in self.buckets:
-            pc = b.piece(lo, hi)
-            if pc is not None:
-                a, z = pc
-                pieces.append(
-                    _Piece(
-                        b.lo + a - lo,
-                        b.lo + z - lo,
-                        b.bases[a:z],
-                        b.bases[a:z].mT,
-                        b.low[a:z],
-                        b.direction[a:z],
-                        b.scale,
-                    )
-                )
+        rows = None
+        if any(r != big for r in ranks):
+            rows = torch.tensor([j * big + k for j, r in enumerate(ranks) for k in range(r)], device=self.device)
+        factors = self.rank_factors[lo:hi]
+        scale = factors[0]
+        if any(f != scale for f in factors):
+            scale = torch.tensor(factors, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         return _Chunk(
             lo,
             hi,
-            pieces,
+            big,
+            rows,
+            self.basis.view(-1, s)[r0:r1],
+            self._low.view(-1, l)[r0:r1],
+            scale,
             [_orient(p, t) for p, t in zip(self.params[lo:hi], self.flipped[lo:hi])],
             self.ids[lo:hi],
             self.flipped[lo:hi],
-            self._chunk_sizes[c],
-            self.exp_avg[m0:m1],
-            self.exp_avg_sq[m0:m1],
-            self._dir[m0:m1],
+            torch.tensor([r * l for r in ranks], device=self.device),
+            self.moments[:, m0:m1],
+            self._dir.view(-1, l)[r0:r1],
             self.step_counts[lo:hi],
             self.skipped[lo:hi],
             self.sketch[lo:hi] if self.uses_sketch else None,
@@ -396,11 +363,13 @@ class ShapeStore:
         else:
             g, own = torch.stack([_orient(grads[i], t) for i, t in zip(ch.ids, ch.flipped)]), True
             g = g if g.dtype == torch.float32 else g.float()
-        low2, pn2 = [], []
-        for pc in ch.pieces:  # R = PᵀG (or G P)
-            torch.bmm(pc.bases_t, g[pc.glo : pc.ghi] if len(ch.pieces) > 1 else g, out=pc.low)
-            low2.append(pc.low.square().sum(dim=(1, 2)))
-        low2 = torch.cat(low2) if len(low2) > 1 else low2[0]
+        s, l = self.shape
+        bases_t = ch.padded(ch.bases_t, s)  # (B, R, s): zero rows above each member's rank
+        # R = PᵀG (B, R, l), the padded rows zero: into the workspace (one rank), else gathered into it
+        low = torch.bmm(bases_t, g, out=ch.low.view(bases_t.shape[0], -1, l) if ch.rows is None else None)
+        low2 = low.square().sum(dim=(1, 2))
+        if ch.rows is not None:
+            torch.index_select(low.view(-1, l), 0, ch.rows, out=ch.low)
         if self.uses_sketch:  # Y ← β1·Y + (1−β1)·A Ω (A = G or Gᵀ); a non-finite update leaves Y as it was
             y = ch.sketch
             omega = test_matrix(max(self.shape), y.shape[2], self.device)
@@ -410,16 +379,14 @@ class ShapeStore:
             if sketch_mask is not None:
                 keep &= sketch_mask[ch.lo : ch.hi]
             torch.where(keep[:, None, None], new, y, out=y)
-            for pc in ch.pieces:  # the refresh test reads the sketch: ‖PᵀY‖ and ‖Y‖
-                yb = y[pc.glo : pc.ghi] if len(ch.pieces) > 1 else y
-                pn2.append(torch.bmm(pc.bases_t, yb).square().sum(dim=(1, 2)))
-            pn2, total2 = torch.cat(pn2) if len(pn2) > 1 else pn2[0], y.square().sum(dim=(1, 2))
+            # the refresh test reads the sketch: ‖PᵀY‖ and ‖Y‖
+            pn2, total2 = torch.bmm(bases_t, y).square().sum(dim=(1, 2)), y.square().sum(dim=(1, 2))
             ok = torch.isfinite(low2)
         else:  # the batch's share needs ‖G‖ every step
             pn2, total2 = low2, g.square().sum(dim=(1, 2))
             ok = torch.isfinite(low2 + total2)
         # Adam on the projected gradients; a matrix with a non-finite gradient gets its state back afterwards
-        m_old, v_old = ch.exp_avg.clone(), ch.exp_avg_sq.clone()
+        old = ch.moments.clone()
         ch.direction.zero_()
         steps = adamw(
             ch.dir_views, ch.low_views, ch.m_views, ch.v_views, ch.step_views, group, lr=1.0, weight_decay=0.0
@@ -427,24 +394,24 @@ class ShapeStore:
         if any(s is not v for s, v in zip(steps, ch.step_views)):
             raise RuntimeError("AdaRankGrad: step counters moved device inside the Adam kernel")
         bad = ~ok
-        bad_elem = bad.repeat_interleave(ch.sizes, output_size=ch.exp_avg.numel())
-        torch.where(bad_elem, m_old, ch.exp_avg, out=ch.exp_avg)
-        torch.where(bad_elem, v_old, ch.exp_avg_sq, out=ch.exp_avg_sq)
-        ch.direction.masked_fill_(bad_elem, 0.0)
+        bad_elem = bad.repeat_interleave(ch.sizes, output_size=old.shape[1])
+        torch.where(bad_elem, old, ch.moments, out=ch.moments)
+        ch.direction.masked_fill_(bad_elem.view_as(ch.direction), 0.0)
         ch.steps.sub_(bad.to(ch.steps.device, ch.steps.dtype))
         ch.skipped.add_(bad)
         # back-projection and decoupled weight decay: W ← decay·W + lr·α·c·P N (decay 1 where skipped)
         decays = list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)) if wd else [1.0] * len(ch.params)
         if wd and self.dtype == torch.float32:
             torch._foreach_mul_(ch.params, decays)
+        direction = ch.padded(ch.direction, l)  # (B, R, l)
+        if isinstance(ch.scale, Tensor):  # the members' ranks (so their rank factors) differ: a padded copy
+            a = _scalar_alpha(direction.mul_(ch.scale), alpha)
+        else:
+            a = _scalar_alpha(direction, alpha * ch.scale)
         if not own:  # the stack is a view of an fp32 gradient: add into the weight directly
-            pc = ch.pieces[0]
-            ch.params[0].addmm_(pc.bases[0], pc.direction[0], alpha=_scalar_alpha(pc.direction, alpha * pc.scale))
+            ch.params[0].addmm_(bases_t[0].mT, direction[0], alpha=a)
             return pn2, total2, ok
-        for pc in ch.pieces:  # the update, written into the chunk's own stack (G is no longer needed)
-            out = g[pc.glo : pc.ghi] if len(ch.pieces) > 1 else g
-            a = _scalar_alpha(pc.direction, alpha * pc.scale)
-            torch.baddbmm(out, pc.bases, pc.direction, beta=0.0, alpha=a, out=out)
+        torch.baddbmm(g, bases_t.mT, direction, beta=0.0, alpha=a, out=g)  # the update, into the chunk's own stack
         if self.dtype == torch.float32:
             torch._foreach_add_(ch.params, list(g.unbind(0)))
         else:  # 16-bit weights: decay and update in fp32, written with stochastic rounding
@@ -456,7 +423,7 @@ class ShapeStore:
     # ------------------------------------------------------------------ host reads
     def device_flags(self) -> Tensor:
         """The sticky refresh flags and skip counts as one ``(2N,)`` int device vector (read with the others)."""
-        return torch.cat((self.flag.int(), self.skipped))
+        return torch.cat((self.flag, self.skipped))
 
     def park(self, values: list[int]) -> None:
         """Move the flags and skip counts just read (``values``, from :meth:`device_flags`) into the host state:

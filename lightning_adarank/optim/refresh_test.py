@@ -41,28 +41,19 @@ def refresh_statistics(
     reference mean. ``max_gap`` is the caller's (host) rule.
     """
     calib = max(1, min_gap - 1)
-    ref_n, ref_c, ref_s, ref_sc, ema_n, ema_s = stats.unbind(1)
-    active = ok & (since >= 1)
-    incal = active & (since <= calib)
-    sh_act, sh_cal = active & due, incal & due
-    new_ema_n = torch.where(ema_n < 0, pn, ema_n * EMA + pn * (1 - EMA))
-    new_ema_s = torch.where(ema_s < 0, share, ema_s * EMA + share * (1 - EMA))
-    new = torch.stack(
-        (
-            ref_n + torch.where(incal, pn, 0.0),
-            ref_c + incal.float(),
-            ref_s + torch.where(sh_cal, share, 0.0),
-            ref_sc + sh_cal.float(),
-            torch.where(active, new_ema_n, ema_n),
-            torch.where(sh_act, new_ema_s, ema_s),
-        ),
-        dim=1,
-    )
-    stats.copy_(new)
-    since.add_(ok.to(since.dtype))
-    ref_n, ref_c, ref_s, ref_sc, ema_n, ema_s = stats.unbind(1)
-    fell = (ema_n <= tol * ref_n / ref_c.clamp(min=1)) | ((ref_sc > 0) & (ema_s <= tol * ref_s / ref_sc.clamp(min=1)))
-    return fell & (since >= min_gap) & (ref_c >= calib) & ok
+    # the two statistics side by side, (N, 2): ‖PᵀG‖ and the share; the sums and counts of STAT_KEYS interleave
+    sums, counts, ema = stats[:, 0:4:2], stats[:, 1:4:2], stats[:, 4:6]
+    value = torch.stack((pn, share), dim=1)
+    moves = ok & (since >= 1)
+    active = torch.stack((moves, moves & due), dim=1)  # the share moves only where it was measured
+    incal = active & (since <= calib)[:, None]
+    new_ema = torch.where(ema < 0, value, ema * EMA + value * (1 - EMA))
+    sums.add_(torch.where(incal, value, 0.0))
+    counts.add_(incal)
+    torch.where(active, new_ema, ema, out=ema)
+    since.add_(ok)
+    fell = ((ema <= tol * sums / counts.clamp(min=1)) & (counts > 0)).any(dim=1)
+    return fell & (since >= min_gap) & (counts[:, 0] >= calib) & ok
 
 
 def captured_share(pn2: Tensor, gn2: Tensor) -> Tensor:
