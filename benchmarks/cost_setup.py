@@ -101,6 +101,7 @@ def forward_backward(model, batch: dict) -> None:
 @dataclass
 class Variant:
     key: str  # "adamw" | "lora" | "galore" | "adarank" | "adarank_emb" | "adarank_emb_loop" | "adarank_emb_grouped"
+    # | "adarank_emb_compiled"
     rank: int | None = None
 
     @property
@@ -113,6 +114,7 @@ class Variant:
             "adarank_emb": f"AdaRankGrad r≤{self.rank} +emb",
             "adarank_emb_loop": f"AdaRankGrad r≤{self.rank} +emb, per-matrix loop",
             "adarank_emb_grouped": f"AdaRankGrad r≤{self.rank} +emb, grouped",
+            "adarank_emb_compiled": f"AdaRankGrad r≤{self.rank} +emb, grouped, compile=True",
             "none": "fwd+bwd only (no optimizer)",
         }[self.key]
 
@@ -136,11 +138,11 @@ def make_optimizer(model, v: Variant):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
     if v.key == "galore":  # GaLore's recipe: embeddings stay with (its own) AdamW, gap 200
         return build_optimizer(model, "galore", lr=lr, rank=v.rank, galore_update_proj_gap=200)
-    extra = (
-        {"grouped": {"adarank_emb_loop": False, "adarank_emb_grouped": True}[v.key]}
-        if v.key in ("adarank_emb_loop", "adarank_emb_grouped")
-        else {}
-    )
+    extra = {
+        "adarank_emb_loop": {"grouped": False},
+        "adarank_emb_grouped": {"grouped": True},
+        "adarank_emb_compiled": {"grouped": True, "compile": True},
+    }.get(v.key, {})
     return build_optimizer(model, "adarankgrad", lr=lr, rank=v.rank, include_embeddings=v.key != "adarank", **extra)
 
 

@@ -95,7 +95,7 @@ def time_variant(model, v: Variant, device, args, ops: bool | None = None) -> Ro
     if args.ops if ops is None else ops:
         arm(opt, v, False)
         row.ops = count_ops(opt.step, device)
-    if v.key in ("galore", "adarank", "adarank_emb", "adarank_emb_loop", "adarank_emb_grouped"):
+    if v.key == "galore" or v.key.startswith("adarank"):
         row.refresh = stat(
             C.time_ms(
                 opt.step,
@@ -249,7 +249,7 @@ def ratio_table(name: str, rows: list[Row]) -> str:
 
 
 # ----------------------------------------------------------------------------- depth scaling (operators per step)
-DEPTH_VARIANTS = ("adamw", "galore", "adarank_emb_grouped", "adarank_emb_loop")
+DEPTH_VARIANTS = ("adamw", "galore", "adarank_emb_grouped", "adarank_emb_compiled", "adarank_emb_loop")
 
 
 def depth_section(device, args) -> str:
@@ -295,7 +295,8 @@ def depth_section(device, args) -> str:
     title = (
         f"### Depth scaling: BERT width {args.depth_width}, {' and '.join(map(str, args.depth_layers))} layers, "
         f"r≤{args.depth_rank}, embeddings projected\n\nops = {unit} issued by one normal step (torch.profiler); "
-        "'grouped' = grouped=True (the default on GPUs), 'per-matrix loop' = grouped=False (the default on CPU)\n\n"
+        "'grouped' = grouped=True (the default on GPUs), 'compile=True' = its per-chunk math through torch.compile "
+        "(compiled before the timings), 'per-matrix loop' = grouped=False (the default on CPU)\n\n"
     )
     return title + C.markdown_table(heads, out)
 

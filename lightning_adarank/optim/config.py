@@ -4,8 +4,8 @@ The optimizer, the Lightning callback and strategy, and the task CLIs all take t
 dataclass, so each setting is typed, defaulted, documented and checked once. A bad value fails when the
 config is built (``ValueError``/``TypeError`` naming the setting), not at the first step.
 
-Per-group settings (everything except the optimizer-wide ``seed``, ``fused``, ``grouped`` and
-``refresh_check_every``) may also be overridden in a parameter group
+Per-group settings (everything except the optimizer-wide ``seed``, ``fused``, ``grouped``,
+``refresh_check_every`` and ``compile``) may also be overridden in a parameter group
 dict; such overrides go through the same checks (:func:`check_group_settings`).
 """
 
@@ -137,7 +137,7 @@ class AdaRankGradConfig:
             data-parallel ranks agree without communication and a resumed run is bit-identical.
         fused: torch's fused Adam kernel (``None``: where the device supports it), else foreach.
         grouped: step the projected matrices of a parameter group together: same-shape matrices share one
-            stacked gradient, one batched matmul per rank for the projection and one for the back-projection,
+            stacked gradient, one batched matmul for the projection and one for the back-projection,
             one fused Adam call for all, the refresh test as device vectors (no host synchronisation on a
             normal step) and a batched refresh, so the operators per step do not grow with the number of
             matrices. ``False``: the per-matrix loop. ``None`` (default): grouped on accelerators, the loop on
@@ -152,6 +152,13 @@ class AdaRankGradConfig:
             refresh may come up to ``refresh_check_every − 1`` steps after its test fired (``max_gap`` is
             enforced on the host and is never late). ``None``: 1 on CPU (a read costs nothing there) and 8 on
             accelerators, where each read is a synchronisation that stalls the launch queue.
+        compile: run the grouped step's per-chunk math (projection, sketch, refresh-test inputs, the non-finite
+            restore, the padded direction: :mod:`~lightning_adarank.optim.stack_stages`) through
+            :func:`torch.compile`; torch's Adam kernel and the writes into the weights stay eager. Implies the
+            grouped step on every device (``grouped=False`` with it is refused). The first steps pay the
+            compilation (about 20 s per function on a 2-core CPU, once per process; a new chunk shape or rank is
+            a recompilation, after which dynamo treats the sizes as symbolic). Measured with and without in
+            ``benchmarks/optimizer_cost.py --compile`` (``docs/benchmarks/cost.md``).
     """
 
     lr: float = 1e-3
@@ -178,6 +185,7 @@ class AdaRankGradConfig:
     fused: bool | None = field(default=None)
     grouped: bool | None = None
     refresh_check_every: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         betas = self.betas
@@ -193,6 +201,13 @@ class AdaRankGradConfig:
         k = self.refresh_check_every
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ValueError(f"AdaRankGrad: refresh_check_every={k!r} must be None or an int >= 1")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"AdaRankGrad: compile must be True or False, got {self.compile!r}")
+        if self.compile and self.grouped is False:
+            raise ValueError(
+                "AdaRankGrad: compile=True compiles the grouped step's math, but grouped=False asks for the per-matrix "
+                "loop; leave grouped at None (compile=True then groups on every device) or set grouped=True"
+            )
 
     def group_defaults(self) -> dict[str, Any]:
         """The per-group settings as a dict (the optimizer's ``defaults``; ``energy=None`` as
@@ -217,7 +232,7 @@ class AdaRankGradConfig:
 #: every setting's name
 SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(AdaRankGradConfig))
 #: settings that are optimizer-wide (a parameter group may not override them)
-GLOBAL_SETTINGS = ("seed", "fused", "grouped", "refresh_check_every")
+GLOBAL_SETTINGS = ("seed", "fused", "grouped", "refresh_check_every", "compile")
 #: settings a parameter group may override
 GROUP_SETTINGS = tuple(f.name for f in dataclasses.fields(AdaRankGradConfig) if f.name not in GLOBAL_SETTINGS)
 

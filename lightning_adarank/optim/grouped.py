@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import projection_side, rank_factor, sketch_ema
+from . import stack_stages
+from .linalg import projection_side, rank_factor
 from .refresh_test import EMA, STAT_KEYS, captured_share, refresh_statistics, stat_column
 from .rounding import add_stochastic_
 
@@ -93,7 +94,8 @@ class _Chunk:
     rows: Tensor | None  # (Σr,) the members' rows in the padded (B·R) layout; None when every rank is R
     bases_t: Tensor  # (Σr, s): the members' Pᵀ rows as stored
     low: Tensor  # (Σr, l): the projected-gradient workspace (PᵀG per member, in Adam's layout)
-    scale: float | Tensor  # c of lr·α·c·P N: one number, or (B, 1, 1) when the members' ranks differ
+    factor: float  # c of lr·α·c·P N when every member has rank R
+    factors: Tensor | None  # (B, 1, 1): each member's c when their ranks differ
     params: list[Tensor]  # oriented views of the weights (Wᵀ for a flipped member)
     ids: list[int]
     flipped: list[bool]
@@ -109,46 +111,27 @@ class _Chunk:
     v_views: list[Tensor]
     step_views: list[Tensor]
 
-    def padded(self, flat: Tensor, cols: int) -> Tensor:
-        """``flat`` ``(Σr, cols)`` laid out as the ``(B, R, cols)`` stack of the chunk, zero rows above each rank
-        (a view when every rank is ``R``)."""
-        b = self.hi - self.lo
-        if self.rows is None:
-            return flat.view(b, self.rank, cols)
-        out = flat.new_zeros(b * self.rank, cols)
-        return out.index_copy_(0, self.rows, flat).view(b, self.rank, cols)
-
 
 def refresh_test_stores(stores: list[ShapeStore], results: list[tuple[Tensor, Tensor, Tensor]], group: dict) -> None:
-    """The refresh test of every store of a parameter group in one call of :func:`refresh_statistics` (per
-    device): ``results`` are the stores' :meth:`ShapeStore.step` returns; the statistics and step indices are
-    updated in place and the sticky flags raised where the test fired."""
+    """The refresh test of every store of a parameter group in one call of
+    :func:`~lightning_adarank.optim.stack_stages.refresh_test` per device: ``results`` are the stores'
+    :meth:`ShapeStore.step` returns; the statistics and step indices are updated in place and the sticky flags
+    raised where the test fired."""
     by_device: dict[torch.device, list[int]] = {}
     for k, store in enumerate(stores):
         by_device.setdefault(store.device, []).append(k)
     for ks in by_device.values():
-        one = len(ks) == 1
-        stats = stores[ks[0]].stats if one else torch.cat([stores[k].stats for k in ks])
-        since = stores[ks[0]].since if one else torch.cat([stores[k].since for k in ks])
-        pn2, total2, ok = results[ks[0]] if one else (torch.cat(c) for c in zip(*(results[k] for k in ks)))
-        test = refresh_statistics(
-            stats,
-            since,
-            pn2.sqrt(),
-            captured_share(pn2, total2),
-            torch.ones_like(ok),
+        pn2, total2, ok = (list(c) for c in zip(*(results[k] for k in ks)))
+        stores[ks[0]].stages.refresh_test(
+            [stores[k].stats for k in ks],
+            [stores[k].since for k in ks],
+            pn2,
+            total2,
             ok,
-            tol=group["tol"],
-            min_gap=group["min_gap"],
+            [stores[k].flag for k in ks],
+            group["tol"],
+            group["min_gap"],
         )
-        test = test.int()
-        if one:
-            stores[ks[0]].flag.bitwise_or_(test)
-            continue
-        sizes = [len(stores[k].params) for k in ks]  # back into each store: one split and one foreach call each
-        torch._foreach_copy_([stores[k].stats for k in ks], stats.split(sizes))
-        torch._foreach_copy_([stores[k].since for k in ks], since.split(sizes))
-        torch._foreach_maximum_([stores[k].flag for k in ks], test.split(sizes))
 
 
 class ShapeStore:
@@ -168,6 +151,7 @@ class ShapeStore:
         *,
         step_device: torch.device,
         stack_bytes: int = STACK_BYTES,
+        compiled: bool = False,
     ) -> None:
         order = sorted(range(len(params)), key=lambda i: (int(states[i]["rank"]), i))
         self.params = [params[i] for i in order]
@@ -180,6 +164,7 @@ class ShapeStore:
             raise ValueError("ShapeStore: every member must have the same oriented shape (s, l) and dtype")
         self.flipped = [projection_side(p.shape) == "right" for p in self.params]  # stored as Wᵀ
         self.uses_sketch = group["subspace_source"] == "moment"
+        self.stages = stack_stages.stages(compiled)
         n = len(self.params)
         s, l = self.shape
         ranks = [int(st["rank"]) for st in self.states]
@@ -282,9 +267,9 @@ class ShapeStore:
         if any(r != big for r in ranks):
             rows = torch.tensor([j * big + k for j, r in enumerate(ranks) for k in range(r)], device=self.device)
         factors = self.rank_factors[lo:hi]
-        scale = factors[0]
-        if any(f != scale for f in factors):
-            scale = torch.tensor(factors, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        per_member = None
+        if any(f != factors[0] for f in factors):
+            per_member = torch.tensor(factors, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         return _Chunk(
             lo,
             hi,
@@ -292,7 +277,8 @@ class ShapeStore:
             rows,
             self.basis.view(-1, s)[r0:r1],
             self._low.view(-1, l)[r0:r1],
-            scale,
+            factors[0],
+            per_member,
             [_orient(p, t) for p, t in zip(self.params[lo:hi], self.flipped[lo:hi])],
             self.ids[lo:hi],
             self.flipped[lo:hi],
@@ -363,51 +349,26 @@ class ShapeStore:
         else:
             g, own = torch.stack([_orient(grads[i], t) for i, t in zip(ch.ids, ch.flipped)]), True
             g = g if g.dtype == torch.float32 else g.float()
-        s, l = self.shape
-        bases_t = ch.padded(ch.bases_t, s)  # (B, R, s): zero rows above each member's rank
-        # R = PᵀG (B, R, l), the padded rows zero: into the workspace (one rank), else gathered into it
-        low = torch.bmm(bases_t, g, out=ch.low.view(bases_t.shape[0], -1, l) if ch.rows is None else None)
-        low2 = low.square().sum(dim=(1, 2))
-        if ch.rows is not None:
-            torch.index_select(low.view(-1, l), 0, ch.rows, out=ch.low)
-        if self.uses_sketch:  # Y ← β1·Y + (1−β1)·A Ω (A = G or Gᵀ); a non-finite update leaves Y as it was
-            y = ch.sketch
-            omega = test_matrix(max(self.shape), y.shape[2], self.device)
-            fresh = torch.matmul(g, omega)
-            new = sketch_ema(y, fresh, beta1)
-            keep = torch.isfinite(new).all(dim=(1, 2))
-            if sketch_mask is not None:
-                keep &= sketch_mask[ch.lo : ch.hi]
-            torch.where(keep[:, None, None], new, y, out=y)
-            # the refresh test reads the sketch: ‖PᵀY‖ and ‖Y‖
-            pn2, total2 = torch.bmm(bases_t, y).square().sum(dim=(1, 2)), y.square().sum(dim=(1, 2))
-            ok = torch.isfinite(low2)
-        else:  # the batch's share needs ‖G‖ every step
-            pn2, total2 = low2, g.square().sum(dim=(1, 2))
-            ok = torch.isfinite(low2 + total2)
-        # Adam on the projected gradients; a matrix with a non-finite gradient gets its state back afterwards
-        old = ch.moments.clone()
-        ch.direction.zero_()
+        omega = test_matrix(self.shape[1], ch.sketch.shape[2], self.device) if self.uses_sketch else None
+        mask = sketch_mask[ch.lo : ch.hi] if sketch_mask is not None else None
+        bases_t, pn2, total2, ok, old = self.stages.before_adam(
+            g, ch.bases_t, ch.rows, ch.rank, ch.low, ch.moments, ch.sketch, omega, beta1, mask
+        )
+        ch.direction.zero_()  # Adam on the projected gradients (torch's kernel, lr 1): the directions -m̂/(√v̂+ε)
         steps = adamw(
             ch.dir_views, ch.low_views, ch.m_views, ch.v_views, ch.step_views, group, lr=1.0, weight_decay=0.0
         )
         if any(s is not v for s, v in zip(steps, ch.step_views)):
             raise RuntimeError("AdaRankGrad: step counters moved device inside the Adam kernel")
-        bad = ~ok
-        bad_elem = bad.repeat_interleave(ch.sizes, output_size=old.shape[1])
-        torch.where(bad_elem, old, ch.moments, out=ch.moments)
-        ch.direction.masked_fill_(bad_elem.view_as(ch.direction), 0.0)
-        ch.steps.sub_(bad.to(ch.steps.device, ch.steps.dtype))
-        ch.skipped.add_(bad)
+        direction = self.stages.after_adam(
+            ok, old, ch.moments, ch.direction, ch.sizes, ch.skipped, ch.rows, ch.rank, ch.factors
+        )
+        ch.steps.sub_((~ok).to(ch.steps.device, ch.steps.dtype))  # a skipped matrix's counter goes back
         # back-projection and decoupled weight decay: W ← decay·W + lr·α·c·P N (decay 1 where skipped)
         decays = list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)) if wd else [1.0] * len(ch.params)
         if wd and self.dtype == torch.float32:
             torch._foreach_mul_(ch.params, decays)
-        direction = ch.padded(ch.direction, l)  # (B, R, l)
-        if isinstance(ch.scale, Tensor):  # the members' ranks (so their rank factors) differ: a padded copy
-            a = _scalar_alpha(direction.mul_(ch.scale), alpha)
-        else:
-            a = _scalar_alpha(direction, alpha * ch.scale)
+        a = _scalar_alpha(direction, alpha if ch.factors is not None else alpha * ch.factor)
         if not own:  # the stack is a view of an fp32 gradient: add into the weight directly
             ch.params[0].addmm_(bases_t[0].mT, direction[0], alpha=a)
             return pn2, total2, ok

@@ -136,7 +136,11 @@ class GroupedStep:
         device = key[0]
         step_device = device if self.ctx.kernels.uses_fused(device) else torch.device("cpu")
         store = self.stores[full] = ShapeStore(
-            params, [self.ctx.state[p] for p in params], group, step_device=step_device
+            params,
+            [self.ctx.state[p] for p in params],
+            group,
+            step_device=step_device,
+            compiled=self.ctx.config.compile,
         )
         return store
 

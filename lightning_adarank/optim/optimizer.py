@@ -293,16 +293,17 @@ class AdaRankGrad(torch.optim.Optimizer):
             keep = [i for i in range(len(params)) if i not in set(sharded)]
             params, grads = [params[i] for i in keep], [grads[i] for i in keep]
         grouped = self.config.grouped
-        if grouped is None:
-            grouped = params[0].device.type != "cpu"
+        if grouped is None:  # compile=True compiles the grouped step: it groups on every device
+            grouped = self.config.compile or params[0].device.type != "cpu"
         # low-bit moments take the per-matrix path: the grouped step keeps fp32 moments in flat per-shape buffers
         # (its batched Adam call works on them in place), so grouped=True with low-bit state is refused
         low_bit = group.get("state_bits", 32) != 32 or group.get("dense_state_bits", 32) != 32
-        if low_bit and self.config.grouped:
+        if low_bit and (self.config.grouped or self.config.compile):
+            which = "grouped=True" if self.config.grouped else "compile=True (which compiles the grouped step)"
             raise ValueError(
-                "AdaRankGrad: grouped=True cannot step low-bit state (state_bits/dense_state_bits below 32): the "
+                f"AdaRankGrad: {which} cannot step low-bit state (state_bits/dense_state_bits below 32): the "
                 "grouped step keeps fp32 moments in flat per-shape buffers and steps them in place. Use "
-                "grouped=None (the default: low-bit groups then take the per-matrix step) or grouped=False"
+                "grouped=None and compile=False (the defaults: low-bit groups then take the per-matrix step)"
             )
         if grouped and len(params) > 1 and not low_bit:
             self._grouped.step(params, group, grads, next(i for i, g in enumerate(self.param_groups) if g is group))
