@@ -161,12 +161,14 @@ def test_a_normal_step_reads_nothing_on_the_host(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (synchronisation debug mode)")
-def test_a_normal_cuda_step_does_not_synchronise():
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_normal_cuda_step_does_not_synchronise(compile):
     params = [nn.Parameter(p.detach().cuda()) for p in _params()]
-    opt = AdaRankGrad(params, grouped=True, max_rank=4, min_gap=50, max_gap=50, refresh_check_every=10)
-    _set_grads(params, 0)
-    opt.step()
-    for t in range(1, 5):
+    opt = AdaRankGrad(params, grouped=True, max_rank=4, min_gap=50, max_gap=50, refresh_check_every=10, compile=compile)
+    for t in range(3):  # a refresh step, then normal steps that compile (with compile=True)
+        _set_grads(params, t)
+        opt.step()
+    for t in range(3, 7):
         _set_grads(params, t)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

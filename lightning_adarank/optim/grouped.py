@@ -43,19 +43,10 @@ from torch import Tensor
 
 from . import stack_stages
 from .linalg import projection_side, rank_factor
-from .refresh_test import EMA, STAT_KEYS, captured_share, refresh_statistics, stat_column
+from .refresh_test import STAT_KEYS, stat_column
 from .rounding import add_stochastic_
 
-__all__ = [
-    "ShapeStore",
-    "oriented_shape",
-    "refresh_test_stores",
-    "refresh_statistics",
-    "captured_share",
-    "STAT_KEYS",
-    "EMA",
-    "STACK_BYTES",
-]
+__all__ = ["ShapeStore", "oriented_shape", "refresh_test_stores", "STACK_BYTES"]
 
 #: default byte budget of one chunk's stacked fp32 gradients (the grouped step's transient memory)
 STACK_BYTES = 64 * 2**20
