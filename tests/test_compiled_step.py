@@ -2,6 +2,9 @@
 the eager step's result (to fp32 rounding: inductor fuses and reorders), keep the no-host-read promise, and issue
 fewer operators per normal step, which is what it is for."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_grouped_promises import SETTINGS, _host_reads, _params, _set_grads
@@ -9,23 +12,8 @@ from torch import nn
 
 from lightning_adarank import AdaRankGrad, param_groups
 
-
-def _top_level_ops(opt: AdaRankGrad) -> int:
-    """Top-level aten operators of one ``opt.step()`` (an op not called from inside another aten op)."""
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        opt.step()
-
-    def nested(e) -> bool:
-        parent = e.cpu_parent
-        while parent is not None:
-            if parent.name.startswith("aten::"):
-                return True
-            parent = parent.cpu_parent
-        return False
-
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not nested(e))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from cost_setup import count_ops  # noqa: E402  (the benchmark's own operator count: top-level aten operators)
 
 
 @pytest.mark.filterwarnings("ignore:AdaRankGrad.*non-finite")
@@ -52,7 +40,8 @@ def test_the_compiled_grouped_step_matches_the_eager_one_with_fewer_operators():
             group["max_gap"] = 1000
     _set_grads(eager, 20)
     _set_grads(compiled, 20)
-    ops_eager, ops_compiled = _top_level_ops(opt_e), _top_level_ops(opt_c)
+    cpu = torch.device("cpu")
+    ops_eager, ops_compiled = count_ops(opt_e.step, cpu), count_ops(opt_c.step, cpu)
     assert ops_compiled < 0.7 * ops_eager, (ops_compiled, ops_eager)
     assert _host_reads(opt_c, compiled, range(21, 24)) == 0
 
