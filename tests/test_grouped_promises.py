@@ -43,25 +43,29 @@ def _roundtrip(sd):
 SETTINGS = dict(lr=1e-2, max_rank=6, energy=0.9, min_gap=3, max_gap=12, tol=0.8, weight_decay=0.1, seed=1)
 
 
-@pytest.mark.parametrize("grouped,check_every", [(True, 8), (True, 3), (True, 1), (False, 1)])
+@pytest.mark.parametrize(
+    "grouped,check_every,compile",
+    [(True, 8, False), (True, 3, False), (True, 1, False), (False, 1, False), (True, 8, True)],
+)
 @pytest.mark.filterwarnings("ignore:AdaRankGrad.*non-finite")
-def test_resume_is_bit_identical_at_any_step(grouped, check_every):
+def test_resume_is_bit_identical_at_any_step(grouped, check_every, compile):
     total = 40
     ref = _params()
-    opt = AdaRankGrad(ref, grouped=grouped, refresh_check_every=check_every, **SETTINGS)
+    settings = {**SETTINGS, "compile": compile}
+    opt = AdaRankGrad(ref, grouped=grouped, refresh_check_every=check_every, **settings)
     for t in range(total):
         _set_grads(ref, t)
         opt.step()
     assert max(s.refreshes for s in opt.subspaces().values()) >= 3
     for cut in (5, 13, 21):
         a = _params()
-        opt_a = AdaRankGrad(a, grouped=grouped, refresh_check_every=check_every, **SETTINGS)
+        opt_a = AdaRankGrad(a, grouped=grouped, refresh_check_every=check_every, **settings)
         for t in range(cut):
             _set_grads(a, t)
             opt_a.step()
         saved = _roundtrip(opt_a.state_dict())
         b = [nn.Parameter(p.detach().clone()) for p in a]
-        opt_b = AdaRankGrad(b, grouped=grouped, refresh_check_every=check_every, **SETTINGS)
+        opt_b = AdaRankGrad(b, grouped=grouped, refresh_check_every=check_every, **settings)
         opt_b.load_state_dict(saved)
         for t in range(cut, total):
             _set_grads(b, t)

@@ -155,7 +155,8 @@ class AdaRankGradConfig:
         compile: run the grouped step's per-chunk math (projection, sketch, refresh-test inputs, the non-finite
             restore, the padded direction: :mod:`~lightning_adarank.optim.stack_stages`) through
             :func:`torch.compile`; torch's Adam kernel and the writes into the weights stay eager. Implies the
-            grouped step on every device (``grouped=False`` with it is refused). The first steps pay the
+            grouped step on every device (``grouped=False`` with it is refused; FSDP2 parameters and a group of one
+            parameter still take the per-matrix loop, uncompiled). The first steps pay the
             compilation (about 20 s per function on a 2-core CPU, once per process; a new chunk shape or rank is
             a recompilation, after which dynamo treats the sizes as symbolic). Measured with and without in
             ``benchmarks/optimizer_cost.py --compile`` (``docs/benchmarks/cost.md``).
