@@ -159,7 +159,7 @@ class AdaRankGradConfig:
             parameter still take the per-matrix loop, uncompiled). The first steps pay the
             compilation (about 20 s per function on a 2-core CPU, once per process; a new chunk shape or rank is
             a recompilation, after which dynamo treats the sizes as symbolic). Measured with and without in
-            ``benchmarks/optimizer_cost.py --compile`` (``docs/benchmarks/cost.md``).
+            ``benchmarks/optimizer_cost.py --depth-only`` (docs: Benchmarks, Optimizer cost).
     """
 
     lr: float = 1e-3
