@@ -351,10 +351,10 @@ class ShapeStore:
         )
         if any(s is not v for s, v in zip(steps, ch.step_views)):
             raise RuntimeError("AdaRankGrad: step counters moved device inside the Adam kernel")
-        direction = self.stages.after_adam(
+        direction, bad = self.stages.after_adam(
             ok, old, ch.moments, ch.direction, ch.sizes, ch.skipped, ch.rows, ch.rank, ch.factors
         )
-        ch.steps.sub_((~ok).to(ch.steps.device, ch.steps.dtype))  # a skipped matrix's counter goes back
+        ch.steps.sub_(bad.to(ch.steps.device, ch.steps.dtype))  # a skipped matrix's counter goes back
         # back-projection and decoupled weight decay: W ← decay·W + lr·α·c·P N (decay 1 where skipped)
         decays = list(torch.where(ok, 1.0 - lr * wd, 1.0).unbind(0)) if wd else [1.0] * len(ch.params)
         if wd and self.dtype == torch.float32:

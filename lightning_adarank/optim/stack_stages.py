@@ -93,10 +93,11 @@ def after_adam(
     rows: Tensor | None,
     rank: int,
     scale: Tensor | None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """After a chunk's Adam step: where ``ok`` is false the moments get ``old`` back, the direction is zeroed and
-    ``skipped`` counts the step; returns the direction ``(Σr, l)`` as the ``(B, R, l)`` stack of the update,
-    times each member's rank factor ``scale`` ``(B, 1, 1)`` when given (members of different ranks).
+    ``skipped`` counts the step. Returns the direction ``(Σr, l)`` as the ``(B, R, l)`` stack of the update, times
+    each member's rank factor ``scale`` ``(B, 1, 1)`` when given (members of different ranks), and the skipped
+    members ``~ok`` (the caller takes their Adam step counters back).
 
     ``sizes`` ``(B,)``: elements of each member's moments (``r·l``).
     """
@@ -106,7 +107,7 @@ def after_adam(
     direction.masked_fill_(bad_elem.view_as(direction), 0.0)
     skipped.add_(bad)
     out = padded(direction, rows, rank, ok.shape[0])
-    return out.mul_(scale) if scale is not None else out
+    return (out.mul_(scale) if scale is not None else out), bad
 
 
 def refresh_test(
