@@ -41,13 +41,7 @@ import torch
 from torch import Tensor
 
 from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_ema, sketch_noise
-from ..optim.new_directions import (
-    fill_new_directions,
-    fill_new_momentum,
-    known_share,
-    momentum_prior_weight,
-    refresh_energies,
-)
+from ..optim.new_directions import carry_moments
 from ..optim.refresh_test import captured_share, mark_refreshed, run_refresh_tests
 from ..optim.step_context import StepContext
 from .collectives import SumBuffer
@@ -247,7 +241,7 @@ def _refresh_left(ctx: StepContext, items: list[_Item], group: dict) -> None:
 
 def _install(ctx: StepContext, it: _Item, group: dict, basis: Tensor, kept: float, rot_left: Tensor | None) -> None:
     """Adopt a new basis: moments zeroed or carried over (``M ← R M``, ``V ← (R∘R) V``), the new directions'
-    second moment filled (:func:`~lightning_adarank.optim.new_directions.fill_new_directions`, as on one process),
+    second moment filled (:func:`~lightning_adarank.optim.new_directions.carry_moments`, as on one process),
     then the bookkeeping."""
     st, lay = it.st, it.lay
     r = basis.shape[1]
@@ -256,25 +250,21 @@ def _install(ctx: StepContext, it: _Item, group: dict, basis: Tensor, kept: floa
     if old is None:
         m = torch.zeros(shape, device=it.g.device)
         v = torch.zeros(shape, device=it.g.device)
-    elif group["transform_moments"] or old.shape[1] != r:  # then the new directions' v (fill_new_directions)
-        m_old, v_old = local(st["exp_avg"]), local(st["exp_avg_sq"])
-        if not group["transform_moments"]:
-            m, v, known = torch.zeros(shape, device=it.g.device), torch.zeros(shape, device=it.g.device), None
-        elif it.side == "left":
-            m, v, known = rot_left @ m_old, rot_left.square() @ v_old, known_share(rot_left)
-        else:
-            rot = basis.mT @ old  # replicated n × r bases
-            m, v, known = m_old @ rot.mT, v_old @ rot.square().mT, known_share(rot)
-        sums = refresh_energies(v_old, it.low, it.side)
-        if it.side == "right":  # the columns (the weight's rows) are sharded: one small all-reduce
-            buf = SumBuffer(lay.group)
-            h = buf.add(sums)
-            buf.reduce()
-            sums = buf[h]
-        t = it.st["step"].to(v.device, torch.float32)
-        beta1, beta2 = group["betas"]
-        v = fill_new_directions(v, v_old, known, it.side, sums, 1.0 - beta2**t)
-        m = fill_new_momentum(m, known, it.low, it.side, momentum_prior_weight(beta1) * (1.0 - beta1**t))
+    elif group["transform_moments"] or old.shape[1] != r:  # carried or restarted, new directions filled
+        rot = None
+        if group["transform_moments"]:
+            rot = rot_left if it.side == "left" else basis.mT @ old  # right: replicated n × r bases
+        m, v = carry_moments(
+            local(st["exp_avg"]),
+            local(st["exp_avg_sq"]),
+            rot,
+            it.side,
+            shape,
+            it.low,
+            st["step"],
+            group["betas"],
+            reduce=_all_reduced(lay) if it.side == "right" else None,  # the columns (weight rows) are sharded
+        )
     else:
         m, v = local(st["exp_avg"]), local(st["exp_avg_sq"])
     if it.side == "right":  # moments sharded with the weight, basis replicated
@@ -284,6 +274,18 @@ def _install(ctx: StepContext, it: _Item, group: dict, basis: Tensor, kept: floa
         st["exp_avg"], st["exp_avg_sq"] = m.contiguous(), v.contiguous()
         st["basis"] = sharded_like(basis, lay)
     mark_refreshed(st, r, kept, it.g.device)
+
+
+def _all_reduced(lay: ShardLayout):
+    """A function that all-reduces a small vector over ``lay``'s process group (one :class:`SumBuffer`)."""
+
+    def reduce(x: Tensor) -> Tensor:
+        buf = SumBuffer(lay.group)
+        h = buf.add(x)
+        buf.reduce()
+        return buf[h]
+
+    return reduce
 
 
 def _update(ctx: StepContext, items: list[_Item], group: dict) -> None:

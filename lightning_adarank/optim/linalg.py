@@ -41,6 +41,7 @@ __all__ = [
     "sketch_rank",
     "sketch_side",
     "moment_transform",
+    "rotate_moments",
     "project",
     "projected_shape",
     "project_back",
@@ -246,7 +247,13 @@ def moment_transform(
     does not change (``P_new = P_old``), ``R = I`` and both moments are returned unchanged.
     For ``side == "right"`` the moments are stored transposed (``(m, r)``), so the products are on the right.
     """
-    rot = p_new.mT @ p_old  # (r_new, r_old)
+    return rotate_moments(p_new.mT @ p_old, exp_avg, exp_avg_sq, side)
+
+
+def rotate_moments(rot: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, side: Side) -> tuple[Tensor, Tensor]:
+    """:func:`moment_transform` from the rotation ``R = P_newᵀ P_old`` (``r_new × r_old``) itself: ``M ← R M``,
+    ``V ← (R∘R) V`` (left side), or ``M Rᵀ``, ``V (R∘R)ᵀ`` (right side, moments stored ``(m, r)``). FSDP2 forms
+    ``R`` from sharded bases and calls this."""
     if side == "left":
         return rot @ exp_avg, rot.square() @ exp_avg_sq
     return exp_avg @ rot.mT, exp_avg_sq @ rot.square().mT

@@ -45,13 +45,21 @@ alone, damped new directions for ``1/(1 − β2)`` steps when they are weaker th
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .linalg import Side
+from .linalg import Side, rotate_moments
 
-__all__ = ["fill_new_directions", "fill_new_momentum", "known_share", "momentum_prior_weight", "refresh_energies"]
+__all__ = [
+    "carry_moments",
+    "fill_new_directions",
+    "fill_new_momentum",
+    "known_share",
+    "momentum_prior_weight",
+    "refresh_energies",
+]
 
 
 def known_share(rot: Tensor) -> Tensor:
@@ -144,3 +152,38 @@ def fill_new_momentum(exp_avg: Tensor, known: Tensor | None, low: Tensor, side: 
     weight = (1.0 - known.float()).clamp(min=0.0) * torch.as_tensor(mass, device=exp_avg.device)
     shape = (r, 1) if side == "left" else (1, r)
     return exp_avg.float() + weight.reshape(shape) * low.float()
+
+
+@torch.no_grad()
+def carry_moments(
+    exp_avg: Tensor | None,
+    exp_avg_sq: Tensor,
+    rot: Tensor | None,
+    side: Side,
+    new_shape: tuple[int, int],
+    low: Tensor,
+    step: Tensor,
+    betas: tuple[float, float],
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Adam's moments ``(M, V)`` (fp32) of a subspace refresh, in the new basis: carried by the rotation ``rot`` =
+    ``P_newᵀ P_old`` (:func:`~lightning_adarank.optim.linalg.rotate_moments`), or restarted at zero in
+    ``new_shape`` (``rot=None``: ``transform_moments=False`` with a new rank; ``exp_avg`` is then not read); then the directions new to the
+    subspace get the mass they miss (:func:`fill_new_directions`, :func:`fill_new_momentum`) from ``low``, this
+    step's projected gradient in the new basis, at Adam's step count ``step`` (a tensor) and ``betas``.
+
+    The one formula of every installer (single process and FSDP2). ``reduce``: applied to
+    :func:`refresh_energies`' sums where the columns are sharded (an all-reduce)."""
+    if rot is None:
+        m = torch.zeros(new_shape, device=low.device)
+        v, known = torch.zeros(new_shape, device=low.device), None
+    else:
+        (m, v), known = rotate_moments(rot, exp_avg, exp_avg_sq, side), known_share(rot)
+    sums = refresh_energies(exp_avg_sq, low, side)
+    if reduce is not None:
+        sums = reduce(sums)
+    t = step.to(v.device, torch.float32)
+    beta1, beta2 = betas
+    v = fill_new_directions(v, exp_avg_sq, known, side, sums, 1.0 - beta2**t)
+    m = fill_new_momentum(m, known, low, side, momentum_prior_weight(beta1) * (1.0 - beta1**t))
+    return m, v

@@ -21,7 +21,6 @@ from torch import Tensor
 from . import quant
 from .grouped import STACK_BYTES
 from .linalg import (
-    moment_transform,
     oriented_batched,
     project,
     projected_shape,
@@ -30,13 +29,7 @@ from .linalg import (
     select_ranks_batched,
     signal_spectrum,
 )
-from .new_directions import (
-    fill_new_directions,
-    fill_new_momentum,
-    known_share,
-    momentum_prior_weight,
-    refresh_energies,
-)
+from .new_directions import carry_moments
 from .refresh_test import mark_refreshed
 
 __all__ = ["refresh_batched", "install_subspace"]
@@ -61,8 +54,9 @@ def install_subspace(
     projected on ``basis``, and Adam's ``betas``; the first moment likewise:
     :func:`~lightning_adarank.optim.new_directions.fill_new_momentum`); then the bookkeeping (:func:`mark_refreshed`).
 
-    The one installer of a subspace for the per-matrix, grouped and layer-wise paths (FSDP2 rotates its sharded
-    moments itself, fills the new directions with the same function, then calls :func:`mark_refreshed`)."""
+    The one installer of a subspace for the per-matrix, grouped and layer-wise paths. FSDP2 stores sharded
+    moments and bases, but forms its moments with the same
+    :func:`~lightning_adarank.optim.new_directions.carry_moments` and then calls :func:`mark_refreshed`."""
     side = projection_side(p.shape)
     s, r = min(p.shape), basis.shape[1]
     r_old = int(st["rank"]) if "basis" in st else None
@@ -71,19 +65,14 @@ def install_subspace(
         st["exp_avg"] = quant.zeros(new_shape, bits, signed=True, device=p.device)
         st["exp_avg_sq"] = quant.zeros(new_shape, bits, signed=False, device=p.device)
     elif transform_moments or r_old != r:
-        old_shape = projected_shape(p.shape, r_old)
-        v_old = quant.load(st["exp_avg_sq"], old_shape)
-        if transform_moments:
-            p_old = quant.load(st["basis"], (s, r_old))
-            m, v = moment_transform(p_old, basis, quant.load(st["exp_avg"], old_shape), v_old, side)
-            known = known_share(basis.mT @ p_old)
-        else:  # restarted at zero (the rank changed): every direction is new
-            m, v, known = torch.zeros(new_shape, device=p.device), torch.zeros(new_shape, device=p.device), None
         if low is None:
             raise ValueError("install_subspace: a refresh of an existing subspace needs the projected gradient `low`")
-        t = st["step"].to(p.device, torch.float32)
-        v = fill_new_directions(v, v_old, known, side, refresh_energies(v_old, low, side), 1.0 - betas[1] ** t)
-        m = fill_new_momentum(m, known, low, side, momentum_prior_weight(betas[0]) * (1.0 - betas[0] ** t))
+        old_shape = projected_shape(p.shape, r_old)
+        rot = basis.mT @ quant.load(st["basis"], (s, r_old)) if transform_moments else None
+        m_old = quant.load(st["exp_avg"], old_shape) if transform_moments else None
+        m, v = carry_moments(
+            m_old, quant.load(st["exp_avg_sq"], old_shape), rot, side, new_shape, low, st["step"], betas
+        )
         st["exp_avg"] = quant.store(None, m, bits, signed=True, salt=st.get("step"))
         st["exp_avg_sq"] = quant.store(None, v, bits, signed=False, salt=st.get("step"))
     st["basis"] = quant.store_basis(basis, bits)
