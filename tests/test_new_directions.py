@@ -14,6 +14,7 @@ from lightning_adarank import AdaRankGrad
 from lightning_adarank.optim import quant
 from lightning_adarank.optim.linalg import moment_transform, projected_shape
 from lightning_adarank.optim.new_directions import (
+    carry_moments,
     fill_new_directions,
     fill_new_momentum,
     known_share,
@@ -158,6 +159,32 @@ def test_fill_matches_its_definition_elementwise():
     same = fill_new_directions(v_old, v_old, torch.ones(r_old), "left", refresh_energies(v_old, v_old, "left"), mass)
     assert torch.equal(same, v_old)
     assert torch.equal(fill_new_momentum(m_old, torch.ones(r_old), torch.randn(r_old, l), "left", 0.3), m_old)
+
+
+def test_carry_moments_is_the_rotation_then_both_fills():
+    """The installers' one formula against its parts, on both sides, carried and restarted: the sums go through
+    ``reduce`` (FSDP2's all-reduce) before the fill. Tolerance ``rtol=1e-4``: the step count is a tensor, so
+    ``1 − β^t`` is formed from fp32 ``β`` (0.999 is 1.3e-8 off in fp32: 1.3e-5 relative in ``1 − β2^37``)."""
+    gen = torch.Generator().manual_seed(2)
+    r_old, r_new, l = 3, 5, 7
+    p_old = torch.linalg.qr(torch.randn(S, r_old, generator=gen))[0]
+    p_new = torch.linalg.qr(torch.randn(S, r_new, generator=gen))[0]
+    m_old, v_old = torch.randn(r_old, l, generator=gen), torch.rand(r_old, l, generator=gen)
+    low, step, betas = torch.randn(r_new, l, generator=gen), torch.tensor(37.0), (0.9, 0.999)
+    rot = p_new.T @ p_old
+    m_rot, v_rot = moment_transform(p_old, p_new, m_old, v_old, "left")
+    sums = refresh_energies(v_old, low, "left")
+    want_v = fill_new_directions(v_rot, v_old, known_share(rot), "left", 2 * sums, 1 - 0.999**37)
+    want_m = fill_new_momentum(m_rot, known_share(rot), low, "left", momentum_prior_weight(0.9) * (1 - 0.9**37))
+    m, v = carry_moments(m_old, v_old, rot, "left", (r_new, l), low, step, betas, reduce=lambda x: 2 * x)
+    assert torch.allclose(m, want_m, rtol=1e-4) and torch.allclose(v, want_v, rtol=1e-4)
+    m_r, v_r = carry_moments(m_old.T, v_old.T, rot, "right", (l, r_new), low.T, step, betas, reduce=lambda x: 2 * x)
+    assert torch.allclose(m_r, m.T, atol=1e-6) and torch.allclose(v_r, v.T, atol=1e-6)
+    m0, v0 = carry_moments(None, v_old, None, "left", (r_new, l), low, step, betas)  # restarted at zero
+    zero = torch.zeros(r_new, l)
+    want_v0 = fill_new_directions(zero, v_old, None, "left", sums, 1 - 0.999**37)
+    assert torch.allclose(v0, want_v0, rtol=1e-4) and (v0 > 0).all()
+    assert torch.allclose(m0, momentum_prior_weight(0.9) * (1 - 0.9**37) * low, rtol=1e-4)
 
 
 def _worst_noise_ratio(beta1: float, lam: float, steps: int) -> float:
