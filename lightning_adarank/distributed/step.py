@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..optim.linalg import apply_update_, projection_side, rank_factor, sketch_basis, sketch_ema, sketch_noise
+from ..optim.linalg import projection_side, sketch_basis, sketch_ema, sketch_noise
 from ..optim.new_directions import carry_moments
+from ..optim.projected import adam_update_
 from ..optim.refresh_test import captured_share, mark_refreshed, run_refresh_tests
 from ..optim.step_context import StepContext
 from .collectives import SumBuffer
@@ -291,25 +292,22 @@ def _all_reduced(lay: ShardLayout):
 def _update(ctx: StepContext, items: list[_Item], group: dict) -> None:
     """Adam on the projected gradients (torch's kernel on local/replicated moments), back-projection into the
     local rows, and the refresh test on the all-reduced sketch statistics."""
-    directions = [torch.zeros_like(it.low) for it in items]
-    steps = ctx.kernels.adam_kernel(
-        directions,
+    views = [
+        {"exp_avg": local(it.st["exp_avg"]), "exp_avg_sq": local(it.st["exp_avg_sq"]), "step": it.st["step"]}
+        for it in items
+    ]
+    adam_update_(
+        ctx,
+        [it.p for it in items],
         [it.low.contiguous() for it in items],
-        [local(it.st["exp_avg"]) for it in items],
-        [local(it.st["exp_avg_sq"]) for it in items],
-        [it.st["step"] for it in items],
+        views,
+        [local(it.st["basis"]) for it in items],
         group,
-        lr=1.0,
-        weight_decay=0.0,
+        targets=[local(it.p) for it in items],
     )
-    lr, wd = float(group["lr"]), group["weight_decay"]  # this path reads on the host anyway
-    decay = 1.0 - lr * wd
     stats = []
-    for it, s, d in zip(items, steps, directions):
-        it.st["step"] = s
-        alpha = lr * group["scale"] * rank_factor(group["scale_mode"], min(it.p.shape), int(it.st["rank"]))
-        rounding = ctx.weight_rounding(it.p, group, s)
-        apply_update_(local(it.p), local(it.st["basis"]), d, it.side, decay=decay, alpha=alpha, **rounding)
+    for it, view in zip(items, views):
+        it.st["step"] = view["step"]
         pty, ysq = it.stats
         stats += [pty.reshape(-1) @ pty.reshape(-1), ysq.reshape(())]
     values = torch.stack(stats).tolist()  # one host read

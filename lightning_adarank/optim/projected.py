@@ -28,7 +28,49 @@ from .refresh import install_subspace
 from .refresh_test import captured_share, run_refresh_tests
 from .step_context import StepContext
 
-__all__ = ["ProjectedStep"]
+__all__ = ["ProjectedStep", "adam_update_"]
+
+
+def adam_update_(
+    ctx: StepContext,
+    params: list[Tensor],
+    lowrank: list[Tensor],
+    states: list[dict],
+    bases: list[Tensor],
+    group: dict,
+    targets: list[Tensor] | None = None,
+) -> None:
+    """Adam in each matrix's subspace, then the update into its weight: the stage the per-matrix path, the
+    layer-wise mode and FSDP2 share.
+
+    torch's kernel (:meth:`~lightning_adarank.optim.adam_kernels.AdamKernels.adamw_stored`, at ``lr=1`` with no
+    decay) turns ``lowrank[i]`` (``params[i]``'s projected gradient) into the direction ``N = −m̂/(√v̂+ε)``; then
+    ``W ← (1 − lr·wd)·W + lr·scale·c·P N`` (:func:`~lightning_adarank.optim.linalg.apply_update_`, ``c`` from
+    :func:`~lightning_adarank.optim.linalg.rank_factor` with ``s = min(W.shape)`` and ``r`` the basis' columns).
+
+    ``states[i]``: the moments (``exp_avg``, ``exp_avg_sq``) and step counter of ``params[i]``; its ``step`` is
+    replaced by the kernel's. ``bases[i]``: the fp32 basis ``P``. ``targets[i]``: the tensor the update is written
+    into (default ``params[i]``). FSDP2 passes its local rows as ``targets``, ``bases`` (left side) and moments.
+    """
+    directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
+    steps = ctx.kernels.adamw_stored(  # [state_bits]
+        directions,
+        lowrank,
+        states,
+        [d.shape for d in directions],
+        group,
+        group.get("state_bits", 32),
+        lr=1.0,
+        weight_decay=0.0,
+        rotated=math.sqrt(group["max_rank"]) if group["transform_moments"] else 1.0,
+    )
+    lr, wd = float(group["lr"]), group["weight_decay"]  # these paths read on the host anyway
+    decay = 1.0 - lr * wd
+    for p, target, basis, st, s, d in zip(params, targets or params, bases, states, steps, directions):
+        st["step"] = s
+        alpha = lr * group["scale"] * rank_factor(group["scale_mode"], min(p.shape), basis.shape[1])
+        rounding = ctx.weight_rounding(p, group, s)
+        apply_update_(target, basis, d, projection_side(p.shape), decay=decay, alpha=alpha, **rounding)
 
 
 class ProjectedStep:
@@ -249,29 +291,8 @@ class ProjectedStep:
         this step, else ``None``.
         """
         states = [self.ctx.state[p] for p in params]
-        directions = [torch.zeros_like(r) for r in lowrank]  # become -m̂/(√v̂+ε)
-        steps = self.ctx.kernels.adamw_stored(  # [state_bits]
-            directions,
-            lowrank,
-            states,
-            [d.shape for d in directions],
-            group,
-            group.get("state_bits", 32),
-            lr=1.0,
-            weight_decay=0.0,
-            rotated=math.sqrt(group["max_rank"]) if group["transform_moments"] else 1.0,
-        )
-        lr, wd = float(group["lr"]), group["weight_decay"]  # this path reads on the host anyway
-        decay = 1.0 - lr * wd
-        bases = []
-        for p, st, s, d in zip(params, states, steps, directions):
-            st["step"] = s
-            basis = self.basis(st, p)  # loaded once per step (a dequantization at 8 bits)
-            bases.append(basis)
-            alpha = lr * group["scale"] * rank_factor(group["scale_mode"], basis.shape[0], basis.shape[1])
-            apply_update_(
-                p, basis, d, projection_side(p.shape), decay=decay, alpha=alpha, **self.ctx.weight_rounding(p, group, s)
-            )
+        bases = [self.basis(st, p) for st, p in zip(states, params)]  # loaded once per step (8 bits: dequantized)
+        adam_update_(self.ctx, params, lowrank, states, bases, group)
         if group["subspace_source"] == "moment":
             proj_norms, shares = self.sketch_stats(states, params, bases)
         elif proj_norms is None:
