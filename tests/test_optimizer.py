@@ -357,3 +357,38 @@ def test_trains_a_real_task_as_well_as_adamw():
     assert acc_ours >= acc_adamw - 0.06, (acc_ours, acc_adamw)
     assert math.isfinite(loss_ours)
     assert all(1 <= r <= 8 for r in opt.ranks().values())
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_update_on_row_shards_equals_the_whole_matrix(weight_decay):
+    """``adam_update_`` (the stage FSDP2 shares with one process) on row blocks of a right-side weight, each with
+    its rows of the moments and of the projected gradient, writes exactly the rows of the whole matrix's update,
+    and that update is AdamW in the subspace by hand."""
+    from lightning_adarank.optim.projected import adam_update_
+
+    torch.manual_seed(4)
+    w = nn.Parameter(torch.randn(30, 12))  # m > n: right side, P is n × r, moments m × r
+    lr, b1, b2, eps, scale = 1e-2, 0.9, 0.99, 1e-8, 0.7
+    opt = AdaRankGrad([w], lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay, max_rank=4, scale=scale)
+    group, ctx = opt.param_groups[0], opt.context
+    basis = torch.linalg.qr(torch.randn(12, 4))[0]
+    g = torch.randn(30, 12)
+    low = g @ basis
+
+    def fresh_state(rows):
+        return {"exp_avg": torch.zeros(rows, 4), "exp_avg_sq": torch.zeros(rows, 4), "step": torch.zeros(())}
+
+    before = w.detach().clone()
+    whole = w.detach().clone()
+    st = fresh_state(30)
+    adam_update_(ctx, [w], [low], [st], [basis], group, targets=[whole])
+    shards = w.detach().clone()
+    states = [fresh_state(18), fresh_state(12)]
+    adam_update_(ctx, [w, w], [low[:18], low[18:]], states, [basis, basis], group, targets=[shards[:18], shards[18:]])
+    assert torch.equal(shards, whole)
+    assert torch.equal(torch.cat([s["exp_avg"] for s in states]), st["exp_avg"])
+    assert float(st["step"]) == 1.0
+    n = -((1 - b1) * low / (1 - b1)) / (((1 - b2) * low * low / (1 - b2)).sqrt() + eps)  # first step: -sign
+    expected = w.detach() * (1 - lr * weight_decay) + lr * scale * math.sqrt(12 / 4) * n @ basis.T
+    torch.testing.assert_close(whole, expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(w.detach(), before)  # written into the targets only
